@@ -1,0 +1,48 @@
+# Every target works from a fresh clone: the first one that needs Python creates .venv.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROTO_OUT := imagegen_service/gen
+
+.DEFAULT_GOAL := help
+.PHONY: help install proto run test lint bench clean
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-9s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install the project with its dev tools
+
+proto: $(STAMP) ## Regenerate the Python code and type stubs from proto/
+	rm -rf $(PROTO_OUT) $(VENV)/protoc-out
+	mkdir -p $(PROTO_OUT) $(VENV)/protoc-out
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -I proto \
+		-I $$($(BIN)/python -c 'import pathlib, google.api.annotations_pb2 as a; print(pathlib.Path(a.__file__).parents[2])') \
+		--python_out=$(VENV)/protoc-out --grpc_python_out=$(VENV)/protoc-out \
+		--mypy_out=quiet:$(VENV)/protoc-out --mypy_grpc_out=quiet:$(VENV)/protoc-out \
+		proto/imagegen/v1/*.proto
+	mv $(VENV)/protoc-out/imagegen/v1/* $(PROTO_OUT)/
+	sed -i 's/^from imagegen\.v1 import/from imagegen_service.gen import/' $(PROTO_OUT)/*.py $(PROTO_OUT)/*.pyi
+	printf '"""Code generated from proto/ by `make proto`; do not edit."""\n' > $(PROTO_OUT)/__init__.py
+
+run: $(STAMP) ## Start the service and the gateway on 127.0.0.1 (Ctrl-C stops both)
+	$(BIN)/imagegen-run
+
+test: $(STAMP) ## Run the test suite
+	$(BIN)/pytest -q
+
+lint: $(STAMP) ## ruff and mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+bench: $(STAMP) ## Measure the request path (see docs/benchmarks.md)
+	$(BIN)/python -m tests.bench
+
+clean: ## Remove .venv and the local data directory
+	rm -rf $(VENV) var

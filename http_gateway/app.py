@@ -1,0 +1,47 @@
+"""The aiohttp application factory. The gRPC channel lives in ``cleanup_ctx``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+from aiohttp import web
+
+from http_gateway import views
+from http_gateway.config import GatewayConfig
+from http_gateway.middlewares import MAX_BODY, request_id_middleware
+from imagegen_service.gen import images_pb2_grpc
+
+
+def channel_options(config: GatewayConfig) -> list[tuple[str, object]]:
+    return [
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        # With dns:/// and a headless Service this spreads calls over every service pod.
+        ("grpc.lb_policy_name", "round_robin"),
+    ]
+
+
+def create_app(config: GatewayConfig) -> web.Application:
+    app = web.Application(
+        client_max_size=config.max_body_bytes, middlewares=[request_id_middleware]
+    )
+    app[views.CONFIG] = config
+    app[MAX_BODY] = config.max_body_bytes
+
+    async def grpc_channel(app: web.Application) -> AsyncIterator[None]:
+        channel = grpc.aio.insecure_channel(config.service_address, options=channel_options(config))
+        app[views.CHANNEL] = channel
+        app[views.STUB] = images_pb2_grpc.ImageGenerationStub(channel)
+        yield
+        await channel.close(grace=5.0)
+
+    app.cleanup_ctx.append(grpc_channel)
+    app.router.add_post("/v1/images/generations", views.create_images)
+    app.router.add_get("/v1/models", views.list_models)
+    app.router.add_get("/v1/files/images/{token}", views.download_image)
+    app.router.add_get("/healthz", views.healthz)
+    app.router.add_get("/readyz", views.readyz)
+    return app

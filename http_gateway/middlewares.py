@@ -1,0 +1,74 @@
+"""Request ids on every answer, and OpenAI-shaped errors for everything aiohttp refuses."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aiohttp import web
+
+from http_gateway import errors
+
+log = structlog.get_logger("imagegen.gateway")
+
+REQUEST_ID = web.RequestKey("request_id", str)
+_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/=+-]{1,128}$")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    given = request.headers.get("x-request-id", "")
+    request_id = given if _VALID_REQUEST_ID.match(given) else f"req_{secrets.token_hex(12)}"
+    request[REQUEST_ID] = request_id
+    started = time.perf_counter()
+    response = await _answer(request, handler)
+    response.headers["x-request-id"] = request_id
+    log.info(
+        "http.request",
+        request_id=request_id,
+        method=request.method,
+        route=request.match_info.route.resource.canonical
+        if request.match_info.route.resource
+        else "unmatched",
+        status=response.status,
+        latency_ms=round((time.perf_counter() - started) * 1000, 1),
+    )
+    return response
+
+
+async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPRequestEntityTooLarge:
+        return errors.error_response(
+            errors.TOO_LARGE,
+            f"The request body is larger than the limit of {request.app[MAX_BODY]} bytes.",
+        )
+    except web.HTTPNotFound:
+        return errors.error_response(
+            errors.NOT_FOUND, f"Unknown request URL: {request.method} {request.path}."
+        )
+    except web.HTTPMethodNotAllowed:
+        return errors.error_response(
+            errors.METHOD_NOT_ALLOWED, f"Method {request.method} is not allowed on {request.path}."
+        )
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return errors.error_response(
+            errors.HttpError(exc.status, "invalid_request_error", "http_error", False), exc.reason
+        )
+    except Exception:
+        log.exception("http.failed", request_id=request[REQUEST_ID], path=request.path)
+        return errors.error_response(
+            errors.HttpError(500, "server_error", "server_error", True),
+            "The server had an error processing your request.",
+        )
+
+
+MAX_BODY = web.AppKey("max_body_bytes", int)

@@ -1,0 +1,236 @@
+"""The model catalog: which public models exist, what each accepts, and what it costs.
+
+Loaded from the ``[models.*]`` tables of the configuration file. Validation of a request
+against a model's capabilities happens here, before any money moves.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from imagegen_service import errors
+from imagegen_service.money import parse_usd
+
+_SIZE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
+RESPONSE_FORMATS = ("url", "b64_json")
+
+
+class CatalogError(ValueError):
+    """The configuration's catalog is inconsistent; raised at startup, never per request."""
+
+
+@dataclass(frozen=True, slots=True)
+class ImageModel:
+    id: str
+    provider: str
+    upstream_model: str
+    sizes: tuple[str, ...]
+    default_size: str
+    qualities: tuple[str, ...]
+    default_quality: str
+    styles: tuple[str, ...]
+    max_images: int
+    max_prompt_chars: int
+    # Micro-dollars per image, keyed "SIZE/QUALITY", "SIZE", "*/QUALITY" or "default".
+    prices: Mapping[str, int]
+    owned_by: str = "imagegen"
+    created: int = 0
+
+    def unit_price(self, size: str, quality: str) -> int:
+        for key in (f"{size}/{quality}", size, f"*/{quality}", "default"):
+            if key in self.prices:
+                return self.prices[key]
+        raise CatalogError(f"model {self.id!r} has no price for {size}/{quality}")
+
+
+@dataclass(frozen=True, slots=True)
+class ValidatedRequest:
+    model: ImageModel
+    prompt: str
+    n: int
+    size: str
+    width: int
+    height: int
+    quality: str
+    style: str | None
+    response_format: str
+    unit_price_micros: int
+    seed: int | None = None
+    user: str = ""
+
+    @property
+    def quote_micros(self) -> int:
+        return self.unit_price_micros * self.n
+
+
+@dataclass(slots=True)
+class Catalog:
+    models: dict[str, ImageModel] = field(default_factory=dict)
+    # Ids the operator knows that cannot make images (chat, embedding, ...).
+    non_image_models: frozenset[str] = frozenset()
+    # Configured models left out at startup (their provider has no credential): id -> why.
+    unavailable: dict[str, str] = field(default_factory=dict)
+
+    def resolve(self, model_id: str) -> ImageModel:
+        if not model_id:
+            raise errors.InvalidParameter("You must provide a model.", param="model")
+        model = self.models.get(model_id)
+        if model is not None:
+            return model
+        if model_id in self.unavailable:
+            raise errors.ModelNotFound(self.unavailable[model_id], param="model")
+        if model_id in self.non_image_models:
+            raise errors.ModelNotSupported(
+                f"The model '{model_id}' cannot generate images.", param="model"
+            )
+        raise errors.ModelNotFound(f"The model '{model_id}' does not exist.", param="model")
+
+    def validate(
+        self,
+        *,
+        model: str,
+        prompt: str,
+        n: int | None,
+        size: str,
+        quality: str,
+        style: str,
+        response_format: str,
+        seed: int | None = None,
+        user: str = "",
+    ) -> ValidatedRequest:
+        """Checks every parameter against the model; raises InvalidParameter naming the field."""
+        m = self.resolve(model)
+        if not prompt or not prompt.strip():
+            raise errors.InvalidParameter("The prompt must not be empty.", param="prompt")
+        if len(prompt) > m.max_prompt_chars:
+            raise errors.InvalidParameter(
+                f"The prompt is {len(prompt)} characters long; model '{m.id}' accepts at most "
+                f"{m.max_prompt_chars}.",
+                param="prompt",
+            )
+        count = 1 if n is None else n
+        if not 1 <= count <= m.max_images:
+            raise errors.InvalidParameter(
+                f"n must be between 1 and {m.max_images} for model '{m.id}'; got {count}.",
+                param="n",
+            )
+        size = size or m.default_size
+        if size not in m.sizes:
+            raise errors.InvalidParameter(
+                f"Invalid size '{size}' for model '{m.id}'. Supported sizes: {', '.join(m.sizes)}.",
+                param="size",
+            )
+        quality = quality or m.default_quality
+        if quality not in m.qualities:
+            raise errors.InvalidParameter(
+                f"Invalid quality '{quality}' for model '{m.id}'. Supported: "
+                f"{', '.join(m.qualities)}.",
+                param="quality",
+            )
+        if style and style not in m.styles:
+            supported = ", ".join(m.styles) if m.styles else "none"
+            raise errors.InvalidParameter(
+                f"Invalid style '{style}' for model '{m.id}'. Supported: {supported}.",
+                param="style",
+            )
+        response_format = response_format or "url"
+        if response_format not in RESPONSE_FORMATS:
+            raise errors.InvalidParameter(
+                f"Invalid response_format '{response_format}'. Supported: url, b64_json.",
+                param="response_format",
+            )
+        if seed is not None and not 0 <= seed < 2**32:
+            raise errors.InvalidParameter("seed must be between 0 and 4294967295.", param="seed")
+        width, height = parse_size(size)
+        return ValidatedRequest(
+            model=m,
+            prompt=prompt,
+            n=count,
+            size=size,
+            width=width,
+            height=height,
+            quality=quality,
+            style=style or None,
+            response_format=response_format,
+            unit_price_micros=m.unit_price(size, quality),
+            seed=seed,
+            user=user,
+        )
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    match = _SIZE.match(size)
+    if not match:
+        raise CatalogError(f"size {size!r} is not WIDTHxHEIGHT")
+    return int(match.group(1)), int(match.group(2))
+
+
+def _str_list(raw: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
+        raise CatalogError(f"{where} must be a list of strings")
+    return tuple(raw)
+
+
+def _int(raw: Any, where: str, default: int) -> int:
+    if raw is None:
+        return default
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
+        raise CatalogError(f"{where} must be a positive integer")
+    return raw
+
+
+def load_catalog(
+    models: Mapping[str, Any], non_image_models: Iterable[str] = (), providers: Iterable[str] = ()
+) -> Catalog:
+    """Builds the catalog from parsed TOML, checking every model refers to a known provider."""
+    known_providers = set(providers)
+    catalog = Catalog(non_image_models=frozenset(non_image_models))
+    for model_id, raw in models.items():
+        where = f"models.{model_id}"
+        if not isinstance(raw, dict):
+            raise CatalogError(f"{where} must be a table")
+        provider = raw.get("provider")
+        if not isinstance(provider, str) or provider not in known_providers:
+            raise CatalogError(
+                f"{where}.provider must name a [providers.*] table; got {provider!r}"
+            )
+        sizes = _str_list(raw.get("sizes"), f"{where}.sizes")
+        for size in sizes:
+            parse_size(size)
+        qualities = _str_list(raw.get("qualities", ["standard"]), f"{where}.qualities")
+        default_size = raw.get("default_size", sizes[0] if sizes else "")
+        default_quality = raw.get("default_quality", qualities[0] if qualities else "")
+        if default_size not in sizes:
+            raise CatalogError(f"{where}.default_size must be one of its sizes")
+        if default_quality not in qualities:
+            raise CatalogError(f"{where}.default_quality must be one of its qualities")
+        raw_prices = raw.get("price_usd")
+        if not isinstance(raw_prices, dict) or not raw_prices:
+            raise CatalogError(f"{where}.price_usd must be a table of decimal strings")
+        try:
+            prices = {str(k): parse_usd(v) for k, v in raw_prices.items()}
+        except ValueError as exc:
+            raise CatalogError(f"{where}.price_usd: {exc}") from None
+        model = ImageModel(
+            id=model_id,
+            provider=provider,
+            upstream_model=str(raw.get("upstream_model", model_id)),
+            sizes=sizes,
+            default_size=default_size,
+            qualities=qualities,
+            default_quality=default_quality,
+            styles=_str_list(raw.get("styles", []), f"{where}.styles"),
+            max_images=_int(raw.get("max_images"), f"{where}.max_images", 1),
+            max_prompt_chars=_int(raw.get("max_prompt_chars"), f"{where}.max_prompt_chars", 4000),
+            prices=prices,
+            owned_by=str(raw.get("owned_by", "imagegen")),
+            created=int(raw.get("created", 0)),
+        )
+        for size in sizes:
+            for quality in qualities:
+                model.unit_price(size, quality)
+        catalog.models[model_id] = model
+    return catalog

@@ -1,0 +1,168 @@
+"""The service's configuration: one TOML file plus a few environment overrides.
+
+``IMAGEGEN_CONFIG`` names the file (default: ``default_config.toml`` in this package).
+``IMAGEGEN_DATA_DIR``, ``IMAGEGEN_GRPC_PORT``, ``IMAGEGEN_HTTP_PORT``,
+``IMAGEGEN_DATABASE_URL``, ``IMAGEGEN_SIGNING_KEY`` and ``IMAGEGEN_ADMIN_TOKEN`` override it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imagegen_service.catalog import Catalog, CatalogError, load_catalog
+from imagegen_service.money import parse_usd
+
+DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.toml")
+PROVIDER_TYPES = ("local", "openai")
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message says which key and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    name: str
+    type: str
+    base_url: str = ""
+    api_key_env: str = ""
+    timeout_seconds: float = 120.0
+    max_connections: int = 64
+    # Local renderer only: serve one precomputed image per size (benchmarks).
+    precomputed: bool = False
+
+    def api_key(self, environ: Mapping[str, str]) -> str | None:
+        return environ.get(self.api_key_env) or None if self.api_key_env else None
+
+    def has_credentials(self, environ: Mapping[str, str]) -> bool:
+        return self.type == "local" or not self.api_key_env or bool(self.api_key(environ))
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    config_path: Path
+    data_dir: Path
+    grpc_host: str
+    grpc_port: int
+    database_url: str
+    url_ttl_seconds: int
+    hold_ttl_seconds: int
+    dev_account_balance_micros: int
+    providers: dict[str, ProviderConfig]
+    catalog: Catalog
+    admin_token: str | None = None
+    signing_key_env: str | None = None
+    max_message_bytes: int = 32 * 1024 * 1024
+    environ: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def grpc_address(self) -> str:
+        return f"{self.grpc_host}:{self.grpc_port}"
+
+    def signing_key(self) -> bytes:
+        """The HMAC key for image URLs: from IMAGEGEN_SIGNING_KEY, else a key file kept in the
+        data directory so that URLs survive restarts."""
+        if self.signing_key_env:
+            return self.signing_key_env.encode()
+        path = self.data_dir / "signing.key"
+        if not path.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32))
+        return path.read_text().strip().encode()
+
+
+def read_toml(environ: Mapping[str, str] | None = None) -> tuple[Path, dict[str, Any]]:
+    env = os.environ if environ is None else environ
+    path = Path(env.get("IMAGEGEN_CONFIG") or DEFAULT_CONFIG_PATH)
+    try:
+        with path.open("rb") as f:
+            return path, tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} does not exist (IMAGEGEN_CONFIG)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
+
+
+def env_int(env: Mapping[str, str], name: str, default: Any) -> int:
+    raw = env.get(name)
+    value = default if raw in (None, "") else raw
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be an integer; got {value!r}") from None
+    if number < 0:
+        raise ConfigError(f"{name} must not be negative; got {number}")
+    return number
+
+
+def _table(doc: Mapping[str, Any], name: str) -> dict[str, Any]:
+    value = doc.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    return value
+
+
+def _provider(name: str, raw: Any) -> ProviderConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"providers.{name} must be a table")
+    kind = raw.get("type")
+    if kind not in PROVIDER_TYPES:
+        raise ConfigError(f"providers.{name}.type must be one of {', '.join(PROVIDER_TYPES)}")
+    if kind != "local" and not raw.get("base_url"):
+        raise ConfigError(f"providers.{name}.base_url is required for type {kind!r}")
+    return ProviderConfig(
+        name=name,
+        type=kind,
+        base_url=str(raw.get("base_url", "")),
+        api_key_env=str(raw.get("api_key_env", "")),
+        timeout_seconds=float(raw.get("timeout_seconds", 120.0)),
+        max_connections=int(raw.get("max_connections", 64)),
+        precomputed=bool(raw.get("precomputed", False)),
+    )
+
+
+def load_config(environ: Mapping[str, str] | None = None) -> ServiceConfig:
+    env = dict(os.environ if environ is None else environ)
+    path, doc = read_toml(env)
+    service = _table(doc, "service")
+    data_dir = Path(env.get("IMAGEGEN_DATA_DIR") or service.get("data_dir", "./var"))
+    database_url = env.get("IMAGEGEN_DATABASE_URL") or service.get("database_url") or ""
+    if not database_url:
+        database_url = f"sqlite:///{data_dir / 'imagegen.db'}"
+    providers = {name: _provider(name, raw) for name, raw in _table(doc, "providers").items()}
+    catalog_table = _table(doc, "catalog")
+    try:
+        catalog = load_catalog(
+            _table(doc, "models"),
+            non_image_models=catalog_table.get("non_image_models", []),
+            providers=providers,
+        )
+        dev_balance = parse_usd(service.get("dev_account_balance_usd", "10.00"))
+    except (CatalogError, ValueError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return ServiceConfig(
+        config_path=path,
+        data_dir=data_dir,
+        grpc_host=str(service.get("grpc_host", "127.0.0.1")),
+        grpc_port=env_int(env, "IMAGEGEN_GRPC_PORT", service.get("grpc_port", 50051)),
+        database_url=database_url,
+        url_ttl_seconds=env_int(
+            env, "IMAGEGEN_URL_TTL_SECONDS", service.get("url_ttl_seconds", 3600)
+        ),
+        hold_ttl_seconds=int(service.get("hold_ttl_seconds", 900)),
+        dev_account_balance_micros=dev_balance,
+        providers=providers,
+        catalog=catalog,
+        admin_token=env.get("IMAGEGEN_ADMIN_TOKEN") or None,
+        signing_key_env=env.get("IMAGEGEN_SIGNING_KEY") or None,
+        max_message_bytes=int(service.get("max_message_bytes", 32 * 1024 * 1024)),
+        environ=env,
+    )

@@ -1,0 +1,69 @@
+"""Domain errors. Each carries a stable ``reason``; the gRPC layer turns it into a status
+(``grpc_errors.py``) and the gateway turns that into an HTTP answer (``http_gateway/errors.py``).
+"""
+
+from __future__ import annotations
+
+
+class ImagegenError(Exception):
+    """An error the caller should see, with a stable machine-readable reason."""
+
+    reason = "INTERNAL"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def metadata(self) -> dict[str, str]:
+        """Extra facts for the caller; never secrets."""
+        return {"param": self.param} if self.param else {}
+
+
+class InvalidParameter(ImagegenError):
+    reason = "INVALID_PARAMETER"
+
+
+class ModelNotFound(ImagegenError):
+    reason = "MODEL_NOT_FOUND"
+
+
+class ModelNotSupported(ImagegenError):
+    reason = "MODEL_NOT_SUPPORTED"
+
+
+class ContentPolicy(ImagegenError):
+    reason = "CONTENT_POLICY"
+
+
+class InvalidApiKey(ImagegenError):
+    reason = "INVALID_API_KEY"
+
+
+class PermissionDenied(ImagegenError):
+    reason = "PERMISSION_DENIED"
+
+
+class InsufficientBalance(ImagegenError):
+    reason = "INSUFFICIENT_BALANCE"
+
+
+class RateLimited(ImagegenError):
+    reason = "RATE_LIMITED"
+
+    def __init__(self, message: str, *, retry_after_seconds: int) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+    def metadata(self) -> dict[str, str]:
+        return {"retry_after_seconds": str(self.retry_after_seconds)}
+
+
+class UpstreamError(ImagegenError):
+    """The provider failed: 5xx, timeout, refused connection, unreadable answer."""
+
+    reason = "UPSTREAM_ERROR"
+
+
+class NotFound(ImagegenError):
+    reason = "NOT_FOUND"

@@ -1,0 +1,52 @@
+"""Domain errors become gRPC statuses here, and only here.
+
+Each status carries a ``google.rpc.ErrorInfo`` (domain ``imagegen``) whose ``reason`` the
+gateway maps to HTTP; ``metadata`` holds ``param`` or ``retry_after_seconds``.
+"""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from imagegen_service import errors
+
+DOMAIN = "imagegen"
+
+_CODES: dict[str, grpc.StatusCode] = {
+    errors.InvalidParameter.reason: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.ModelNotFound.reason: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.ModelNotSupported.reason: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.ContentPolicy.reason: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.InvalidApiKey.reason: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied.reason: grpc.StatusCode.PERMISSION_DENIED,
+    errors.InsufficientBalance.reason: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.RateLimited.reason: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.UpstreamError.reason: grpc.StatusCode.UNAVAILABLE,
+    errors.NotFound.reason: grpc.StatusCode.NOT_FOUND,
+}
+
+
+def to_status(error: errors.ImagegenError) -> grpc.Status:
+    code = _CODES.get(error.reason, grpc.StatusCode.INTERNAL)
+    info = error_details_pb2.ErrorInfo(
+        reason=error.reason, domain=DOMAIN, metadata=error.metadata()
+    )
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status = status_pb2.Status(
+        code=getattr(code_pb2, code.name), message=error.message, details=[detail]
+    )
+    return rpc_status.to_status(status)
+
+
+def internal_status(
+    message: str = "The server had an error processing your request.",
+) -> grpc.Status:
+    return to_status(_Internal(message))
+
+
+class _Internal(errors.ImagegenError):
+    reason = "INTERNAL"

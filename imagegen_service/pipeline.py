@@ -1,0 +1,192 @@
+"""One generation, end to end: authenticate, resolve, validate, quote, hold, call the
+provider, store, capture what was delivered, release the rest.
+
+The pipeline is the domain core; the gRPC servicer is a thin plug around it. Its rule
+about money: a hold is settled exactly once. Images are captured only after the caller
+has taken every one of them; any failure or cancellation before that releases the hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator, Coroutine, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from imagegen_service import errors
+from imagegen_service.catalog import Catalog, ImageModel, ValidatedRequest
+from imagegen_service.keys import bearer_token, hash_secret
+from imagegen_service.providers.base import (
+    Provider,
+    ProviderImage,
+    ProviderRequest,
+    TokenUsage,
+)
+from imagegen_service.stores.images_local import LocalImageStore
+from imagegen_service.stores.ledger_sql import ApiKey, LedgerStore
+
+log = structlog.get_logger("imagegen.pipeline")
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationParams:
+    model: str
+    prompt: str
+    n: int | None = None
+    size: str = ""
+    quality: str = ""
+    style: str = ""
+    response_format: str = ""
+    user: str = ""
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveredImage:
+    index: int
+    mime_type: str
+    width: int
+    height: int
+    revised_prompt: str
+    # Exactly one of these is set, by response_format.
+    data: bytes = b""
+    url: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    created: int
+    model: str
+    provider: str
+    images: int
+    cost_micros: int
+    size: str
+    quality: str
+    usage: TokenUsage = field(default_factory=TokenUsage)
+
+
+class ImagePipeline:
+    def __init__(
+        self,
+        *,
+        catalog: Catalog,
+        ledger: LedgerStore,
+        images: LocalImageStore,
+        providers: Mapping[str, Provider],
+        hold_ttl_seconds: int,
+    ) -> None:
+        self.catalog = catalog
+        self.ledger = ledger
+        self.images = images
+        self.providers = providers
+        self.hold_ttl_seconds = hold_ttl_seconds
+
+    def models(self) -> list[ImageModel]:
+        return sorted(self.catalog.models.values(), key=lambda m: m.id)
+
+    async def authenticate(self, authorization: str | None) -> ApiKey:
+        token = bearer_token(authorization)
+        if token is None:
+            raise errors.InvalidApiKey(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'."
+            )
+        key = await self.ledger.find_active_key(hash_secret(token))
+        if key is None:
+            raise errors.InvalidApiKey("Incorrect API key provided.")
+        return key
+
+    async def generate(
+        self, key: ApiKey, params: GenerationParams, *, request_id: str
+    ) -> AsyncGenerator[DeliveredImage | Summary]:
+        """Yields one DeliveredImage per image, then the Summary once the charge is made.
+
+        The caller must consume the stream to the Summary for the images to be charged;
+        closing it earlier releases the hold.
+        """
+        request = self.catalog.validate(
+            model=params.model,
+            prompt=params.prompt,
+            n=params.n,
+            size=params.size,
+            quality=params.quality,
+            style=params.style,
+            response_format=params.response_format,
+            seed=params.seed,
+            user=params.user,
+        )
+        provider = self.providers[request.model.provider]
+        hold = await self.ledger.place_hold(
+            key.account_id,
+            request.quote_micros,
+            request_id=request_id,
+            ttl_seconds=self.hold_ttl_seconds,
+        )
+        settled = False
+        try:
+            result = await provider.generate(_provider_request(request, request_id))
+            images = result.images[: request.n]
+            if not images:
+                raise errors.UpstreamError(f"Provider '{provider.name}' returned no images.")
+            delivered = [await self._deliver(i, img, request) for i, img in enumerate(images)]
+            for image in delivered:
+                yield image
+            cost = request.unit_price_micros * len(delivered)
+            settled = True
+            await _shielded(self.ledger.settle_hold(hold, cost, request_id=request_id))
+            log.info(
+                "generation.charged",
+                request_id=request_id,
+                account_id=key.account_id,
+                model=request.model.id,
+                provider=provider.name,
+                n=len(delivered),
+                cost_micros=cost,
+            )
+            yield Summary(
+                created=int(time.time()),
+                model=request.model.id,
+                provider=provider.name,
+                images=len(delivered),
+                cost_micros=cost,
+                size=request.size,
+                quality=request.quality,
+                usage=result.usage,
+            )
+        finally:
+            if not settled:
+                await _shielded(self.ledger.settle_hold(hold, 0, request_id=request_id))
+
+    async def _deliver(
+        self, index: int, image: ProviderImage, request: ValidatedRequest
+    ) -> DeliveredImage:
+        if request.response_format == "url":
+            url = await self.images.put(image.data, image.mime_type)
+            return DeliveredImage(
+                index, image.mime_type, image.width, image.height, image.revised_prompt, url=url
+            )
+        return DeliveredImage(
+            index, image.mime_type, image.width, image.height, image.revised_prompt, data=image.data
+        )
+
+
+def _provider_request(request: ValidatedRequest, request_id: str) -> ProviderRequest:
+    return ProviderRequest(
+        upstream_model=request.model.upstream_model,
+        prompt=request.prompt,
+        n=request.n,
+        width=request.width,
+        height=request.height,
+        quality=request.quality,
+        style=request.style,
+        seed=request.seed,
+        user=request.user or None,
+        request_id=request_id,
+    )
+
+
+async def _shielded(coro: Coroutine[Any, Any, Any]) -> None:
+    """Runs a ledger write to completion even if the request is being cancelled."""
+    await asyncio.shield(coro)

@@ -1,0 +1,1 @@
+"""Provider adapters: one file per upstream, all behind ``base.Provider``."""

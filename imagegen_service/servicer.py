@@ -1,0 +1,300 @@
+"""The gRPC plug: request messages in, pipeline calls, response messages out.
+
+Every handler runs its work through ``_handle``, which turns a domain error into its status
+(``grpc_errors``) and anything else into INTERNAL with the details kept in the log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+import structlog
+
+from imagegen_service import errors, keys
+from imagegen_service.gen import admin_pb2, admin_pb2_grpc, images_pb2, images_pb2_grpc
+from imagegen_service.grpc_errors import internal_status, to_status
+from imagegen_service.pipeline import DeliveredImage, GenerationParams, ImagePipeline, Summary
+from imagegen_service.stores.ledger_sql import Account, ApiKey, LedgerStore
+
+log = structlog.get_logger("imagegen.servicer")
+
+IMAGE_CHUNK_BYTES = 1024 * 1024
+T = TypeVar("T")
+
+
+def metadata_value(context: grpc.aio.ServicerContext, name: str) -> str | None:  # type: ignore[type-arg]
+    for key, value in context.invocation_metadata() or ():
+        if key == name:
+            return value if isinstance(value, str) else value.decode()
+    return None
+
+
+def request_id_of(context: grpc.aio.ServicerContext) -> str:  # type: ignore[type-arg]
+    given = metadata_value(context, "x-request-id")
+    return given[:128] if given else f"req_{secrets.token_hex(12)}"
+
+
+def _status_of(
+    exc: Exception,
+    context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    method: str,
+) -> grpc.Status:
+    if isinstance(exc, errors.ImagegenError):
+        log.info("rpc.refused", method=method, request_id=request_id_of(context), reason=exc.reason)
+        return to_status(exc)
+    log.exception("rpc.failed", method=method, request_id=request_id_of(context))
+    return internal_status()
+
+
+async def _handle(
+    context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    method: str,
+    work: Callable[[], Awaitable[T]],
+) -> T:
+    """Runs one unary RPC's work; a domain error becomes its status, anything else INTERNAL."""
+    try:
+        return await work()
+    except Exception as exc:
+        status = _status_of(exc, context, method)
+    await context.abort(status.code, status.details, status.trailing_metadata)
+    raise AssertionError("abort() always raises")
+
+
+class ImageGenerationServicer(images_pb2_grpc.ImageGenerationServicer):
+    def __init__(self, pipeline: ImagePipeline) -> None:
+        self.pipeline = pipeline
+
+    async def GenerateImages(
+        self,
+        request: images_pb2.GenerateImagesRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> AsyncIterator[images_pb2.GenerateImagesResponse]:
+        request_id = request_id_of(context)
+        try:
+            key = await self.pipeline.authenticate(metadata_value(context, "authorization"))
+            params = GenerationParams(
+                model=request.model,
+                prompt=request.prompt,
+                n=request.n if request.HasField("n") else None,
+                size=request.size,
+                quality=request.quality,
+                style=request.style,
+                response_format=request.response_format,
+                user=request.user,
+                seed=request.seed if request.HasField("seed") else None,
+            )
+            # Each yield returns only once gRPC has taken the message, so the pipeline
+            # charges after the last image has left, and closing releases the hold.
+            async with contextlib.aclosing(
+                self.pipeline.generate(key, params, request_id=request_id)
+            ) as events:
+                async for event in events:
+                    yield _to_message(event)
+            return
+        except Exception as exc:
+            status = _status_of(exc, context, "GenerateImages")
+        await context.abort(status.code, status.details, status.trailing_metadata)
+
+    async def ListModels(
+        self,
+        request: images_pb2.ListModelsRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> images_pb2.ListModelsResponse:
+        async def work() -> images_pb2.ListModelsResponse:
+            await self.pipeline.authenticate(metadata_value(context, "authorization"))
+            return images_pb2.ListModelsResponse(
+                models=[
+                    images_pb2.Model(
+                        id=m.id,
+                        created=m.created,
+                        owned_by=m.owned_by,
+                        sizes=m.sizes,
+                        qualities=m.qualities,
+                        max_images=m.max_images,
+                    )
+                    for m in self.pipeline.models()
+                ]
+            )
+
+        return await _handle(context, "ListModels", work)
+
+    async def GetImage(
+        self,
+        request: images_pb2.GetImageRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> AsyncIterator[images_pb2.GetImageResponse]:
+        try:
+            image = await self.pipeline.images.get(request.token)
+        except Exception as exc:
+            status = _status_of(exc, context, "GetImage")
+            await context.abort(status.code, status.details, status.trailing_metadata)
+        view = memoryview(image.data)
+        yield images_pb2.GetImageResponse(
+            mime_type=image.mime_type,
+            total_size=len(image.data),
+            chunk=bytes(view[:IMAGE_CHUNK_BYTES]),
+        )
+        for start in range(IMAGE_CHUNK_BYTES, len(view), IMAGE_CHUNK_BYTES):
+            yield images_pb2.GetImageResponse(chunk=bytes(view[start : start + IMAGE_CHUNK_BYTES]))
+
+
+def _to_message(event: DeliveredImage | Summary) -> images_pb2.GenerateImagesResponse:
+    if isinstance(event, DeliveredImage):
+        return images_pb2.GenerateImagesResponse(
+            image=images_pb2.GeneratedImage(
+                index=event.index,
+                data=event.data,
+                url=event.url,
+                revised_prompt=event.revised_prompt,
+                mime_type=event.mime_type,
+                width=event.width,
+                height=event.height,
+            )
+        )
+    return images_pb2.GenerateImagesResponse(
+        summary=images_pb2.GenerationSummary(
+            created=event.created,
+            model=event.model,
+            provider=event.provider,
+            images=event.images,
+            cost_micros=event.cost_micros,
+            size=event.size,
+            quality=event.quality,
+            usage=images_pb2.Usage(
+                input_tokens=event.usage.input_tokens,
+                output_tokens=event.usage.output_tokens,
+                total_tokens=event.usage.total_tokens,
+            ),
+        )
+    )
+
+
+class AdminServicer(admin_pb2_grpc.AdminServicer):
+    """Operator calls. Closed unless IMAGEGEN_ADMIN_TOKEN is set; then that token is needed."""
+
+    def __init__(self, ledger: LedgerStore, admin_token: str | None) -> None:
+        self.ledger = ledger
+        self.admin_token = admin_token
+
+    def _authorize(self, context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
+        if not self.admin_token:
+            raise errors.PermissionDenied(
+                "The admin API is disabled: set IMAGEGEN_ADMIN_TOKEN on the service."
+            )
+        token = keys.bearer_token(metadata_value(context, "authorization")) or ""
+        if not secrets.compare_digest(token.encode(), self.admin_token.encode()):
+            raise errors.InvalidApiKey("Invalid admin token.")
+
+    async def CreateAccount(
+        self,
+        request: admin_pb2.CreateAccountRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> admin_pb2.Account:
+        async def work() -> admin_pb2.Account:
+            self._authorize(context)
+            if not request.name.strip():
+                raise errors.InvalidParameter("An account needs a name.", param="name")
+            return _account(
+                await self.ledger.create_account(request.name, request.initial_balance_micros)
+            )
+
+        return await _handle(context, "CreateAccount", work)
+
+    async def GetAccount(
+        self,
+        request: admin_pb2.GetAccountRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> admin_pb2.Account:
+        async def work() -> admin_pb2.Account:
+            self._authorize(context)
+            return _account(await self.ledger.get_account(request.account_id))
+
+        return await _handle(context, "GetAccount", work)
+
+    async def CreditAccount(
+        self,
+        request: admin_pb2.CreditAccountRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> admin_pb2.Account:
+        async def work() -> admin_pb2.Account:
+            self._authorize(context)
+            account = await self.ledger.credit(
+                request.account_id, request.amount_micros, request.note
+            )
+            return _account(account)
+
+        return await _handle(context, "CreditAccount", work)
+
+    async def CreateKey(
+        self,
+        request: admin_pb2.CreateKeyRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> admin_pb2.CreatedKey:
+        async def work() -> admin_pb2.CreatedKey:
+            self._authorize(context)
+            secret = keys.new_secret()
+            key = await self.ledger.create_key(request.account_id, keys.hash_secret(secret))
+            return admin_pb2.CreatedKey(key=_key(key), secret=secret)
+
+        return await _handle(context, "CreateKey", work)
+
+    async def RevokeKey(
+        self,
+        request: admin_pb2.RevokeKeyRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> admin_pb2.ApiKey:
+        async def work() -> admin_pb2.ApiKey:
+            self._authorize(context)
+            return _key(await self.ledger.revoke_key(request.key_id))
+
+        return await _handle(context, "RevokeKey", work)
+
+    async def ListLedger(
+        self,
+        request: admin_pb2.ListLedgerRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> admin_pb2.ListLedgerResponse:
+        async def work() -> admin_pb2.ListLedgerResponse:
+            self._authorize(context)
+            limit = request.limit or 100
+            if not 1 <= limit <= 1000:
+                raise errors.InvalidParameter("limit must be between 1 and 1000.", param="limit")
+            entries = await self.ledger.ledger(request.account_id, limit)
+            return admin_pb2.ListLedgerResponse(
+                entries=[
+                    admin_pb2.LedgerEntry(
+                        id=e.id,
+                        account_id=e.account_id,
+                        kind=e.kind,
+                        available_delta_micros=e.available_delta_micros,
+                        held_delta_micros=e.held_delta_micros,
+                        hold_id=e.hold_id or "",
+                        request_id=e.request_id,
+                        created=e.created,
+                        note=e.note,
+                    )
+                    for e in entries
+                ]
+            )
+
+        return await _handle(context, "ListLedger", work)
+
+
+def _account(account: Account) -> admin_pb2.Account:
+    return admin_pb2.Account(
+        id=account.id,
+        name=account.name,
+        available_micros=account.available_micros,
+        held_micros=account.held_micros,
+        created=account.created,
+    )
+
+
+def _key(key: ApiKey) -> admin_pb2.ApiKey:
+    return admin_pb2.ApiKey(
+        id=key.id, account_id=key.account_id, created=key.created, revoked=key.revoked or 0
+    )

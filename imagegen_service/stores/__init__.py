@@ -1,0 +1,1 @@
+"""Storage plugs: the ledger database and the image store."""

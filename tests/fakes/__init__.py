@@ -1,0 +1,1 @@
+"""Loopback fakes of the services this project talks to, for tests."""

@@ -1,0 +1,361 @@
+"""The OpenAI-compatible adapter, driven against a real loopback fake of the upstream."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+from PIL import Image
+
+from imagegen_service.errors import (
+    ContentPolicy,
+    ImagegenError,
+    InvalidParameter,
+    UpstreamError,
+)
+from imagegen_service.providers.base import ProviderRequest
+from imagegen_service.providers.openai_compat import OpenAICompatibleProvider
+from tests.fakes.openai_upstream import (
+    Behaviour,
+    FakeOpenAIUpstream,
+    content_policy_violation,
+    http_error,
+    invalid_value,
+    moderation_blocked,
+    ok,
+    rate_limited,
+    raw,
+    server_error,
+    service_unavailable,
+    slow,
+)
+
+API_KEY = "sk-upstream-test"
+
+
+def make_request(**overrides: object) -> ProviderRequest:
+    fields: dict[str, object] = {
+        "upstream_model": "dall-e-3",
+        "prompt": "a lighthouse at dusk",
+        "n": 1,
+        "width": 64,
+        "height": 48,
+        "quality": "",
+    }
+    fields.update(overrides)
+    return ProviderRequest(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeOpenAIUpstream]:
+    async with FakeOpenAIUpstream(api_key=API_KEY) as upstream:
+        yield upstream
+
+
+@pytest.fixture
+async def provider(fake: FakeOpenAIUpstream) -> AsyncIterator[OpenAICompatibleProvider]:
+    adapter = OpenAICompatibleProvider("openai", base_url=fake.base_url + "/", api_key=API_KEY)
+    try:
+        yield adapter
+    finally:
+        await adapter.aclose()
+
+
+def closed_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def test_two_images_come_back_at_the_requested_pixel_size_as_png(
+    fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider
+) -> None:
+    result = await provider.generate(make_request(n=2, width=64, height=48))
+
+    assert len(result.images) == 2
+    for image in result.images:
+        assert image.mime_type == "image/png"
+        assert (image.width, image.height) == (64, 48)
+        with Image.open(io.BytesIO(image.data)) as decoded:
+            assert decoded.size == (64, 48)
+        assert image.revised_prompt == "revised: a lighthouse at dusk"
+    assert result.usage.total_tokens == 0
+
+
+async def test_the_upstream_sees_the_openai_request_shape_and_headers(
+    fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider
+) -> None:
+    await provider.generate(make_request(n=2, request_id="req-123"))
+
+    assert fake.hits == 1
+    seen = fake.requests[0]
+    assert seen.headers["Authorization"] == f"Bearer {API_KEY}"
+    assert seen.headers["Content-Type"] == "application/json"
+    assert seen.headers["X-Request-ID"] == "req-123"
+    assert seen.body == {
+        "model": "dall-e-3",
+        "prompt": "a lighthouse at dusk",
+        "n": 2,
+        "size": "64x48",
+        "response_format": "b64_json",
+    }
+
+
+async def test_quality_style_and_user_are_sent_only_when_set(
+    fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider
+) -> None:
+    await provider.generate(make_request(quality="hd", style="vivid", user="user-7"))
+
+    body = fake.requests[0].body
+    assert (body["quality"], body["style"], body["user"]) == ("hd", "vivid", "user-7")
+    assert "X-Request-ID" not in fake.requests[0].headers
+
+
+async def test_no_authorization_header_is_sent_without_an_api_key() -> None:
+    async with FakeOpenAIUpstream(api_key=None) as upstream:
+        adapter = OpenAICompatibleProvider("local", base_url=upstream.base_url, api_key=None)
+        try:
+            result = await adapter.generate(make_request())
+        finally:
+            await adapter.aclose()
+    assert len(result.images) == 1
+    assert "Authorization" not in upstream.requests[0].headers
+
+
+async def test_url_style_answers_are_downloaded_without_the_api_key(
+    fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider
+) -> None:
+    fake.script("url")
+
+    result = await provider.generate(make_request(n=2, width=32, height=32))
+
+    assert fake.file_hits == 2
+    assert all("Authorization" not in seen.headers for seen in fake.file_requests)
+    assert [(i.width, i.height, i.mime_type) for i in result.images] == [
+        (32, 32, "image/png"),
+        (32, 32, "image/png"),
+    ]
+
+
+async def test_gpt_image_token_usage_is_read(
+    fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider
+) -> None:
+    fake.script(ok(usage={"input_tokens": 50, "output_tokens": 4160, "total_tokens": 4210}))
+
+    result = await provider.generate(make_request(upstream_model="gpt-image-1"))
+
+    assert (result.usage.input_tokens, result.usage.output_tokens) == (50, 4160)
+
+
+async def test_chat_style_token_usage_names_are_read_too(
+    fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider
+) -> None:
+    fake.script(ok(usage={"prompt_tokens": 12, "completion_tokens": 30}))
+
+    result = await provider.generate(make_request())
+
+    assert (result.usage.input_tokens, result.usage.output_tokens) == (12, 30)
+
+
+@pytest.mark.parametrize(
+    "behaviour",
+    [server_error(), service_unavailable(), rate_limited(retry_after=3)],
+    ids=["500", "503", "429"],
+)
+async def test_upstream_failures_and_rate_limits_become_upstream_errors(
+    fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider, behaviour: Behaviour
+) -> None:
+    fake.script(behaviour)
+
+    with pytest.raises(UpstreamError, match=rf"upstream 'openai' answered HTTP {behaviour.status}"):
+        await provider.generate(make_request())
+
+
+async def test_a_slow_upstream_times_out_as_an_upstream_error(
+    fake: FakeOpenAIUpstream,
+) -> None:
+    fake.script(slow(2.0))
+    adapter = OpenAICompatibleProvider(
+        "openai", base_url=fake.base_url, api_key=API_KEY, timeout_seconds=0.3
+    )
+    try:
+        with pytest.raises(UpstreamError, match=r"did not answer within 0\.3 s"):
+            await adapter.generate(make_request())
+    finally:
+        await adapter.aclose()
+
+
+async def test_a_refused_connection_is_an_upstream_error() -> None:
+    adapter = OpenAICompatibleProvider(
+        "openai", base_url=f"http://127.0.0.1:{closed_port()}/v1", api_key=API_KEY
+    )
+    try:
+        with pytest.raises(UpstreamError, match="could not be reached"):
+            await adapter.generate(make_request())
+    finally:
+        await adapter.aclose()
+
+
+@pytest.mark.parametrize("behaviour", ["garbage", "truncated", "wrong_content_type"])
+async def test_unreadable_answers_are_upstream_errors(
+    fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider, behaviour: str
+) -> None:
+    fake.script(behaviour)
+
+    with pytest.raises(UpstreamError, match="unreadable answer"):
+        await provider.generate(make_request())
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"created": 1, "data": []},
+        {"created": 1},
+        {"created": 1, "data": [{"revised_prompt": "no image here"}]},
+        {"created": 1, "data": [{"b64_json": "***not base64***"}]},
+        {"created": 1, "data": [{"b64_json": base64.b64encode(b"hello, not a png").decode()}]},
+        {"created": 1, "data": [{"b64_json": base64.b64encode(b"\x89PNG\r\n\x1a\nxx").decode()}]},
+        ["not", "an", "object"],
+    ],
+    ids=["empty", "no-data", "no-image", "bad-base64", "not-image", "broken-png", "list"],
+)
+async def test_answers_without_usable_images_are_upstream_errors(
+    fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider, answer: object
+) -> None:
+    fake.script(raw(200, orjson.dumps(answer)))
+
+    with pytest.raises(UpstreamError, match="unreadable answer"):
+        await provider.generate(make_request())
+
+
+@pytest.mark.parametrize(
+    "behaviour", [content_policy_violation(), moderation_blocked()], ids=["dall-e", "gpt-image"]
+)
+async def test_a_content_policy_refusal_becomes_content_policy(
+    fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider, behaviour: Behaviour
+) -> None:
+    fake.script(behaviour)
+
+    with pytest.raises(ContentPolicy) as raised:
+        await provider.generate(make_request())
+    assert raised.value.message == "The prompt was refused by the provider's content policy."
+
+
+async def test_another_bad_request_becomes_invalid_parameter_carrying_the_param(
+    fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider
+) -> None:
+    fake.script(invalid_value(param="size", message="Invalid value: '64x48'."))
+
+    with pytest.raises(InvalidParameter) as raised:
+        await provider.generate(make_request())
+    assert raised.value.param == "size"
+    assert raised.value.message == "Invalid value: '64x48'."
+
+
+async def test_a_long_upstream_message_is_cut_to_300_characters(
+    fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider
+) -> None:
+    fake.script(http_error(400, message="x" * 1000))
+
+    with pytest.raises(InvalidParameter) as raised:
+        await provider.generate(make_request())
+    assert len(raised.value.message) == 300
+    assert raised.value.param is None
+
+
+async def test_a_wrong_api_key_is_an_upstream_error(fake: FakeOpenAIUpstream) -> None:
+    adapter = OpenAICompatibleProvider("openai", base_url=fake.base_url, api_key="sk-wrong-0042")
+    try:
+        with pytest.raises(UpstreamError, match=r"HTTP 401 \(invalid_api_key\)") as raised:
+            await adapter.generate(make_request())
+    finally:
+        await adapter.aclose()
+    assert "sk-wrong-0042" not in str(raised.value)
+
+
+def error_texts(error: BaseException) -> str:
+    """Everything about an error and its causes that could reach a log or a caller."""
+    texts: list[str] = []
+    current: BaseException | None = error
+    while current is not None:
+        texts += [str(current), repr(current)]
+        if isinstance(current, ImagegenError):
+            texts += [current.message, repr(current.metadata())]
+        current = current.__cause__ or current.__context__
+    return "\n".join(texts)
+
+
+@pytest.mark.parametrize(
+    "behaviour",
+    [
+        server_error(),
+        rate_limited(),
+        content_policy_violation(),
+        invalid_value(param="prompt", message=f"Header was Authorization: Bearer {API_KEY}"),
+        http_error(403, message=f"Key {API_KEY} may not use this model", code="forbidden"),
+        http_error(404, message=f"No model for key {API_KEY}", code="model_not_found"),
+        "garbage",
+        "truncated",
+        "wrong_content_type",
+        raw(200, orjson.dumps({"data": [{"url": "http://127.0.0.1:1/gone.png"}]})),
+    ],
+    ids=[
+        "500",
+        "429",
+        "policy",
+        "400-echoing-key",
+        "403",
+        "404",
+        "garbage",
+        "truncated",
+        "content-type",
+        "dead-url",
+    ],
+)
+async def test_no_error_message_contains_the_api_key(
+    fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider, behaviour: Behaviour | str
+) -> None:
+    fake.script(behaviour)
+
+    with pytest.raises(ImagegenError) as raised:
+        await provider.generate(make_request())
+    assert API_KEY not in error_texts(raised.value)
+
+
+async def test_no_error_message_contains_the_api_key_when_unreachable_or_slow(
+    fake: FakeOpenAIUpstream,
+) -> None:
+    fake.script(slow(2.0))
+    for base_url in (fake.base_url, f"http://127.0.0.1:{closed_port()}/v1"):
+        adapter = OpenAICompatibleProvider(
+            "openai", base_url=base_url, api_key=API_KEY, timeout_seconds=0.3
+        )
+        try:
+            with pytest.raises(UpstreamError) as raised:
+                await adapter.generate(make_request())
+        finally:
+            await adapter.aclose()
+        assert API_KEY not in error_texts(raised.value)
+
+
+async def test_the_provider_repr_does_not_show_the_api_key(
+    provider: OpenAICompatibleProvider,
+) -> None:
+    assert API_KEY not in repr(provider)
+
+
+async def test_the_session_is_reopened_after_aclose(
+    fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider
+) -> None:
+    await provider.generate(make_request())
+    await provider.aclose()
+
+    result = await provider.generate(make_request())
+
+    assert len(result.images) == 1
+    assert fake.hits == 2
