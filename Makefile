@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTO_OUT := imagegen_service/gen
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto run test lint bench clean
+.PHONY: help install proto run test lint clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-9s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -40,9 +40,6 @@ lint: $(STAMP) ## ruff and mypy
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-
-bench: $(STAMP) ## Measure the request path (see docs/benchmarks.md)
-	$(BIN)/python -m tests.bench
 
 clean: ## Remove .venv and the local data directory
 	rm -rf $(VENV) var

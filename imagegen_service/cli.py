@@ -1,0 +1,206 @@
+"""``imagegen-admin``: the operator's command line, on the service's own configuration.
+
+It works on the database directly, so it needs no running service:
+``accounts``, ``keys``, ``ledger`` and ``db``. ``--json`` prints machine-readable output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import orjson
+
+from imagegen_service import errors, keys
+from imagegen_service.config import ConfigError, load_config
+from imagegen_service.money import format_usd, parse_usd
+from imagegen_service.stores.ledger_sql import (
+    Account,
+    ApiKey,
+    LedgerStore,
+    SchemaOutOfDate,
+    open_store,
+)
+
+Printer = Callable[[Any], None]
+
+
+def _account_json(a: Account) -> dict[str, Any]:
+    return {
+        "id": a.id,
+        "name": a.name,
+        "available_micros": a.available_micros,
+        "held_micros": a.held_micros,
+        "available_usd": format_usd(a.available_micros),
+        "held_usd": format_usd(a.held_micros),
+        "created": a.created,
+    }
+
+
+def _key_json(k: ApiKey) -> dict[str, Any]:
+    return {"id": k.id, "account_id": k.account_id, "created": k.created, "revoked": k.revoked}
+
+
+def _usd(text: str) -> int:
+    try:
+        return parse_usd(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+async def _accounts_create(store: LedgerStore, args: argparse.Namespace) -> dict[str, Any]:
+    return _account_json(await store.create_account(args.name, args.balance))
+
+
+async def _accounts_show(store: LedgerStore, args: argparse.Namespace) -> dict[str, Any]:
+    return _account_json(await store.get_account(args.account))
+
+
+async def _accounts_credit(store: LedgerStore, args: argparse.Namespace) -> dict[str, Any]:
+    return _account_json(await store.credit(args.account, args.amount, args.note))
+
+
+async def _keys_create(store: LedgerStore, args: argparse.Namespace) -> dict[str, Any]:
+    secret = keys.new_secret()
+    key = await store.create_key(args.account, keys.hash_secret(secret))
+    return {**_key_json(key), "secret": secret}
+
+
+async def _keys_revoke(store: LedgerStore, args: argparse.Namespace) -> dict[str, Any]:
+    return _key_json(await store.revoke_key(args.key_id))
+
+
+async def _ledger(store: LedgerStore, args: argparse.Namespace) -> dict[str, Any]:
+    entries = await store.ledger(args.account, args.limit)
+    return {
+        "account_id": args.account,
+        "entries": [
+            {
+                "id": e.id,
+                "kind": e.kind,
+                "available_delta_micros": e.available_delta_micros,
+                "held_delta_micros": e.held_delta_micros,
+                "hold_id": e.hold_id,
+                "request_id": e.request_id,
+                "note": e.note,
+                "created": e.created,
+            }
+            for e in entries
+        ],
+    }
+
+
+def _print_human(result: dict[str, Any]) -> None:
+    if "entries" in result:
+        print(f"{'id':>8}  {'kind':<8} {'available':>14} {'held':>14}  request")
+        for e in result["entries"]:
+            print(
+                f"{e['id']:>8}  {e['kind']:<8} {format_usd(e['available_delta_micros']):>14} "
+                f"{format_usd(e['held_delta_micros']):>14}  {e['request_id'] or e['note']}"
+            )
+        return
+    for name, value in result.items():
+        if name == "secret":
+            continue
+        print(f"{name:<17} {value}")
+    if "secret" in result:
+        print(f"\nsecret            {result['secret']}")
+        print("This is the only time the key is shown. Store it now.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # --json may stand before or after the subcommand; SUPPRESS keeps a subcommand's
+    # parser from resetting a flag given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(
+        prog="imagegen-admin",
+        description="Manage accounts, API keys and balances. Uses IMAGEGEN_CONFIG and "
+        "IMAGEGEN_DATA_DIR / IMAGEGEN_DATABASE_URL like the service.",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    groups = parser.add_subparsers(dest="group", required=True)
+
+    accounts = groups.add_parser("accounts", help="create, show and credit accounts")
+    acc = accounts.add_subparsers(dest="command", required=True)
+    p = acc.add_parser("create", parents=[common], help="create an account")
+    p.add_argument("name")
+    p.add_argument("--balance", type=_usd, default=0, help="opening balance in USD, e.g. 10.00")
+    p.set_defaults(run=_accounts_create)
+    p = acc.add_parser("show", parents=[common], help="show available and held balance")
+    p.add_argument("account")
+    p.set_defaults(run=_accounts_show)
+    p = acc.add_parser("credit", parents=[common], help="add funds, in USD")
+    p.add_argument("account")
+    p.add_argument("amount", type=_usd)
+    p.add_argument("--note", default="")
+    p.set_defaults(run=_accounts_credit)
+
+    keys_parser = groups.add_parser("keys", help="create and revoke API keys")
+    key_cmds = keys_parser.add_subparsers(dest="command", required=True)
+    p = key_cmds.add_parser("create", parents=[common], help="create a key (shown once)")
+    p.add_argument("account")
+    p.set_defaults(run=_keys_create)
+    p = key_cmds.add_parser("revoke", parents=[common], help="revoke a key at once")
+    p.add_argument("key_id")
+    p.set_defaults(run=_keys_revoke)
+
+    p = groups.add_parser("ledger", parents=[common], help="list an account's ledger entries")
+    p.add_argument("account")
+    p.add_argument("--limit", type=int, default=100)
+    p.set_defaults(run=_ledger)
+
+    db = groups.add_parser("db", help="database schema")
+    db_cmds = db.add_subparsers(dest="command", required=True)
+    p = db_cmds.add_parser("upgrade", parents=[common], help="migrate to the newest schema")
+    p.set_defaults(run=None, db="upgrade")
+    p = db_cmds.add_parser("current", parents=[common], help="show the schema revision")
+    p.set_defaults(run=None, db="current")
+    return parser
+
+
+async def _run_db(database_url: str, action: str) -> dict[str, Any]:
+    store = LedgerStore(database_url)
+    try:
+        if action == "upgrade":
+            return {"revision": await store.upgrade()}
+        return {"revision": await store.current_revision(), "head": store.head_revision()}
+    finally:
+        await store.close()
+
+
+async def _run(
+    database_url: str,
+    work: Callable[[LedgerStore, argparse.Namespace], Awaitable[dict[str, Any]]],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    store = await open_store(database_url)
+    try:
+        return await work(store, args)
+    finally:
+        await store.close()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config()
+        if args.run is None:
+            result = asyncio.run(_run_db(config.database_url, args.db))
+        else:
+            result = asyncio.run(_run(config.database_url, args.run, args))
+    except (ConfigError, SchemaOutOfDate) as exc:
+        sys.exit(f"imagegen-admin: {exc}")
+    except errors.ImagegenError as exc:
+        sys.exit(f"imagegen-admin: {exc.message}")
+    if args.json:
+        sys.stdout.write(orjson.dumps(result).decode() + "\n")
+    else:
+        _print_human(result)
+
+
+if __name__ == "__main__":
+    main()

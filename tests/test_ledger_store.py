@@ -1,0 +1,98 @@
+"""The ledger's promises, on SQLite and on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from imagegen_service import errors
+from imagegen_service.stores.ledger_sql import LedgerStore, SchemaOutOfDate, open_store
+from tests.services import scratch_postgres_database
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[LedgerStore]:
+    if request.param == "sqlite":
+        s = await open_store(f"sqlite:///{tmp_path / 'ledger.db'}")
+        yield s
+        await s.close()
+        return
+    async with scratch_postgres_database() as url:
+        migrator = LedgerStore(url)
+        await migrator.upgrade()
+        await migrator.close()
+        s = await open_store(url)
+        yield s
+        await s.close()
+
+
+async def _spend(store: LedgerStore, account_id: str, amount: int, i: int) -> bool:
+    try:
+        hold = await store.place_hold(account_id, amount, request_id=f"r{i}", ttl_seconds=60)
+    except errors.InsufficientBalance:
+        return False
+    await asyncio.sleep(0)
+    assert await store.settle_hold(hold, amount, request_id=f"r{i}")
+    return True
+
+
+async def test_concurrent_holds_never_overdraw_and_entries_sum_to_balance(
+    store: LedgerStore,
+) -> None:
+    account = await store.create_account("race", 7 * 1000)
+    results = await asyncio.gather(*(_spend(store, account.id, 1000, i) for i in range(100)))
+    assert results.count(True) == 7
+    after = await store.get_account(account.id)
+    assert (after.available_micros, after.held_micros) == (0, 0)
+    assert await store.ledger_sums(account.id) == (0, 0)
+    kinds = [e.kind for e in await store.ledger(account.id, 1000)]
+    assert kinds.count("capture") == 7 and kinds.count("hold") == 7
+
+
+async def test_partial_capture_releases_the_rest_once(store: LedgerStore) -> None:
+    account = await store.create_account("partial", 10_000)
+    hold = await store.place_hold(account.id, 4_000, request_id="r", ttl_seconds=60)
+    assert await store.settle_hold(hold, 1_500, request_id="r")
+    assert not await store.settle_hold(hold, 4_000, request_id="r"), "settled twice"
+    after = await store.get_account(account.id)
+    assert (after.available_micros, after.held_micros) == (8_500, 0)
+    assert await store.ledger_sums(account.id) == (8_500, 0)
+
+
+async def test_expired_hold_is_released_with_nothing_charged(store: LedgerStore) -> None:
+    account = await store.create_account("crash", 5_000)
+    hold = await store.place_hold(account.id, 5_000, request_id="r", ttl_seconds=0)
+    held = await store.get_account(account.id)
+    assert (held.available_micros, held.held_micros) == (0, 5_000)
+    assert await store.release_expired_holds(now=2**40) == 1
+    after = await store.get_account(account.id)
+    assert (after.available_micros, after.held_micros) == (5_000, 0)
+    # A late capture from the process that placed the hold moves nothing.
+    assert not await store.settle_hold(hold, 5_000, request_id="r")
+    assert await store.ledger_sums(account.id) == (5_000, 0)
+
+
+async def test_revoked_key_is_not_found_at_once(store: LedgerStore) -> None:
+    account = await store.create_account("keys", 0)
+    key = await store.create_key(account.id, "ab" * 32)
+    assert (await store.find_active_key("ab" * 32)) is not None
+    await store.revoke_key(key.id)
+    assert await store.find_active_key("ab" * 32) is None
+
+
+async def test_credit_must_be_positive_and_account_must_exist(store: LedgerStore) -> None:
+    account = await store.create_account("credit", 0)
+    with pytest.raises(errors.InvalidParameter):
+        await store.credit(account.id, 0)
+    with pytest.raises(errors.NotFound):
+        await store.credit("acct_missing", 10)
+    assert (await store.credit(account.id, 2_500_000)).available_micros == 2_500_000
+
+
+async def test_postgres_service_refuses_an_unmigrated_schema() -> None:
+    async with scratch_postgres_database() as url:
+        with pytest.raises(SchemaOutOfDate, match="imagegen-admin db upgrade"):
+            await open_store(url)
