@@ -26,7 +26,7 @@ STUB: web.AppKey[ImageGenerationAsyncStub] = web.AppKey("stub")
 def _metadata(request: web.Request, *, with_key: bool = True) -> tuple[tuple[str, str], ...]:
     md = [("x-request-id", request[REQUEST_ID])]
     authorization = request.headers.get("Authorization")
-    if with_key and authorization:
+    if with_key and authorization and authorization.isascii() and authorization.isprintable():
         md.append(("authorization", authorization))
     return tuple(md)
 

@@ -23,10 +23,33 @@ class CatalogError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
-class ImageModel:
-    id: str
+class Deployment:
+    """One place a public model can be served: a configured provider and its model id."""
+
     provider: str
     upstream_model: str
+    # Per-image prices of this deployment when they differ from the model's.
+    prices: Mapping[str, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenPrices:
+    """Prices for upstreams that bill tokens, in micro-dollars per million tokens."""
+
+    input_per_million: int
+    output_per_million: int
+
+    def cost(self, input_tokens: int, output_tokens: int) -> int:
+        total = input_tokens * self.input_per_million + output_tokens * self.output_per_million
+        # Round up: a fraction of a micro-dollar is still charged as one.
+        return -(-total // 1_000_000)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageModel:
+    id: str
+    # Tried in order: the first is the primary, the others are failovers.
+    deployments: tuple[Deployment, ...]
     sizes: tuple[str, ...]
     default_size: str
     qualities: tuple[str, ...]
@@ -38,12 +61,27 @@ class ImageModel:
     prices: Mapping[str, int]
     owned_by: str = "imagegen"
     created: int = 0
+    # When set, a deployment that reports token usage is charged by tokens, never more
+    # than the per-image price that was held.
+    token_prices: TokenPrices | None = None
 
-    def unit_price(self, size: str, quality: str) -> int:
+    @property
+    def provider(self) -> str:
+        return self.deployments[0].provider
+
+    def unit_price(self, size: str, quality: str, deployment: Deployment | None = None) -> int:
+        prices = self.prices
+        if deployment is not None and deployment.prices is not None:
+            prices = deployment.prices
         for key in (f"{size}/{quality}", size, f"*/{quality}", "default"):
-            if key in self.prices:
-                return self.prices[key]
+            if key in prices:
+                return prices[key]
         raise CatalogError(f"model {self.id!r} has no price for {size}/{quality}")
+
+    def quote_unit_price(self, size: str, quality: str) -> int:
+        """The most any deployment charges per image: what a request holds, so that a
+        failover to a pricier deployment is still covered."""
+        return max(self.unit_price(size, quality, d) for d in self.deployments)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +193,7 @@ class Catalog:
             quality=quality,
             style=style or None,
             response_format=response_format,
-            unit_price_micros=m.unit_price(size, quality),
+            unit_price_micros=m.quote_unit_price(size, quality),
             seed=seed,
             user=user,
         )
@@ -192,11 +230,7 @@ def load_catalog(
         where = f"models.{model_id}"
         if not isinstance(raw, dict):
             raise CatalogError(f"{where} must be a table")
-        provider = raw.get("provider")
-        if not isinstance(provider, str) or provider not in known_providers:
-            raise CatalogError(
-                f"{where}.provider must name a [providers.*] table; got {provider!r}"
-            )
+        deployments = _deployments(raw, model_id, where, known_providers)
         sizes = _str_list(raw.get("sizes"), f"{where}.sizes")
         for size in sizes:
             parse_size(size)
@@ -207,17 +241,9 @@ def load_catalog(
             raise CatalogError(f"{where}.default_size must be one of its sizes")
         if default_quality not in qualities:
             raise CatalogError(f"{where}.default_quality must be one of its qualities")
-        raw_prices = raw.get("price_usd")
-        if not isinstance(raw_prices, dict) or not raw_prices:
-            raise CatalogError(f"{where}.price_usd must be a table of decimal strings")
-        try:
-            prices = {str(k): parse_usd(v) for k, v in raw_prices.items()}
-        except ValueError as exc:
-            raise CatalogError(f"{where}.price_usd: {exc}") from None
         model = ImageModel(
             id=model_id,
-            provider=provider,
-            upstream_model=str(raw.get("upstream_model", model_id)),
+            deployments=deployments,
             sizes=sizes,
             default_size=default_size,
             qualities=qualities,
@@ -225,12 +251,66 @@ def load_catalog(
             styles=_str_list(raw.get("styles", []), f"{where}.styles"),
             max_images=_int(raw.get("max_images"), f"{where}.max_images", 1),
             max_prompt_chars=_int(raw.get("max_prompt_chars"), f"{where}.max_prompt_chars", 4000),
-            prices=prices,
+            prices=_prices(raw.get("price_usd"), f"{where}.price_usd"),
             owned_by=str(raw.get("owned_by", "imagegen")),
             created=int(raw.get("created", 0)),
+            token_prices=_token_prices(raw.get("token_price_usd"), f"{where}.token_price_usd"),
         )
         for size in sizes:
             for quality in qualities:
-                model.unit_price(size, quality)
+                for deployment in deployments:
+                    model.unit_price(size, quality, deployment)
         catalog.models[model_id] = model
     return catalog
+
+
+def _prices(raw: Any, where: str) -> dict[str, int]:
+    if not isinstance(raw, dict) or not raw:
+        raise CatalogError(f"{where} must be a table of decimal strings")
+    try:
+        return {str(k): parse_usd(v) for k, v in raw.items()}
+    except ValueError as exc:
+        raise CatalogError(f"{where}: {exc}") from None
+
+
+def _token_prices(raw: Any, where: str) -> TokenPrices | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) != {"input", "output"}:
+        raise CatalogError(f"{where} must have exactly 'input' and 'output' (USD per 1M tokens)")
+    try:
+        return TokenPrices(parse_usd(raw["input"]), parse_usd(raw["output"]))
+    except ValueError as exc:
+        raise CatalogError(f"{where}: {exc}") from None
+
+
+def _deployments(
+    raw: dict[str, Any], model_id: str, where: str, known_providers: set[str]
+) -> tuple[Deployment, ...]:
+    """``provider`` + ``upstream_model`` for one deployment, or a ``deployments`` list."""
+    if "deployments" in raw:
+        if "provider" in raw:
+            raise CatalogError(f"{where}: give either provider or deployments, not both")
+        entries = raw["deployments"]
+        if not isinstance(entries, list) or not entries:
+            raise CatalogError(f"{where}.deployments must be a non-empty list of tables")
+    else:
+        entries = [{"provider": raw.get("provider"), "upstream_model": raw.get("upstream_model")}]
+    result = []
+    for i, entry in enumerate(entries):
+        at = f"{where}.deployments[{i}]" if "deployments" in raw else where
+        if not isinstance(entry, dict):
+            raise CatalogError(f"{at} must be a table")
+        provider = entry.get("provider")
+        if not isinstance(provider, str) or provider not in known_providers:
+            raise CatalogError(f"{at}.provider must name a [providers.*] table; got {provider!r}")
+        upstream = entry.get("upstream_model") or model_id
+        prices = entry.get("price_usd")
+        result.append(
+            Deployment(
+                provider=provider,
+                upstream_model=str(upstream),
+                prices=None if prices is None else _prices(prices, f"{at}.price_usd"),
+            )
+        )
+    return tuple(result)

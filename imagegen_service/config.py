@@ -17,9 +17,32 @@ from typing import Any
 
 from imagegen_service.catalog import Catalog, CatalogError, load_catalog
 from imagegen_service.money import parse_usd
+from imagegen_service.routing import RoutingPolicy
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.toml")
-PROVIDER_TYPES = ("local", "openai")
+PROVIDER_TYPES = (
+    "local",
+    "openai",
+    "azure-openai",
+    "google-imagen",
+    "vertex-imagen",
+    "gemini",
+    "stability",
+    "bfl",
+)
+_PROVIDER_KEYS = frozenset(
+    {
+        "type",
+        "base_url",
+        "api_key_env",
+        "api_key_file",
+        "timeout_seconds",
+        "max_connections",
+        "max_concurrency",
+        "max_retries",
+        "precomputed",
+    }
+)
 
 
 class ConfigError(ValueError):
@@ -28,20 +51,42 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class ProviderConfig:
+    """One ``[providers.NAME]`` table. Keys beyond the common ones land in ``options``
+    for the adapter of that type (a Vertex project, an Azure deployment, ...)."""
+
     name: str
     type: str
+    # Empty: the adapter's public default endpoint.
     base_url: str = ""
+    # The credential comes from this environment variable, or else from this file
+    # (a mounted Kubernetes Secret, for example).
     api_key_env: str = ""
+    api_key_file: str = ""
     timeout_seconds: float = 120.0
     max_connections: int = 64
+    # At most this many calls in flight to this provider; the rest wait.
+    max_concurrency: int = 16
+    # Retries of a failed call (5xx, 429, timeout, ...) before failing over.
+    max_retries: int = 2
     # Local renderer only: serve one precomputed image per size (benchmarks).
     precomputed: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)
 
-    def api_key(self, environ: Mapping[str, str]) -> str | None:
-        return environ.get(self.api_key_env) or None if self.api_key_env else None
+    def needs_credential(self) -> bool:
+        return self.type != "local" and bool(self.api_key_env or self.api_key_file)
+
+    def credential(self, environ: Mapping[str, str]) -> str | None:
+        if self.api_key_env and environ.get(self.api_key_env):
+            return environ[self.api_key_env].strip()
+        if self.api_key_file:
+            try:
+                return Path(self.api_key_file).read_text().strip() or None
+            except OSError:
+                return None
+        return None
 
     def has_credentials(self, environ: Mapping[str, str]) -> bool:
-        return self.type == "local" or not self.api_key_env or bool(self.api_key(environ))
+        return not self.needs_credential() or self.credential(environ) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +101,7 @@ class ServiceConfig:
     dev_account_balance_micros: int
     providers: dict[str, ProviderConfig]
     catalog: Catalog
+    routing: RoutingPolicy = field(default_factory=RoutingPolicy)
     admin_token: str | None = None
     signing_key_env: str | None = None
     max_message_bytes: int = 32 * 1024 * 1024
@@ -116,17 +162,45 @@ def _provider(name: str, raw: Any) -> ProviderConfig:
     kind = raw.get("type")
     if kind not in PROVIDER_TYPES:
         raise ConfigError(f"providers.{name}.type must be one of {', '.join(PROVIDER_TYPES)}")
-    if kind != "local" and not raw.get("base_url"):
-        raise ConfigError(f"providers.{name}.base_url is required for type {kind!r}")
-    return ProviderConfig(
-        name=name,
-        type=kind,
-        base_url=str(raw.get("base_url", "")),
-        api_key_env=str(raw.get("api_key_env", "")),
-        timeout_seconds=float(raw.get("timeout_seconds", 120.0)),
-        max_connections=int(raw.get("max_connections", 64)),
-        precomputed=bool(raw.get("precomputed", False)),
-    )
+    try:
+        return ProviderConfig(
+            name=name,
+            type=kind,
+            base_url=str(raw.get("base_url", "")).rstrip("/"),
+            api_key_env=str(raw.get("api_key_env", "")),
+            api_key_file=str(raw.get("api_key_file", "")),
+            timeout_seconds=float(raw.get("timeout_seconds", 120.0)),
+            max_connections=int(raw.get("max_connections", 64)),
+            max_concurrency=int(raw.get("max_concurrency", 16)),
+            max_retries=int(raw.get("max_retries", 2)),
+            precomputed=bool(raw.get("precomputed", False)),
+            options={k: v for k, v in raw.items() if k not in _PROVIDER_KEYS},
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"providers.{name}: {exc}") from None
+
+
+def _routing_policy(raw: Mapping[str, Any], path: Path) -> RoutingPolicy:
+    defaults = RoutingPolicy()
+    unknown = set(raw) - set(RoutingPolicy.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"{path}: [routing] has unknown keys: {', '.join(sorted(unknown))}")
+    try:
+        return RoutingPolicy(
+            backoff_base_seconds=float(
+                raw.get("backoff_base_seconds", defaults.backoff_base_seconds)
+            ),
+            backoff_max_seconds=float(raw.get("backoff_max_seconds", defaults.backoff_max_seconds)),
+            max_retry_after_seconds=float(
+                raw.get("max_retry_after_seconds", defaults.max_retry_after_seconds)
+            ),
+            breaker_failures=int(raw.get("breaker_failures", defaults.breaker_failures)),
+            breaker_cooldown_seconds=float(
+                raw.get("breaker_cooldown_seconds", defaults.breaker_cooldown_seconds)
+            ),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{path}: [routing]: {exc}") from None
 
 
 def load_config(environ: Mapping[str, str] | None = None) -> ServiceConfig:
@@ -148,8 +222,10 @@ def load_config(environ: Mapping[str, str] | None = None) -> ServiceConfig:
         dev_balance = parse_usd(service.get("dev_account_balance_usd", "10.00"))
     except (CatalogError, ValueError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    policy = _routing_policy(_table(doc, "routing"), path)
     return ServiceConfig(
         config_path=path,
+        routing=policy,
         data_dir=data_dir,
         grpc_host=str(service.get("grpc_host", "127.0.0.1")),
         grpc_port=env_int(env, "IMAGEGEN_GRPC_PORT", service.get("grpc_port", 50051)),

@@ -80,8 +80,7 @@ def _banner(config: ServiceConfig, http: str, account_id: str, secret: str | Non
     else:
         lines += [
             "",
-            f"Development account: {account_id}. Its key was shown on first start; "
-            "for a new one:",
+            f"Development account: {account_id}. Its key was shown on first start; for a new one:",
             f"  imagegen-admin keys create {account_id}",
         ]
     lines += ["", "Ctrl-C stops both processes.", ""]

@@ -63,6 +63,9 @@ class UpstreamError(ImagegenError):
     """The provider failed: 5xx, timeout, refused connection, unreadable answer."""
 
     reason = "UPSTREAM_ERROR"
+    # How long the upstream asked us to wait (its Retry-After); for our retries only,
+    # never shown to the caller.
+    retry_after_seconds: float | None = None
 
 
 class NotFound(ImagegenError):

@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 
 from imagegen_service import errors
-from imagegen_service.catalog import Catalog, ImageModel, ValidatedRequest
+from imagegen_service.catalog import Catalog, Deployment, ImageModel, ValidatedRequest
 from imagegen_service.keys import bearer_token, hash_secret
 from imagegen_service.providers.base import (
     Provider,
@@ -25,6 +25,7 @@ from imagegen_service.providers.base import (
     ProviderRequest,
     TokenUsage,
 )
+from imagegen_service.routing import Router
 from imagegen_service.stores.images_local import LocalImageStore
 from imagegen_service.stores.ledger_sql import ApiKey, LedgerStore
 
@@ -77,11 +78,13 @@ class ImagePipeline:
         images: LocalImageStore,
         providers: Mapping[str, Provider],
         hold_ttl_seconds: int,
+        router: Router | None = None,
     ) -> None:
         self.catalog = catalog
         self.ledger = ledger
         self.images = images
         self.providers = providers
+        self.router = router or Router(providers)
         self.hold_ttl_seconds = hold_ttl_seconds
 
     def models(self) -> list[ImageModel]:
@@ -117,7 +120,8 @@ class ImagePipeline:
             seed=params.seed,
             user=params.user,
         )
-        provider = self.providers[request.model.provider]
+        provider_request = _provider_request(request, request_id)
+        deployments = self.router.check(request.model, provider_request)
         hold = await self.ledger.place_hold(
             key.account_id,
             request.quote_micros,
@@ -126,14 +130,15 @@ class ImagePipeline:
         )
         settled = False
         try:
-            result = await provider.generate(_provider_request(request, request_id))
+            routed = await self.router.generate(deployments, provider_request)
+            result = routed.result
             images = result.images[: request.n]
             if not images:
-                raise errors.UpstreamError(f"Provider '{provider.name}' returned no images.")
+                raise errors.UpstreamError(f"Provider '{routed.provider}' returned no images.")
             delivered = [await self._deliver(i, img, request) for i, img in enumerate(images)]
             for image in delivered:
                 yield image
-            cost = request.unit_price_micros * len(delivered)
+            cost = _cost(request, routed.deployment, result.usage, len(delivered))
             settled = True
             await _shielded(self.ledger.settle_hold(hold, cost, request_id=request_id))
             log.info(
@@ -141,14 +146,16 @@ class ImagePipeline:
                 request_id=request_id,
                 account_id=key.account_id,
                 model=request.model.id,
-                provider=provider.name,
+                provider=routed.provider,
                 n=len(delivered),
+                filtered=result.filtered,
+                failovers=routed.failovers,
                 cost_micros=cost,
             )
             yield Summary(
                 created=int(time.time()),
                 model=request.model.id,
-                provider=provider.name,
+                provider=routed.provider,
                 images=len(delivered),
                 cost_micros=cost,
                 size=request.size,
@@ -172,9 +179,20 @@ class ImagePipeline:
         )
 
 
+def _cost(
+    request: ValidatedRequest, deployment: Deployment, usage: TokenUsage, delivered: int
+) -> int:
+    """Per image at the serving deployment's price; by tokens where the model has token
+    prices and the upstream reported usage, but never more than the per-image price."""
+    cost = request.model.unit_price(request.size, request.quality, deployment) * delivered
+    if request.model.token_prices is not None and usage.total_tokens > 0:
+        cost = min(cost, request.model.token_prices.cost(usage.input_tokens, usage.output_tokens))
+    return cost
+
+
 def _provider_request(request: ValidatedRequest, request_id: str) -> ProviderRequest:
     return ProviderRequest(
-        upstream_model=request.model.upstream_model,
+        upstream_model=request.model.deployments[0].upstream_model,
         prompt=request.prompt,
         n=request.n,
         width=request.width,

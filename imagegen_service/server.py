@@ -18,6 +18,7 @@ from imagegen_service.config import ServiceConfig
 from imagegen_service.gen import admin_pb2, admin_pb2_grpc, images_pb2, images_pb2_grpc
 from imagegen_service.pipeline import ImagePipeline
 from imagegen_service.providers.registry import build_providers
+from imagegen_service.routing import ProviderLimits, Router
 from imagegen_service.servicer import AdminServicer, ImageGenerationServicer
 from imagegen_service.stores.images_local import LocalImageStore
 from imagegen_service.stores.ledger_sql import LedgerStore, open_store
@@ -70,12 +71,21 @@ async def start_service(config: ServiceConfig, *, port: int | None = None) -> Ru
         config.data_dir / "images", config.signing_key(), config.url_ttl_seconds
     )
     providers = build_providers(config.providers, config.catalog, config.environ)
+    router = Router(
+        providers,
+        limits={
+            name: ProviderLimits(max_retries=c.max_retries, max_concurrency=c.max_concurrency)
+            for name, c in config.providers.items()
+        },
+        policy=config.routing,
+    )
     pipeline = ImagePipeline(
         catalog=config.catalog,
         ledger=ledger,
         images=images,
         providers=providers,
         hold_ttl_seconds=config.hold_ttl_seconds,
+        router=router,
     )
     server = grpc.aio.server(options=grpc_options(config))
     images_pb2_grpc.add_ImageGenerationServicer_to_server(ImageGenerationServicer(pipeline), server)

@@ -40,6 +40,7 @@ LOCAL_256 = 1_000
 LOCAL_DEFAULT = 2_000
 LOCAL_HD = 4_000
 FAKE_DALLE = 20_000
+DEADEND_DALLE = 30_000
 
 
 def free_closed_port() -> int:
@@ -61,6 +62,13 @@ def _config_toml(data_dir: Path, upstream_url: str, dead_port: int) -> str:
         [gateway]
         max_body_bytes = {MAX_BODY_BYTES}
 
+        # Retries and circuit breakers are exercised by their own tests here: the other
+        # providers make one attempt each, and no test's failures open a circuit for the next.
+        [routing]
+        backoff_base_seconds = 0.05
+        backoff_max_seconds = 0.1
+        breaker_failures = 1000
+
         [providers.local]
         type = "local"
 
@@ -69,12 +77,22 @@ def _config_toml(data_dir: Path, upstream_url: str, dead_port: int) -> str:
         base_url = "{upstream_url}"
         api_key_env = "IMAGEGEN_TEST_UPSTREAM_KEY"
         timeout_seconds = 2
+        max_retries = 0
+
+        # The same fake upstream, with one retry.
+        [providers.retrying]
+        type = "openai"
+        base_url = "{upstream_url}"
+        api_key_env = "IMAGEGEN_TEST_UPSTREAM_KEY"
+        timeout_seconds = 2
+        max_retries = 1
 
         [providers.deadend]
         type = "openai"
         base_url = "http://127.0.0.1:{dead_port}/v1"
         api_key_env = "IMAGEGEN_TEST_UPSTREAM_KEY"
         timeout_seconds = 2
+        max_retries = 0
 
         [providers.nokey]
         type = "openai"
@@ -116,6 +134,36 @@ def _config_toml(data_dir: Path, upstream_url: str, dead_port: int) -> str:
         [models.dead-model.price_usd]
         default = "0.01"
 
+        [models.retry-dalle]
+        provider = "retrying"
+        upstream_model = "dall-e-2"
+        owned_by = "openai"
+        sizes = ["256x256"]
+        max_images = 4
+
+        [models.retry-dalle.price_usd]
+        default = "0.02"
+
+        # Tried in order: the dead end (dearer) first, then the fake upstream.
+        [models.failover-dalle]
+        owned_by = "openai"
+        sizes = ["256x256"]
+        max_images = 4
+
+        [models.failover-dalle.price_usd]
+        default = "0.02"
+
+        [[models.failover-dalle.deployments]]
+        provider = "deadend"
+        upstream_model = "dall-e-2"
+
+        [models.failover-dalle.deployments.price_usd]
+        default = "0.03"
+
+        [[models.failover-dalle.deployments]]
+        provider = "upstream"
+        upstream_model = "dall-e-2"
+
         [models.hidden-model]
         provider = "nokey"
         sizes = ["256x256"]
@@ -135,7 +183,7 @@ class Stack:
     running: RunningService
     # A channel to the service, shared by the helpers and by tests that speak gRPC.
     channel: grpc.aio.Channel
-    admin: admin_pb2_grpc.AdminStub = field(init=False)
+    admin: admin_pb2_grpc.AdminAsyncStub = field(init=False)
 
     def __post_init__(self) -> None:
         self.admin = admin_pb2_grpc.AdminStub(self.channel)
@@ -171,9 +219,7 @@ class Stack:
 
     def openai_client(self, key: str, **kw: Any) -> openai.AsyncOpenAI:
         """The official SDK pointed at the gateway; the caller must close it."""
-        return openai.AsyncOpenAI(
-            base_url=self.http_url + "/v1", api_key=key, max_retries=0, **kw
-        )
+        return openai.AsyncOpenAI(base_url=self.http_url + "/v1", api_key=key, max_retries=0, **kw)
 
     async def assert_balance(self, account_id: str, available: int, held: int = 0) -> None:
         """The account holds exactly this, and its ledger entries sum to it."""
@@ -220,9 +266,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
         )
         running = await start_service(config, port=0)
         grpc_address = f"127.0.0.1:{running.port}"
-        app = create_app(
-            GatewayConfig(service_address=grpc_address, max_body_bytes=MAX_BODY_BYTES)
-        )
+        app = create_app(GatewayConfig(service_address=grpc_address, max_body_bytes=MAX_BODY_BYTES))
         runner = web.AppRunner(app, shutdown_timeout=1.0)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
@@ -238,7 +282,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
         )
     finally:
         if channel is not None:
-            await channel.close()
+            await channel.close(grace=None)
         if runner is not None:
             await runner.cleanup()
         if running is not None:

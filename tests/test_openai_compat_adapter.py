@@ -5,12 +5,15 @@ from __future__ import annotations
 import base64
 import io
 import socket
+import time
 from collections.abc import AsyncIterator
 
+import aiohttp
 import orjson
 import pytest
 from PIL import Image
 
+from imagegen_service.config import ProviderConfig
 from imagegen_service.errors import (
     ContentPolicy,
     ImagegenError,
@@ -18,7 +21,7 @@ from imagegen_service.errors import (
     UpstreamError,
 )
 from imagegen_service.providers.base import ProviderRequest
-from imagegen_service.providers.openai_compat import OpenAICompatibleProvider
+from imagegen_service.providers.openai_compat import OpenAICompatibleProvider, from_config
 from tests.fakes.openai_upstream import (
     Behaviour,
     FakeOpenAIUpstream,
@@ -35,11 +38,13 @@ from tests.fakes.openai_upstream import (
 )
 
 API_KEY = "sk-upstream-test"
+COMPATIBLE_MODEL = "sdxl-turbo"
 
 
 def make_request(**overrides: object) -> ProviderRequest:
     fields: dict[str, object] = {
-        "upstream_model": "dall-e-3",
+        # Not an OpenAI id: such upstreams get the request as it is, at any size.
+        "upstream_model": COMPATIBLE_MODEL,
         "prompt": "a lighthouse at dusk",
         "n": 1,
         "width": 64,
@@ -98,7 +103,7 @@ async def test_the_upstream_sees_the_openai_request_shape_and_headers(
     assert seen.headers["Content-Type"] == "application/json"
     assert seen.headers["X-Request-ID"] == "req-123"
     assert seen.body == {
-        "model": "dall-e-3",
+        "model": COMPATIBLE_MODEL,
         "prompt": "a lighthouse at dusk",
         "n": 2,
         "size": "64x48",
@@ -145,9 +150,20 @@ async def test_url_style_answers_are_downloaded_without_the_api_key(
 async def test_gpt_image_token_usage_is_read(
     fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider
 ) -> None:
-    fake.script(ok(usage={"input_tokens": 50, "output_tokens": 4160, "total_tokens": 4210}))
+    fake.script(
+        ok(
+            usage={
+                "input_tokens": 50,
+                "input_tokens_details": {"image_tokens": 0, "text_tokens": 50},
+                "output_tokens": 4160,
+                "total_tokens": 4210,
+            }
+        )
+    )
 
-    result = await provider.generate(make_request(upstream_model="gpt-image-1"))
+    result = await provider.generate(
+        make_request(upstream_model="gpt-image-1", width=1024, height=1024)
+    )
 
     assert (result.usage.input_tokens, result.usage.output_tokens) == (50, 4160)
 
@@ -174,6 +190,34 @@ async def test_upstream_failures_and_rate_limits_become_upstream_errors(
 
     with pytest.raises(UpstreamError, match=rf"upstream 'openai' answered HTTP {behaviour.status}"):
         await provider.generate(make_request())
+
+
+@pytest.mark.parametrize(
+    "behaviour",
+    [
+        rate_limited(retry_after=7),
+        http_error(503, message="Overloaded.", type="server_error", headers={"Retry-After": "7"}),
+    ],
+    ids=["429", "503"],
+)
+async def test_the_upstreams_retry_after_reaches_the_caller(
+    fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider, behaviour: Behaviour
+) -> None:
+    fake.script(behaviour)
+
+    with pytest.raises(UpstreamError) as raised:
+        await provider.generate(make_request())
+    assert raised.value.retry_after_seconds == 7.0
+
+
+async def test_a_5xx_without_retry_after_carries_none(
+    fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider
+) -> None:
+    fake.script(server_error())
+
+    with pytest.raises(UpstreamError) as raised:
+        await provider.generate(make_request())
+    assert raised.value.retry_after_seconds is None
 
 
 async def test_a_slow_upstream_times_out_as_an_upstream_error(
@@ -359,3 +403,320 @@ async def test_the_session_is_reopened_after_aclose(
 
     assert len(result.images) == 1
     assert fake.hits == 2
+
+
+# -- OpenAI's model rules ----------------------------------------------------------------
+
+
+def sent_bodies(fake: FakeOpenAIUpstream) -> list[dict[str, object]]:
+    return [seen.body for seen in fake.requests]
+
+
+async def test_dall_e_3_with_n_3_makes_three_single_image_calls_and_merges_them(
+    fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider
+) -> None:
+    result = await provider.generate(
+        make_request(upstream_model="dall-e-3", n=3, width=1792, height=1024)
+    )
+
+    assert [(i.width, i.height, i.mime_type) for i in result.images] == [
+        (1792, 1024, "image/png")
+    ] * 3
+    assert result.filtered == 0
+    assert fake.hits == 3
+    assert all(body["n"] == 1 and body["model"] == "dall-e-3" for body in sent_bodies(fake))
+
+
+async def test_dall_e_3_calls_run_concurrently_under_one_deadline(
+    fake: FakeOpenAIUpstream,
+) -> None:
+    fake.script(slow(0.4), slow(0.4), slow(0.4))
+    adapter = OpenAICompatibleProvider(
+        "openai", base_url=fake.base_url, api_key=API_KEY, timeout_seconds=1.0
+    )
+    started = time.monotonic()
+    try:
+        result = await adapter.generate(
+            make_request(upstream_model="dall-e-3", n=3, width=1024, height=1024)
+        )
+    finally:
+        await adapter.aclose()
+
+    assert len(result.images) == 3
+    assert time.monotonic() - started < 0.9
+
+
+async def test_dall_e_3_calls_that_outlast_the_deadline_together_time_out(
+    fake: FakeOpenAIUpstream,
+) -> None:
+    fake.script(slow(2.0), slow(2.0))
+    adapter = OpenAICompatibleProvider(
+        "openai", base_url=fake.base_url, api_key=API_KEY, timeout_seconds=0.3
+    )
+    try:
+        with pytest.raises(UpstreamError, match=r"did not answer within 0\.3 s"):
+            await adapter.generate(
+                make_request(upstream_model="dall-e-3", n=2, width=1024, height=1024)
+            )
+    finally:
+        await adapter.aclose()
+
+
+async def test_one_refused_dall_e_3_call_is_counted_filtered_and_the_rest_delivered(
+    fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider
+) -> None:
+    fake.script("ok", content_policy_violation(), "ok")
+
+    result = await provider.generate(
+        make_request(upstream_model="dall-e-3", n=3, width=1024, height=1024)
+    )
+
+    assert len(result.images) == 2
+    assert result.filtered == 1
+
+
+async def test_dall_e_3_calls_all_refused_are_a_content_policy_error(
+    fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider
+) -> None:
+    fake.script(content_policy_violation(), content_policy_violation())
+
+    with pytest.raises(ContentPolicy):
+        await provider.generate(
+            make_request(upstream_model="dall-e-3", n=2, width=1024, height=1024)
+        )
+
+
+async def test_one_failed_dall_e_3_call_fails_the_request_without_waiting_for_the_others(
+    fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider
+) -> None:
+    fake.script(rate_limited(retry_after=4), slow(2.0), slow(2.0))
+    started = time.monotonic()
+
+    with pytest.raises(UpstreamError) as raised:
+        await provider.generate(
+            make_request(upstream_model="dall-e-3", n=3, width=1024, height=1024)
+        )
+
+    assert raised.value.retry_after_seconds == 4.0
+    assert time.monotonic() - started < 1.0
+
+
+async def test_dall_e_3_gets_quality_and_style_and_is_asked_for_base64(
+    fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider
+) -> None:
+    await provider.generate(
+        make_request(
+            upstream_model="dall-e-3", width=1024, height=1792, quality="hd", style="natural"
+        )
+    )
+
+    assert sent_bodies(fake) == [
+        {
+            "model": "dall-e-3",
+            "prompt": "a lighthouse at dusk",
+            "n": 1,
+            "size": "1024x1792",
+            "response_format": "b64_json",
+            "quality": "hd",
+            "style": "natural",
+        }
+    ]
+
+
+async def test_dall_e_2_never_gets_quality_or_style_and_takes_n_in_one_call(
+    fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider
+) -> None:
+    result = await provider.generate(
+        make_request(
+            upstream_model="dall-e-2",
+            n=4,
+            width=512,
+            height=512,
+            quality="standard",
+            style="vivid",
+            user="user-7",
+        )
+    )
+
+    assert [(i.width, i.height) for i in result.images] == [(512, 512)] * 4
+    assert sent_bodies(fake) == [
+        {
+            "model": "dall-e-2",
+            "prompt": "a lighthouse at dusk",
+            "n": 4,
+            "size": "512x512",
+            "response_format": "b64_json",
+            "user": "user-7",
+        }
+    ]
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [("standard", "medium"), ("hd", "high"), ("low", "low"), ("high", "high"), ("auto", "auto")],
+)
+async def test_gpt_image_gets_its_own_quality_names_and_no_response_format_or_style(
+    fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider, ours: str, theirs: str
+) -> None:
+    await provider.generate(
+        make_request(
+            upstream_model="gpt-image-1", width=1024, height=1024, quality=ours, style="vivid"
+        )
+    )
+
+    assert sent_bodies(fake) == [
+        {
+            "model": "gpt-image-1",
+            "prompt": "a lighthouse at dusk",
+            "n": 1,
+            "size": "1024x1024",
+            "quality": theirs,
+        }
+    ]
+
+
+@pytest.mark.parametrize("model", ["gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5"])
+async def test_every_gpt_image_model_answers_n_images_in_one_call_with_token_usage(
+    fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider, model: str
+) -> None:
+    result = await provider.generate(
+        make_request(upstream_model=model, n=2, width=1536, height=1024, quality="standard")
+    )
+
+    assert [(i.width, i.height, i.mime_type) for i in result.images] == [
+        (1536, 1024, "image/png")
+    ] * 2
+    assert fake.hits == 1
+    assert "response_format" not in fake.requests[0].body
+    # The fake bills as OpenAI does: 1584 output tokens per 1536x1024 medium image.
+    assert (result.usage.input_tokens, result.usage.output_tokens) == (4, 2 * 1584)
+
+
+@pytest.mark.parametrize(
+    ("output_format", "mime_type"),
+    [("png", "image/png"), ("jpeg", "image/jpeg"), ("webp", "image/webp")],
+)
+async def test_gpt_image_is_asked_for_the_output_format_and_answers_in_it(
+    fake: FakeOpenAIUpstream,
+    provider: OpenAICompatibleProvider,
+    output_format: str,
+    mime_type: str,
+) -> None:
+    result = await provider.generate(
+        make_request(
+            upstream_model="gpt-image-1", width=1024, height=1536, output_format=output_format
+        )
+    )
+
+    sent = fake.requests[0].body
+    assert sent.get("output_format") == (None if output_format == "png" else output_format)
+    assert [(i.mime_type, i.width, i.height) for i in result.images] == [(mime_type, 1024, 1536)]
+
+
+@pytest.mark.parametrize(
+    ("model", "size"),
+    [
+        ("dall-e-2", "1792x1024"),
+        ("dall-e-2", "64x48"),
+        ("dall-e-3", "512x512"),
+        ("dall-e-3", "1536x1024"),
+        ("dall-e-3", "4096x256"),
+        ("gpt-image-1", "1792x1024"),
+        ("gpt-image-1-mini", "256x256"),
+    ],
+)
+def test_check_refuses_sizes_an_openai_model_can_never_make(model: str, size: str) -> None:
+    adapter = OpenAICompatibleProvider("openai", base_url="http://127.0.0.1:9/v1", api_key=API_KEY)
+    width, height = (int(side) for side in size.split("x"))
+
+    with pytest.raises(InvalidParameter) as raised:
+        adapter.check(make_request(upstream_model=model, width=width, height=height))
+    assert raised.value.param == "size"
+    assert size in raised.value.message
+
+
+@pytest.mark.parametrize(
+    ("model", "sizes"),
+    [
+        ("dall-e-2", ["256x256", "512x512", "1024x1024"]),
+        ("dall-e-3", ["1024x1024", "1792x1024", "1024x1792"]),
+        ("gpt-image-1", ["1024x1024", "1536x1024", "1024x1536"]),
+        (COMPATIBLE_MODEL, ["64x48", "4096x256", "1792x1024"]),
+    ],
+)
+def test_check_accepts_what_each_model_can_make_and_any_size_for_other_upstreams(
+    model: str, sizes: list[str]
+) -> None:
+    adapter = OpenAICompatibleProvider("openai", base_url="http://127.0.0.1:9/v1", api_key=API_KEY)
+    for size in sizes:
+        width, height = (int(side) for side in size.split("x"))
+        adapter.check(make_request(upstream_model=model, width=width, height=height, n=10))
+
+
+@pytest.mark.parametrize(
+    ("body", "message", "param"),
+    [
+        (
+            {"model": "gpt-image-1", "prompt": "p", "response_format": "b64_json"},
+            "Unknown parameter: 'response_format'.",
+            "response_format",
+        ),
+        (
+            {"model": "gpt-image-1", "prompt": "p", "style": "vivid"},
+            "Unknown parameter: 'style'.",
+            "style",
+        ),
+        (
+            {"model": "dall-e-3", "prompt": "p", "n": 2},
+            "You must provide n=1 for this model.",
+            None,
+        ),
+        (
+            {"model": "dall-e-2", "prompt": "p", "quality": "standard"},
+            "Unknown parameter: 'quality'.",
+            "quality",
+        ),
+        (
+            {"model": "dall-e-2", "prompt": "p", "style": "vivid"},
+            "Unknown parameter: 'style'.",
+            "style",
+        ),
+    ],
+    ids=[
+        "gpt-image-response_format",
+        "gpt-image-style",
+        "dall-e-3-n",
+        "dall-e-2-quality",
+        "dall-e-2-style",
+    ],
+)
+async def test_the_fake_rejects_what_openai_rejects(
+    fake: FakeOpenAIUpstream, body: dict[str, object], message: str, param: str | None
+) -> None:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            fake.base_url + "/images/generations",
+            json=body,
+            headers={"Authorization": f"Bearer {API_KEY}"},
+        ) as resp,
+    ):
+        answer = await resp.json()
+    assert resp.status == 400
+    assert answer["error"]["message"] == message
+    assert answer["error"]["param"] == param
+
+
+async def test_from_config_builds_a_working_provider(fake: FakeOpenAIUpstream) -> None:
+    config = ProviderConfig(
+        name="openai", type="openai", base_url=fake.base_url, timeout_seconds=5, max_connections=4
+    )
+    adapter = from_config(config, API_KEY)
+    try:
+        assert adapter.name == "openai"
+        assert adapter.timeout_seconds == 5
+        result = await adapter.generate(make_request())
+    finally:
+        await adapter.aclose()
+    assert len(result.images) == 1
+    assert fake.requests[0].headers["Authorization"] == f"Bearer {API_KEY}"

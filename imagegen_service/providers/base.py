@@ -56,12 +56,19 @@ class TokenUsage:
 class ProviderResult:
     images: list[ProviderImage]
     usage: TokenUsage = field(default_factory=TokenUsage)
+    # Images the upstream withheld on safety grounds; they are neither delivered nor charged.
+    filtered: int = 0
 
 
 class Provider(Protocol):
     """One configured upstream (or the built-in renderer)."""
 
     name: str
+
+    def check(self, request: ProviderRequest) -> None:
+        """Raises InvalidParameter if this provider cannot serve the request at all (for
+        example a size with no close aspect ratio). Runs before any money moves; no I/O."""
+        ...
 
     async def generate(self, request: ProviderRequest) -> ProviderResult: ...
 

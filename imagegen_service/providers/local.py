@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 from PIL import Image, ImageDraw, ImageFilter
 
+from imagegen_service.config import ProviderConfig
 from imagegen_service.errors import InvalidParameter
 from imagegen_service.providers.base import (
     ProviderImage,
@@ -227,14 +228,17 @@ class LocalRenderer:
         self._precomputed = precomputed
         self._cache: dict[tuple[int, int, str], bytes] = {}
 
-    async def generate(self, request: ProviderRequest) -> ProviderResult:
-        mime_type = MIME_TYPES.get(request.output_format)
-        if mime_type is None:
+    def check(self, request: ProviderRequest) -> None:
+        if request.output_format not in MIME_TYPES:
             raise InvalidParameter(
                 f"unsupported output format {request.output_format!r}", param="output_format"
             )
         if request.width <= 0 or request.height <= 0:
             raise InvalidParameter(f"invalid size {request.size}", param="size")
+
+    async def generate(self, request: ProviderRequest) -> ProviderResult:
+        self.check(request)
+        mime_type = MIME_TYPES[request.output_format]
 
         if self._precomputed:
             datas = [await self._precomputed_bytes(request)] * request.n
@@ -286,3 +290,7 @@ class LocalRenderer:
 
     async def aclose(self) -> None:
         """Nothing to release: the renderer holds no connections or files."""
+
+
+def from_config(config: ProviderConfig, credential: str | None) -> LocalRenderer:
+    return LocalRenderer(config.name, precomputed=config.precomputed)

@@ -1,22 +1,38 @@
-"""Adapter for any upstream that speaks OpenAI's Images API (``POST /images/generations``).
+"""Adapters for OpenAI's Images API (``POST /images/generations``) and its Azure OpenAI variant.
 
-Works with OpenAI itself (dall-e-2/3, gpt-image-*) and with the many servers that copy its wire
-format. Answers may carry images as ``b64_json`` or as a ``url`` to download; both are accepted
-because several compatible servers ignore ``response_format``.
+``OpenAICompatibleProvider`` works with OpenAI itself and with the many servers that copy its
+wire format. Answers may carry images as ``b64_json`` or as a ``url`` to download; both are
+accepted because several compatible servers ignore ``response_format``.
+
+OpenAI's own models each reject parameters the others take, so the request is shaped by the
+model family, recognised from the upstream model id (other ids are sent as they are):
+
+* ``dall-e-2``: sizes 256x256, 512x512, 1024x1024; up to 10 images per call; no ``quality`` and
+  no ``style`` (the API answers "Unknown parameter").
+* ``dall-e-3``: sizes 1024x1024, 1792x1024, 1024x1792; exactly one image per call, so n > 1 is
+  served by n concurrent calls under the one deadline, merged (a call refused on content policy
+  counts as filtered; the others still deliver).
+* ``gpt-image-*``: sizes 1024x1024, 1536x1024, 1024x1536; up to 10 per call; never
+  ``response_format`` (rejected; it always answers base64) nor ``style``; ``quality`` is
+  low|medium|high|auto, so ``standard`` becomes ``medium`` and ``hd`` becomes ``high``;
+  ``output_format`` is sent when not png. It bills tokens, read from ``usage``.
+
+``AzureOpenAIProvider`` is the same adapter with Azure's addressing: the resource endpoint,
+a deployment in the path, ``api-version`` in the query and the key in an ``api-key`` header.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import io
+import dataclasses
+from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
+from urllib.parse import quote, urlencode
 
 import aiohttp
 import orjson
-from PIL import Image
 
+from imagegen_service.config import ProviderConfig
 from imagegen_service.errors import ContentPolicy, InvalidParameter, UpstreamError
 from imagegen_service.providers.base import (
     ProviderImage,
@@ -24,23 +40,70 @@ from imagegen_service.providers.base import (
     ProviderResult,
     TokenUsage,
 )
+from imagegen_service.providers.http import (
+    MAX_ERROR_BODY_BYTES,
+    MAX_RETRY_AFTER_SECONDS,
+    HttpUpstream,
+    json_object,
+    read_capped,
+    short_identifier,
+)
 
-__all__ = ["OpenAICompatibleProvider"]
+__all__ = [
+    "AzureOpenAIProvider",
+    "OpenAICompatibleProvider",
+    "azure_from_config",
+    "from_config",
+    "model_family",
+]
 
 _CONTENT_POLICY_MESSAGE = "The prompt was refused by the provider's content policy."
 # dall-e answers `content_policy_violation`; gpt-image answers `moderation_blocked` with the
-# type `image_generation_user_error`.
-_CONTENT_POLICY_CODES = frozenset({"content_policy_violation", "moderation_blocked"})
+# type `image_generation_user_error`; Azure adds its content filter's `contentFilter` /
+# `content_filter` and names `ResponsibleAIPolicyViolation` in its inner error.
+_CONTENT_POLICY_CODES = frozenset(
+    {"content_policy_violation", "moderation_blocked", "contentFilter", "content_filter"}
+)
 _CONTENT_POLICY_TYPES = frozenset({"image_generation_user_error"})
+_CONTENT_POLICY_INNER_CODES = frozenset({"ResponsibleAIPolicyViolation"})
 _MAX_UPSTREAM_MESSAGE = 300
-# Bounds memory if an upstream misbehaves; a batch of large PNGs in base64 stays far below this.
-_MAX_ANSWER_BYTES = 512 * 1024 * 1024
-_MAX_DOWNLOAD_BYTES = 128 * 1024 * 1024
-_MAX_ERROR_BODY_BYTES = 64 * 1024
+
+DALL_E_2 = "dall-e-2"
+DALL_E_3 = "dall-e-3"
+GPT_IMAGE = "gpt-image"
+
+# What each family can make at all; anything else is refused before money moves.
+_SIZES: Mapping[str, tuple[str, ...]] = {
+    DALL_E_2: ("256x256", "512x512", "1024x1024"),
+    DALL_E_3: ("1024x1024", "1792x1024", "1024x1792"),
+    GPT_IMAGE: ("1024x1024", "1536x1024", "1024x1536"),
+}
+_IMAGES_PER_CALL: Mapping[str, int] = {DALL_E_2: 10, DALL_E_3: 1, GPT_IMAGE: 10}
+# Our catalog speaks dall-e's quality names; gpt-image takes low|medium|high|auto.
+_GPT_IMAGE_QUALITY: Mapping[str, str] = {"standard": "medium", "hd": "high"}
 
 
-class OpenAICompatibleProvider:
-    """One upstream reached over HTTP with OpenAI's Images API wire format."""
+def model_family(model: str) -> str | None:
+    """``dall-e-2``, ``dall-e-3`` or ``gpt-image`` for OpenAI's own model ids, else None."""
+    lowered = model.strip().lower()
+    for family in (DALL_E_2, DALL_E_3, GPT_IMAGE):
+        if lowered.startswith(family):
+            return family
+    return None
+
+
+class OpenAICompatibleProvider(HttpUpstream):
+    """One upstream reached over HTTP with OpenAI's Images API wire format.
+
+    Where a model takes fewer images per call than asked (dall-e-3 takes one), the images are
+    requested by concurrent calls under the same deadline and merged."""
+
+    # gpt-image output formats worth asking for (png is its default); Azure makes no WEBP, so
+    # there a webp request is answered with the PNG the image really is.
+    _output_formats: frozenset[str] = frozenset({"jpeg", "webp"})
+    # OpenAI either answers an image per item or refuses the whole call; Azure's content filter
+    # withholds single items and leaves them without image data.
+    _imageless_item_is_filtered = False
 
     def __init__(
         self,
@@ -51,118 +114,161 @@ class OpenAICompatibleProvider:
         timeout_seconds: float = 120.0,
         max_connections: int = 64,
     ) -> None:
-        self.name = name
-        self._endpoint = base_url.rstrip("/") + "/images/generations"
+        super().__init__(name, timeout_seconds=timeout_seconds, max_connections=max_connections)
+        self._base_url = base_url.rstrip("/")
         self._api_key = api_key or None
-        self._timeout_seconds = timeout_seconds
-        self._max_connections = max_connections
-        self._session: aiohttp.ClientSession | None = None
 
-    def __repr__(self) -> str:
-        # The default repr would be harmless today, but a future dataclass-style repr must not
-        # print the key into a log line.
-        return f"OpenAICompatibleProvider(name={self.name!r}, endpoint={self._endpoint!r})"
-
-    async def aclose(self) -> None:
-        session, self._session = self._session, None
-        if session is not None and not session.closed:
-            await session.close()
+    def check(self, request: ProviderRequest) -> None:
+        """Refuses sizes an OpenAI model can never make; other upstreams take the catalog's
+        sizes as they are."""
+        family = self._family(request)
+        if family is None:
+            return
+        supported = _SIZES[family]
+        if request.size not in supported:
+            raise InvalidParameter(
+                f"The size {request.size} is not supported by {family}; "
+                f"supported sizes are {', '.join(supported)}.",
+                param="size",
+            )
 
     async def generate(self, request: ProviderRequest) -> ProviderResult:
-        session = self._get_session()
+        family = self._family(request)
+        per_call = _IMAGES_PER_CALL.get(family or "", request.n)
+        batches = _batches(request.n, per_call)
+
+        async def call(session: aiohttp.ClientSession) -> ProviderResult:
+            if len(batches) == 1:
+                return await self._generate_once(session, request, family)
+            return await self._fan_out(session, request, family, batches)
+
+        return await self.within_deadline(call)
+
+    # -- what differs between OpenAI and Azure ------------------------------------------------
+
+    def _family(self, request: ProviderRequest) -> str | None:
+        return model_family(request.upstream_model)
+
+    def _url(self, request: ProviderRequest) -> str:
+        return self._base_url + "/images/generations"
+
+    def _auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+
+    def _names_model(self) -> bool:
+        """Whether the body names the model (Azure's URL names the deployment instead)."""
+        return True
+
+    def _is_upstream_fault(self, code: str, message: str) -> bool:
+        """A 400 caused by our own configuration rather than by the caller's request."""
+        return False
+
+    # -- one call ----------------------------------------------------------------------------
+
+    async def _generate_once(
+        self, session: aiohttp.ClientSession, request: ProviderRequest, family: str | None
+    ) -> ProviderResult:
+        async with session.post(
+            self._url(request),
+            data=orjson.dumps(self._payload(request, family)),
+            headers=self._headers(request),
+        ) as resp:
+            if not 200 <= resp.status < 300:
+                body = await read_capped(resp, MAX_ERROR_BODY_BYTES, truncate=True)
+                self._raise_for_status(resp.status, resp.headers, body)
+            answer = await self.read_json(resp)
+        return await self._read_result(session, answer, request.n)
+
+    async def _fan_out(
+        self,
+        session: aiohttp.ClientSession,
+        request: ProviderRequest,
+        family: str | None,
+        batches: Sequence[int],
+    ) -> ProviderResult:
+        async def one(n: int) -> ProviderResult | None:
+            try:
+                return await self._generate_once(session, dataclasses.replace(request, n=n), family)
+            except ContentPolicy:
+                # One refused call withholds its images; the others may still deliver.
+                return None
+
+        tasks = [asyncio.ensure_future(one(n)) for n in batches]
         try:
-            # One deadline for the whole call, downloads of url-style answers included, so the
-            # caller's budget is not multiplied by the number of images.
-            async with asyncio.timeout(self._timeout_seconds):
-                answer = await self._post_generation(session, request)
-                return await self._read_result(session, answer, request)
-        except TimeoutError as exc:
-            # aiohttp's own timeouts subclass TimeoutError too, so they land here.
-            raise UpstreamError(
-                f"upstream {self.name!r} did not answer within {self._timeout_seconds:g} s"
-            ) from exc
-        except aiohttp.ClientError as exc:
-            # Only the exception's class: its text may name internal hosts the caller should
-            # not see. The chained cause keeps the details for our logs.
-            raise UpstreamError(
-                f"upstream {self.name!r} could not be reached or dropped the connection "
-                f"({type(exc).__name__})"
-            ) from exc
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in tasks:
+                error = task.exception() if task.done() else None
+                if error is not None:
+                    # Any other failure fails the whole request, at once: the caller retries or
+                    # fails over rather than waiting for calls whose result it would discard.
+                    raise error
+            results = [task.result() for task in tasks]
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _get_session(self) -> aiohttp.ClientSession:
-        # Created lazily so it binds to the loop that actually serves requests.
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._max_connections),
-                timeout=aiohttp.ClientTimeout(total=self._timeout_seconds),
-            )
-        return self._session
+        images: list[ProviderImage] = []
+        filtered = input_tokens = output_tokens = 0
+        for n, result in zip(batches, results, strict=True):
+            if result is None:
+                filtered += n
+                continue
+            images += result.images
+            filtered += result.filtered
+            input_tokens += result.usage.input_tokens
+            output_tokens += result.usage.output_tokens
+        if not images:
+            raise ContentPolicy(_CONTENT_POLICY_MESSAGE)
+        return ProviderResult(
+            images=images,
+            usage=TokenUsage(input_tokens=input_tokens, output_tokens=output_tokens),
+            filtered=filtered,
+        )
 
-    def _payload(self, request: ProviderRequest) -> dict[str, Any]:
-        payload: dict[str, Any] = {
-            "model": request.upstream_model,
-            "prompt": request.prompt,
-            "n": request.n,
-            "size": request.size,
-            "response_format": "b64_json",
-        }
-        # Optional fields are left out rather than sent empty: several compatible servers reject
-        # values they do not know (dall-e-2 has no quality or style at all).
-        if request.quality:
-            payload["quality"] = request.quality
-        if request.style is not None:
-            payload["style"] = request.style
+    def _payload(self, request: ProviderRequest, family: str | None) -> dict[str, Any]:
+        payload: dict[str, Any] = {}
+        if self._names_model():
+            payload["model"] = request.upstream_model
+        payload.update(prompt=request.prompt, n=request.n, size=request.size)
+        if family == GPT_IMAGE:
+            # gpt-image always answers base64 and rejects `response_format` outright.
+            if request.quality:
+                payload["quality"] = _GPT_IMAGE_QUALITY.get(request.quality, request.quality)
+            if request.output_format in self._output_formats:
+                payload["output_format"] = request.output_format
+        else:
+            payload["response_format"] = "b64_json"
+            # Optional fields are left out rather than sent empty: several compatible servers
+            # reject values they do not know, and dall-e-2 rejects quality and style at all.
+            if family != DALL_E_2:
+                if request.quality:
+                    payload["quality"] = request.quality
+                if request.style is not None:
+                    payload["style"] = request.style
         if request.user:
             payload["user"] = request.user
         return payload
 
     def _headers(self, request: ProviderRequest) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self._api_key is not None:
-            headers["Authorization"] = f"Bearer {self._api_key}"
+        headers.update(self._auth_headers())
         if request.request_id:
             headers["X-Request-ID"] = request.request_id
         return headers
 
-    async def _post_generation(
-        self, session: aiohttp.ClientSession, request: ProviderRequest
-    ) -> dict[str, Any]:
-        async with session.post(
-            self._endpoint,
-            data=orjson.dumps(self._payload(request)),
-            headers=self._headers(request),
-        ) as resp:
-            if not 200 <= resp.status < 300:
-                body = await _read_capped(resp, _MAX_ERROR_BODY_BYTES, truncate=True)
-                self._raise_for_status(resp.status, body)
-            if resp.content_type != "application/json":
-                raise UpstreamError(
-                    f"unreadable answer from upstream {self.name!r}: "
-                    f"content type {resp.content_type!r}, expected application/json"
-                )
-            raw = await _read_capped(resp, _MAX_ANSWER_BYTES)
-            if raw is None:
-                raise UpstreamError(f"unreadable answer from upstream {self.name!r}: too large")
-        try:
-            answer = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise UpstreamError(
-                f"unreadable answer from upstream {self.name!r}: not JSON"
-            ) from None
-        if not isinstance(answer, dict):
-            raise UpstreamError(f"unreadable answer from upstream {self.name!r}: not an object")
-        return answer
-
-    def _raise_for_status(self, status: int, body: bytes | None) -> NoReturn:
+    def _raise_for_status(
+        self, status: int, headers: Mapping[str, str], body: bytes | None
+    ) -> NoReturn:
         error = _error_object(body)
-        code = _short_identifier(error.get("code"))
-        kind = _short_identifier(error.get("type"))
+        code = short_identifier(error.get("code"))
+        kind = short_identifier(error.get("type"))
         raw_message = error.get("message")
         message = raw_message if isinstance(raw_message, str) else ""
 
-        if status in (400, 403, 422) and _is_content_policy(code, kind, message):
+        if status in (400, 403, 422) and _is_content_policy(error):
             raise ContentPolicy(_CONTENT_POLICY_MESSAGE)
-        if status in (400, 422):
+        if status in (400, 422) and not self._is_upstream_fault(code, message):
             param = error.get("param")
             text = self._scrub(message.strip())[:_MAX_UPSTREAM_MESSAGE]
             raise InvalidParameter(
@@ -171,8 +277,7 @@ class OpenAICompatibleProvider:
             )
         # The upstream's message is deliberately dropped here: for 401 OpenAI echoes a masked
         # form of our key, and the caller cannot act on an upstream's internal trouble anyway.
-        detail = f" ({self._scrub(code or kind)})" if code or kind else ""
-        raise UpstreamError(f"upstream {self.name!r} answered HTTP {status}{detail}")
+        raise self.status_error(status, headers, self._scrub(code or kind))
 
     def _scrub(self, text: str) -> str:
         if self._api_key:
@@ -180,110 +285,143 @@ class OpenAICompatibleProvider:
         return text
 
     async def _read_result(
-        self, session: aiohttp.ClientSession, answer: dict[str, Any], request: ProviderRequest
+        self, session: aiohttp.ClientSession, answer: dict[str, Any], n: int
     ) -> ProviderResult:
         items = answer.get("data")
         if not isinstance(items, list) or not items:
-            raise UpstreamError(f"unreadable answer from upstream {self.name!r}: no images")
+            # Azure has answered a refusal as a body with `error` and no `data`.
+            error = answer.get("error")
+            if isinstance(error, dict) and _is_content_policy(error):
+                raise ContentPolicy(_CONTENT_POLICY_MESSAGE)
+            raise self.unreadable("no images")
         images: list[ProviderImage] = []
+        filtered = 0
         # Never hand back more than was asked for: callers bill and lay out per requested image.
-        for index, item in enumerate(items[: request.n]):
+        for index, item in enumerate(items[:n]):
             if not isinstance(item, dict):
-                raise UpstreamError(
-                    f"unreadable answer from upstream {self.name!r}: item {index} is not an object"
-                )
+                raise self.unreadable(f"item {index} is not an object")
+            if _item_filtered(item) or (self._imageless_item_is_filtered and not _has_image(item)):
+                filtered += 1
+                continue
             data = await self._item_bytes(session, item, index)
             revised = item.get("revised_prompt")
-            images.append(self._inspect(data, index, revised if isinstance(revised, str) else ""))
-        return ProviderResult(images=images, usage=_usage(answer.get("usage")))
+            images.append(self.inspect(data, index, revised if isinstance(revised, str) else ""))
+        if not images:
+            raise ContentPolicy(_CONTENT_POLICY_MESSAGE)
+        return ProviderResult(images=images, usage=_usage(answer.get("usage")), filtered=filtered)
 
     async def _item_bytes(
         self, session: aiohttp.ClientSession, item: dict[str, Any], index: int
     ) -> bytes:
-        encoded = item.get("b64_json")
-        if isinstance(encoded, str) and encoded:
-            try:
-                # Strip whitespace first: some encoders wrap lines, which strict mode rejects.
-                return base64.b64decode("".join(encoded.split()), validate=True)
-            except (binascii.Error, ValueError):
-                raise UpstreamError(
-                    f"unreadable answer from upstream {self.name!r}: "
-                    f"item {index} is not valid base64"
-                ) from None
         url = item.get("url")
-        if isinstance(url, str) and url:
-            return await self._download(session, url, index)
-        raise UpstreamError(
-            f"unreadable answer from upstream {self.name!r}: item {index} has no image"
+        if not item.get("b64_json") and isinstance(url, str) and url:
+            return await self.download(session, url, index)
+        return self.decode_base64(item.get("b64_json"), index)
+
+
+AZURE_API_VERSION = "2024-10-21"
+# gpt-image deployments are served only by preview API versions so far.
+AZURE_GPT_IMAGE_API_VERSION = "2025-04-01-preview"
+
+
+class AzureOpenAIProvider(OpenAICompatibleProvider):
+    """Azure OpenAI: ``POST {resource}/openai/deployments/{deployment}/images/generations
+    ?api-version=...`` with an ``api-key`` header.
+
+    The deployment is ``deployment`` when configured, else the request's upstream model id, so
+    one provider can serve several deployments named after their models. The model rules
+    follow ``deployment_model`` (the model the deployment runs) when configured, else the
+    upstream model id, else the deployment name. Without ``api_version`` a gpt-image deployment
+    gets the preview version that serves it, any other the GA version."""
+
+    _output_formats = frozenset({"jpeg"})
+    _imageless_item_is_filtered = True
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        base_url: str,
+        api_key: str | None,
+        deployment: str = "",
+        deployment_model: str = "",
+        api_version: str = "",
+        timeout_seconds: float = 120.0,
+        max_connections: int = 64,
+    ) -> None:
+        endpoint = base_url.strip().rstrip("/")
+        # The portal shows the resource endpoint; a copied ".../openai" would double the path.
+        endpoint = endpoint.removesuffix("/openai")
+        if not endpoint:
+            raise ValueError(
+                f"providers.{name}: base_url is required for type 'azure-openai' "
+                "(the resource endpoint, e.g. https://myresource.openai.azure.com)"
+            )
+        super().__init__(
+            name,
+            base_url=endpoint,
+            api_key=api_key,
+            timeout_seconds=timeout_seconds,
+            max_connections=max_connections,
+        )
+        self._deployment = deployment.strip()
+        self._deployment_model = deployment_model.strip()
+        self._api_version = api_version.strip()
+
+    def _deployment_for(self, request: ProviderRequest) -> str:
+        return self._deployment or request.upstream_model
+
+    def _family(self, request: ProviderRequest) -> str | None:
+        if self._deployment_model:
+            return model_family(self._deployment_model)
+        return model_family(request.upstream_model) or model_family(self._deployment_for(request))
+
+    def _url(self, request: ProviderRequest) -> str:
+        version = self._api_version or (
+            AZURE_GPT_IMAGE_API_VERSION if self._family(request) == GPT_IMAGE else AZURE_API_VERSION
+        )
+        deployment = quote(self._deployment_for(request), safe="")
+        return f"{self._base_url}/openai/deployments/{deployment}/images/generations?" + urlencode(
+            {"api-version": version}
         )
 
-    async def _download(self, session: aiohttp.ClientSession, url: str, index: int) -> bytes:
-        if not url.startswith(("http://", "https://")):
-            raise UpstreamError(
-                f"unreadable answer from upstream {self.name!r}: item {index} has no usable url"
-            )
-        # No Authorization header: these links are pre-signed and may point at another host,
-        # which must never receive our key.
-        async with session.get(url) as resp:
-            if resp.status != 200:
-                raise UpstreamError(
-                    f"upstream {self.name!r}: downloading image {index} answered HTTP {resp.status}"
-                )
-            data = await _read_capped(resp, _MAX_DOWNLOAD_BYTES)
-        if data is None:
-            raise UpstreamError(f"upstream {self.name!r}: image {index} is too large")
-        return data
+    def _auth_headers(self) -> dict[str, str]:
+        return {"api-key": self._api_key} if self._api_key else {}
 
-    def _inspect(self, data: bytes, index: int, revised_prompt: str) -> ProviderImage:
-        mime_type = _sniff_mime(data)
-        if mime_type is None:
-            raise UpstreamError(
-                f"unreadable answer from upstream {self.name!r}: "
-                f"item {index} is not a PNG, JPEG or WEBP image"
-            )
-        try:
-            # Image.open only parses the header, which is all .size needs.
-            with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size
-        except Exception as exc:  # Pillow raises many types for bad input.
-            raise UpstreamError(
-                f"unreadable answer from upstream {self.name!r}: item {index} is not an image"
-            ) from exc
-        return ProviderImage(
-            data=data,
-            mime_type=mime_type,
-            width=width,
-            height=height,
-            revised_prompt=revised_prompt,
-        )
+    def _names_model(self) -> bool:
+        # The deployment decides the model, and a deployment name is not a model id.
+        return False
+
+    def _is_upstream_fault(self, code: str, message: str) -> bool:
+        # A wrong api_version is our configuration, not the caller's request.
+        return code == "BadRequest" and "api version" in message.lower()
+
+    def status_error(
+        self, status: int, headers: Mapping[str, str], code: str = ""
+    ) -> UpstreamError:
+        error = super().status_error(status, headers, code)
+        # Azure's millisecond hint is finer than Retry-After's whole seconds.
+        raw = headers.get("retry-after-ms")
+        if raw:
+            try:
+                seconds = float(raw) / 1000
+            except ValueError:
+                return error
+            if seconds == seconds:  # not NaN
+                error.retry_after_seconds = min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
+        return error
 
 
-async def _read_capped(
-    resp: aiohttp.ClientResponse, limit: int, *, truncate: bool = False
-) -> bytes | None:
-    """Read at most ``limit`` bytes; past it return the prefix (``truncate``) or ``None``."""
-    if resp.content_length is not None and resp.content_length > limit and not truncate:
-        return None
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in resp.content.iter_chunked(64 * 1024):
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > limit:
-            return b"".join(chunks)[:limit] if truncate else None
-    return b"".join(chunks)
+def _batches(n: int, per_call: int) -> list[int]:
+    """``n`` split into calls of at most ``per_call`` images."""
+    per_call = max(per_call, 1)
+    full, rest = divmod(n, per_call)
+    return [per_call] * full + ([rest] if rest else [])
 
 
 def _error_object(body: bytes | None) -> dict[str, Any]:
     """The ``error`` object of an OpenAI-style error body, or ``{}``."""
-    if not body:
-        return {}
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return {}
-    if not isinstance(parsed, dict):
-        return {}
+    parsed = json_object(body)
     error = parsed.get("error")
     if isinstance(error, dict):
         return error
@@ -294,29 +432,35 @@ def _error_object(body: bytes | None) -> dict[str, Any]:
     return {}
 
 
-def _short_identifier(value: Any) -> str:
-    """``value`` if it looks like a machine code (safe to show), else ``""``."""
-    if isinstance(value, str) and 0 < len(value) <= 64 and value.replace("_", "").isalnum():
-        return value
-    return ""
-
-
-def _is_content_policy(code: str, kind: str, message: str) -> bool:
+def _is_content_policy(error: Mapping[str, Any]) -> bool:
+    """Whether an OpenAI- or Azure-style ``error`` object is a content-policy refusal."""
+    inner = error.get("inner_error") or error.get("innererror")
+    inner_code = short_identifier(inner.get("code")) if isinstance(inner, dict) else ""
+    message = error.get("message")
     return (
-        code in _CONTENT_POLICY_CODES
-        or kind in _CONTENT_POLICY_TYPES
-        or "safety system" in message.lower()
+        short_identifier(error.get("code")) in _CONTENT_POLICY_CODES
+        or short_identifier(error.get("type")) in _CONTENT_POLICY_TYPES
+        or inner_code in _CONTENT_POLICY_INNER_CODES
+        or (isinstance(message, str) and "safety system" in message.lower())
     )
 
 
-def _sniff_mime(data: bytes) -> str | None:
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return None
+def _item_filtered(item: Mapping[str, Any]) -> bool:
+    """Whether Azure's content filter withheld this item (any category ``filtered: true``)."""
+    results = item.get("content_filter_results")
+    if isinstance(results, dict) and any(
+        isinstance(verdict, dict) and verdict.get("filtered") is True
+        for verdict in results.values()
+    ):
+        return True
+    error = item.get("error")
+    return isinstance(error, dict) and short_identifier(error.get("code")) in (
+        _CONTENT_POLICY_CODES
+    )
+
+
+def _has_image(item: Mapping[str, Any]) -> bool:
+    return bool(item.get("b64_json")) or bool(item.get("url"))
 
 
 def _usage(raw: Any) -> TokenUsage:
@@ -334,4 +478,38 @@ def _usage(raw: Any) -> TokenUsage:
     return TokenUsage(
         input_tokens=count("input_tokens", "prompt_tokens"),
         output_tokens=count("output_tokens", "completion_tokens"),
+    )
+
+
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+
+
+def from_config(config: ProviderConfig, credential: str | None) -> OpenAICompatibleProvider:
+    return OpenAICompatibleProvider(
+        config.name,
+        base_url=config.base_url or OPENAI_BASE_URL,
+        api_key=credential,
+        timeout_seconds=config.timeout_seconds,
+        max_connections=config.max_connections,
+    )
+
+
+def azure_from_config(config: ProviderConfig, credential: str | None) -> AzureOpenAIProvider:
+    """Options: ``deployment``, ``deployment_model``, ``api_version`` (see the class)."""
+
+    def option(key: str) -> str:
+        value = config.options.get(key, "")
+        if not isinstance(value, str):
+            raise ValueError(f"providers.{config.name}.{key} must be a string")
+        return value
+
+    return AzureOpenAIProvider(
+        config.name,
+        base_url=config.base_url,
+        api_key=credential,
+        deployment=option("deployment"),
+        deployment_model=option("deployment_model"),
+        api_version=option("api_version"),
+        timeout_seconds=config.timeout_seconds,
+        max_connections=config.max_connections,
     )

@@ -1,4 +1,4 @@
-"""A loopback fake of an OpenAI-compatible Images API, served by a real aiohttp server.
+"""A loopback fake of OpenAI's Images API, and of Azure OpenAI's, served by a real aiohttp server.
 
 Typical use::
 
@@ -10,46 +10,62 @@ Typical use::
         ...  # first call gets a 429, the second a normal answer, later ones the default
         assert fake.requests[0].body["model"] == "dall-e-3"
 
-Routes:
+OpenAI mode (the default) routes:
 
 * ``POST /v1/images/generations`` checks ``Authorization: Bearer <api_key>`` (skipped when
   ``api_key`` is None), records the request in ``fake.requests`` and answers with the next
   scripted behaviour, or with ``default`` (a normal answer) once the script is used up.
-* ``GET /files/<id>.png`` serves images handed out by ``url``-style answers.
+* ``GET /files/<id>`` serves images handed out by ``url``-style answers.
+
+Azure mode (``azure_deployments={"deployment name": "model id", ...}``; ``base_url`` is then the
+resource endpoint) routes ``POST /openai/deployments/<deployment>/images/generations`` and
+answers as Azure does when the ``api-version`` query is missing (404), the ``api-key`` header
+is missing or wrong (401; a Bearer header does not count), the version is not one of
+``azure_api_versions`` (400) or the deployment does not exist (404). Its answers for dall-e
+deployments carry Azure's ``content_filter_results`` per item.
+
+Both modes enforce the real model rules, by the body's ``model`` (OpenAI) or the deployment's
+model (Azure), so an adapter that breaks one gets the real 400: gpt-image-* rejects
+``response_format`` and ``style``, takes quality low|medium|high|auto and sizes 1024x1024,
+1536x1024, 1024x1536 and auto, and answers base64 in its ``output_format`` with token
+``usage``; dall-e-3 takes only n=1, its three sizes, quality standard|hd and style
+vivid|natural, and answers ``url`` items unless asked for ``b64_json``; dall-e-2 rejects
+``quality`` and ``style`` and takes its three square sizes. Other model ids take any WxH.
 
 Behaviours are ``Behaviour`` values, built with the factory functions below (``ok``, ``slow``,
-``url``, ``truncated``, ``garbage``, ``wrong_content_type``, ``http_error``, ``server_error``,
-``service_unavailable``, ``rate_limited``, ``content_policy_violation``,
-``moderation_blocked``, ``invalid_value``, ``raw``). ``script`` also takes these names as plain
-strings, with default arguments (``"slow"`` waits 2 s). A request refused for its API key
-answers 401 without using up a scripted behaviour.
+``url``, ``filtered``, ``truncated``, ``garbage``, ``wrong_content_type``, ``http_error``,
+``server_error``, ``service_unavailable``, ``rate_limited``, ``content_policy_violation``,
+``moderation_blocked``, ``invalid_value``, ``refusal_in_200``, ``azure_content_policy_violation``,
+``azure_rate_limited``, ``raw``). ``script`` also takes these names as plain strings, with
+default arguments (``"slow"`` waits 2 s). A request refused for its address, version or key
+answers without using up a scripted behaviour.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import functools
-import io
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, Literal
 
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
-from PIL import Image
+
+from tests.fakes.loopback import LoopbackServer, RecordedRequest, image_bytes
 
 __all__ = [
+    "AZURE_API_VERSIONS",
     "Behaviour",
     "FakeOpenAIUpstream",
     "RecordedRequest",
+    "azure_content_policy_violation",
+    "azure_rate_limited",
     "content_policy_violation",
+    "filtered",
     "garbage",
     "http_error",
     "invalid_value",
@@ -57,6 +73,7 @@ __all__ = [
     "ok",
     "rate_limited",
     "raw",
+    "refusal_in_200",
     "server_error",
     "service_unavailable",
     "slow",
@@ -70,6 +87,15 @@ BehaviourKind = Literal["ok", "url", "truncated", "error", "raw"]
 # Large enough for every size the real APIs accept, small enough that a typo in a test cannot
 # make the fake allocate gigabytes.
 _MAX_SIDE = 4096
+AZURE_API_VERSIONS = frozenset({"2024-02-01", "2024-10-21", "2025-04-01-preview"})
+
+_DALL_E_2_SIZES = ("256x256", "512x512", "1024x1024")
+_DALL_E_3_SIZES = ("1024x1024", "1792x1024", "1024x1792")
+_GPT_IMAGE_SIZES = ("1024x1024", "1536x1024", "1024x1536")
+_GPT_IMAGE_QUALITIES = ("low", "medium", "high", "auto")
+# Output tokens per 1024x1024 image by quality (the larger sizes cost 1.5 times as many).
+_GPT_IMAGE_TOKENS = {"low": 272, "medium": 1056, "high": 4160}
+_FILTER_CATEGORIES = ("hate", "self_harm", "sexual", "violence")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,12 +103,16 @@ class Behaviour:
     """How the fake answers one generation request.
 
     kind:
-        ``ok``: 200 with base64 PNGs of the requested size. ``url``: 200 whose items carry a
-        ``url`` into this server instead. ``truncated``: the ``ok`` JSON cut in half.
-        ``error``: ``status`` with ``{"error": error}``. ``raw``: ``status``, ``body`` and
-        ``content_type`` exactly as given.
+        ``ok``: 200 with base64 images (``url`` items for dall-e unless ``b64_json`` was
+        asked). ``url``: 200 whose items carry a ``url`` into this server instead.
+        ``truncated``: the ``ok`` JSON cut in half. ``error``: ``status`` with
+        ``{"error": error}``. ``raw``: ``status``, ``body`` and ``content_type`` exactly as
+        given.
     delay: seconds to wait before answering (any kind); ``stop()`` cuts the wait short.
-    usage: an ``ok``/``url`` answer's ``usage`` object (gpt-image style), left out when None.
+    usage: an ``ok``/``url`` answer's ``usage`` object; gpt-image answers carry a computed one
+        when this is None, other models none.
+    filtered: how many of an ``ok`` answer's items Azure's content filter withholds: such an
+        item has no image and ``content_filter_results`` with ``filtered: true``.
     """
 
     kind: BehaviourKind = "ok"
@@ -93,16 +123,7 @@ class Behaviour:
     body: bytes = b""
     content_type: str = "application/json"
     usage: Mapping[str, Any] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class RecordedRequest:
-    """One generation request as the fake received it."""
-
-    # The parsed JSON body; None when the body was not JSON.
-    body: Any
-    # Case-insensitive: ``headers["authorization"]`` and ``headers["Authorization"]`` both work.
-    headers: CIMultiDict[str]
+    filtered: int = 0
 
 
 def ok(*, usage: Mapping[str, Any] | None = None, delay: float = 0.0) -> Behaviour:
@@ -117,6 +138,11 @@ def slow(seconds: float) -> Behaviour:
 def url(*, usage: Mapping[str, Any] | None = None) -> Behaviour:
     """Answer items with ``url`` (as dall-e does by default) instead of ``b64_json``."""
     return Behaviour(kind="url", usage=usage)
+
+
+def filtered(count: int) -> Behaviour:
+    """A 200 whose first ``count`` items Azure's content filter withheld."""
+    return Behaviour(kind="ok", filtered=count)
 
 
 def truncated() -> Behaviour:
@@ -219,6 +245,62 @@ def invalid_value(
     return http_error(400, message=message, code="invalid_value", param=param)
 
 
+def refusal_in_200() -> Behaviour:
+    """Azure's documented refusal shape: a body with ``error`` and no ``data``."""
+    body = {
+        "created": int(time.time()),
+        "error": {
+            "code": "contentFilter",
+            "message": "Generated image was filtered as a result of our safety system.",
+        },
+    }
+    return raw(200, orjson.dumps(body))
+
+
+def azure_content_policy_violation() -> Behaviour:
+    """Azure's 400 refusal, with the content filter's verdict in ``inner_error``."""
+    verdicts: dict[str, Any] = {
+        name: {"filtered": name == "violence", "severity": "high" if name == "violence" else "safe"}
+        for name in _FILTER_CATEGORIES
+    }
+    verdicts["jailbreak"] = {"detected": False, "filtered": False}
+    return Behaviour(
+        kind="error",
+        status=400,
+        error={
+            "code": "content_policy_violation",
+            "inner_error": {
+                "code": "ResponsibleAIPolicyViolation",
+                "content_filter_results": verdicts,
+                "revised_prompt": "a revised prompt",
+            },
+            "message": (
+                "Your request was rejected as a result of our safety system. Your prompt may "
+                "contain text that is not allowed by our safety system."
+            ),
+            "type": "invalid_request_error",
+        },
+    )
+
+
+def azure_rate_limited(retry_after_ms: int = 1500) -> Behaviour:
+    """Azure's 429: whole seconds in Retry-After, the finer hint in retry-after-ms."""
+    seconds = max(1, -(-retry_after_ms // 1000))
+    return Behaviour(
+        kind="error",
+        status=429,
+        error={
+            "code": "429",
+            "message": (
+                "Requests to the Images_Generations Operation under Azure OpenAI API version "
+                "2024-10-21 have exceeded call rate limit of your current OpenAI S0 pricing "
+                f"tier. Please retry after {seconds} second."
+            ),
+        },
+        headers={"Retry-After": str(seconds), "retry-after-ms": str(retry_after_ms)},
+    )
+
+
 _NAMED: dict[str, Callable[[], Behaviour]] = {
     "ok": ok,
     "slow": lambda: slow(2.0),
@@ -232,14 +314,21 @@ _NAMED: dict[str, Callable[[], Behaviour]] = {
     "content_policy_violation": content_policy_violation,
     "moderation_blocked": moderation_blocked,
     "invalid_value": invalid_value,
+    "refusal_in_200": refusal_in_200,
+    "azure_content_policy_violation": azure_content_policy_violation,
+    "azure_rate_limited": azure_rate_limited,
+}
+
+_FORMATS = {
+    "png": ("PNG", "image/png"),
+    "jpeg": ("JPEG", "image/jpeg"),
+    "webp": ("WEBP", "image/webp"),
 }
 
 
 @functools.lru_cache(maxsize=32)
-def _png(width: int, height: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), (40, 120, 200)).save(buffer, format="PNG")
-    return buffer.getvalue()
+def _image(width: int, height: int, output_format: str = "png") -> bytes:
+    return image_bytes(width, height, _FORMATS[output_format][0])
 
 
 def _error_response(
@@ -252,36 +341,68 @@ def _error_response(
     headers: Mapping[str, str] | None = None,
 ) -> web.Response:
     body = {"error": {"message": message, "type": type, "param": param, "code": code}}
-    return web.Response(
-        status=status,
-        body=orjson.dumps(body),
-        content_type="application/json",
-        headers=dict(headers or {}),
+    return web.json_response(body, status=status, headers=dict(headers or {}), dumps=_dumps)
+
+
+def _azure_error(status: int, code: str, message: str) -> web.Response:
+    """Azure's gateway errors carry only a code and a message."""
+    body = {"error": {"code": code, "message": message}}
+    return web.json_response(body, status=status, dumps=_dumps)
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _unknown_parameter(name: str) -> web.Response:
+    return _error_response(
+        400, f"Unknown parameter: '{name}'.", code="unknown_parameter", param=name
     )
 
 
-class FakeOpenAIUpstream:
-    """An OpenAI-compatible Images API on 127.0.0.1; see the module docstring."""
+def _not_supported(value: Any, param: str, supported: Collection[str]) -> web.Response:
+    quoted = [f"'{item}'" for item in supported]
+    listed = ", ".join(quoted[:-1]) + f", and {quoted[-1]}"
+    return _error_response(
+        400,
+        f"Invalid value: {value!r}. Supported values are: {listed}.",
+        code="invalid_value",
+        param=param,
+    )
+
+
+def _family(model: Any) -> str | None:
+    if not isinstance(model, str):
+        return None
+    for family in ("dall-e-2", "dall-e-3", "gpt-image"):
+        if model.startswith(family):
+            return family
+    return None
+
+
+class FakeOpenAIUpstream(LoopbackServer[Behaviour]):
+    """OpenAI's (or Azure OpenAI's) Images API on 127.0.0.1; see the module docstring."""
 
     def __init__(
-        self, api_key: str | None = "sk-upstream-test", *, default: Behaviour | None = None
+        self,
+        api_key: str | None = "sk-upstream-test",
+        *,
+        default: Behaviour | None = None,
+        azure_deployments: Mapping[str, str] | None = None,
+        azure_api_versions: Collection[str] = AZURE_API_VERSIONS,
     ) -> None:
+        super().__init__(default or ok())
         self.api_key = api_key
-        self.default = default or ok()
-        self.requests: list[RecordedRequest] = []
+        self.azure_deployments = dict(azure_deployments) if azure_deployments is not None else None
+        self.azure_api_versions = frozenset(azure_api_versions)
         # Downloads of images handed out by url-style answers.
         self.file_requests: list[RecordedRequest] = []
         self.base_url = ""
-        self._origin = ""
-        self._queue: deque[Behaviour] = deque()
-        self._files: dict[str, bytes] = {}
-        self._runner: web.AppRunner | None = None
-        self._stopping = asyncio.Event()
+        self._files: dict[str, tuple[bytes, str]] = {}
 
     @property
-    def hits(self) -> int:
-        """Generation requests received, refused ones included."""
-        return len(self.requests)
+    def azure(self) -> bool:
+        return self.azure_deployments is not None
 
     @property
     def file_hits(self) -> int:
@@ -298,64 +419,40 @@ class FakeOpenAIUpstream:
                     raise ValueError(
                         f"unknown behaviour {behaviour!r}; known: {sorted(_NAMED)}"
                     ) from None
-            self._queue.append(behaviour)
+            super().script(behaviour)
 
     def reset(self) -> None:
         """Forget recorded requests and any behaviours still queued."""
-        self.requests.clear()
-        self._queue.clear()
+        super().reset()
         self.file_requests.clear()
 
     async def start(self) -> str:
-        """Listen on a free loopback port; return the base URL, ending in ``/v1``."""
-        if self._runner is not None:
-            raise RuntimeError("FakeOpenAIUpstream is already started")
-        app = web.Application()
-        app.router.add_post("/v1/images/generations", self._generations)
-        app.router.add_get("/files/{name}", self._file)
-        # A short shutdown wait: handlers still sleeping are released by `_stopping` anyway.
-        runner = web.AppRunner(app, shutdown_timeout=1.0)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, "127.0.0.1", 0).start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        host, port = runner.addresses[0][:2]
-        self._origin = f"http://{host}:{port}"
-        self.base_url = f"{self._origin}/v1"
-        self._stopping.clear()
+        """Listen on a free loopback port; return the base URL: ``.../v1`` for OpenAI, the
+        resource endpoint (the origin) for Azure."""
+        origin = await super().start()
+        self.base_url = origin if self.azure else f"{origin}/v1"
         return self.base_url
 
-    async def stop(self) -> None:
-        runner, self._runner = self._runner, None
-        if runner is None:
-            return
-        self._stopping.set()
-        await runner.cleanup()
+    def routes(self, app: web.Application) -> None:
+        if self.azure:
+            app.router.add_post(
+                "/openai/deployments/{deployment}/images/generations", self._azure_generations
+            )
+        else:
+            app.router.add_post("/v1/images/generations", self._openai_generations)
+        app.router.add_get("/files/{name}", self._file)
+        # Last, so it catches only what nothing above matched.
+        app.router.add_route("*", "/{tail:.*}", self._no_route)
 
-    async def __aenter__(self) -> FakeOpenAIUpstream:
-        await self.start()
-        return self
+    async def _no_route(self, request: web.Request) -> web.Response:
+        await self.record(request)
+        if self.azure:
+            return _azure_error(404, "404", "Resource not found")
+        return _error_response(404, f"Invalid URL ({request.method} {request.path})")
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
-    async def _generations(self, request: web.Request) -> web.StreamResponse:
-        raw_body = await request.read()
-        try:
-            body: Any = orjson.loads(raw_body)
-        except orjson.JSONDecodeError:
-            body = None
-        self.requests.append(RecordedRequest(body=body, headers=CIMultiDict(request.headers)))
-
-        if self.api_key is not None and request.headers.get("Authorization") != (
+    async def _openai_generations(self, request: web.Request) -> web.StreamResponse:
+        seen = await self.record(request)
+        if self.api_key is not None and seen.headers.get("Authorization") != (
             f"Bearer {self.api_key}"
         ):
             # OpenAI's real answer names the key in masked form; never the whole key.
@@ -365,26 +462,56 @@ class FakeOpenAIUpstream:
                 "https://platform.openai.com/account/api-keys.",
                 code="invalid_api_key",
             )
+        return await self._answer(seen.body, model=None)
+
+    async def _azure_generations(self, request: web.Request) -> web.StreamResponse:
+        seen = await self.record(request)
+        version = seen.query.get("api-version")
+        if not version:
+            return _azure_error(404, "404", "Resource not found")
+        if self.api_key is not None and seen.headers.get("api-key") != self.api_key:
+            return _azure_error(
+                401,
+                "401",
+                "Access denied due to invalid subscription key or wrong API endpoint. Make sure "
+                "to provide a valid key for an active subscription and use a correct regional "
+                "API endpoint for your resource.",
+            )
+        if version not in self.azure_api_versions:
+            return _azure_error(400, "BadRequest", "API version not supported")
+        assert self.azure_deployments is not None
+        model = self.azure_deployments.get(request.match_info["deployment"])
+        if model is None:
+            return _azure_error(
+                404,
+                "DeploymentNotFound",
+                "The API deployment for this resource does not exist. If you created the "
+                "deployment within the last 5 minutes, please wait a moment and try again.",
+            )
+        return await self._answer(seen.body, model=model)
+
+    async def _answer(self, body: Any, *, model: str | None) -> web.StreamResponse:
         if not isinstance(body, dict):
             return _error_response(
                 400,
                 "We could not parse the JSON body of your request. (HINT: This likely means "
                 "you aren't using your HTTP library correctly.)",
             )
-
-        behaviour = self._queue.popleft() if self._queue else self.default
-        if behaviour.delay > 0:
-            # Waiting on the stop event lets stop() finish at once instead of after the delay.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), behaviour.delay)
+        model = model or body.get("model")
+        # Validation comes first, as upstream: a body the model cannot take never reaches
+        # generation, so it does not use up a scripted behaviour either.
+        rejection = self._request_error(_family(model), body)
+        if rejection is not None:
+            return rejection
+        behaviour = self.next_behaviour()
+        await self.pause(behaviour.delay)
 
         if behaviour.kind == "error":
-            error = dict(behaviour.error or {})
-            return web.Response(
+            return web.json_response(
+                {"error": dict(behaviour.error or {})},
                 status=behaviour.status,
-                body=orjson.dumps({"error": error}),
-                content_type="application/json",
                 headers=dict(behaviour.headers),
+                dumps=_dumps,
             )
         if behaviour.kind == "raw":
             return web.Response(
@@ -392,9 +519,46 @@ class FakeOpenAIUpstream:
                 body=behaviour.body,
                 headers={"Content-Type": behaviour.content_type, **behaviour.headers},
             )
-        return self._images_answer(body, behaviour)
+        return self._images_answer(body, behaviour, family=_family(model))
 
-    def _images_answer(self, body: dict[str, Any], behaviour: Behaviour) -> web.Response:
+    def _request_error(self, family: str | None, body: dict[str, Any]) -> web.Response | None:
+        """The real 400 for a body this model does not take, else None."""
+        size, quality = body.get("size", "1024x1024"), body.get("quality")
+        if family == "gpt-image":
+            for name in ("response_format", "style"):
+                if name in body:
+                    return _unknown_parameter(name)
+            if quality is not None and quality not in _GPT_IMAGE_QUALITIES:
+                return _not_supported(quality, "quality", _GPT_IMAGE_QUALITIES)
+            if size not in (*_GPT_IMAGE_SIZES, "auto"):
+                return _not_supported(size, "size", (*_GPT_IMAGE_SIZES, "auto"))
+            formats = ("png", "jpeg") if self.azure else ("png", "jpeg", "webp")
+            output_format = body.get("output_format", "png")
+            if output_format not in formats:
+                return _not_supported(output_format, "output_format", formats)
+        elif family == "dall-e-3":
+            if body.get("n", 1) != 1:
+                return _error_response(400, "You must provide n=1 for this model.")
+            if size not in _DALL_E_3_SIZES:
+                return _error_response(
+                    400, "The size is not supported by this model.", code="invalid_size"
+                )
+            if quality is not None and quality not in ("standard", "hd"):
+                return _not_supported(quality, "quality", ("standard", "hd"))
+            style = body.get("style")
+            if style is not None and style not in ("vivid", "natural"):
+                return _not_supported(style, "style", ("vivid", "natural"))
+        elif family == "dall-e-2":
+            for name in ("quality", "style"):
+                if name in body:
+                    return _unknown_parameter(name)
+            if size not in _DALL_E_2_SIZES:
+                return _error_response(
+                    400, "The size is not supported by this model.", code="invalid_size"
+                )
+        response_format = body.get("response_format")
+        if response_format is not None and response_format not in ("url", "b64_json"):
+            return _not_supported(response_format, "response_format", ("url", "b64_json"))
         n = body.get("n", 1)
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 10:
             return _error_response(
@@ -403,30 +567,56 @@ class FakeOpenAIUpstream:
                 code="invalid_value",
                 param="n",
             )
-        size = body.get("size", "1024x1024")
-        parsed = _parse_size(size)
-        if parsed is None:
+        if _parse_size(size) is None:
             return _error_response(
                 400,
                 f"Invalid value: {size!r}. Expected WIDTHxHEIGHT.",
                 code="invalid_value",
                 param="size",
             )
-        png = _png(*parsed)
+        return None
+
+    def _images_answer(
+        self, body: dict[str, Any], behaviour: Behaviour, *, family: str | None
+    ) -> web.Response:
+        n: int = body.get("n", 1)
+        size = body.get("size", "1024x1024")
+        parsed = _parse_size(size)
+        assert parsed is not None, "validated by _request_error"
+        output_format = body.get("output_format", "png") if family == "gpt-image" else "png"
+        data = _image(*parsed, output_format)
         prompt = body.get("prompt")
         revised = f"revised: {prompt}" if isinstance(prompt, str) else ""
+        # dall-e answers links unless asked for base64; gpt-image only ever answers base64.
+        as_url = behaviour.kind == "url" or (
+            family in ("dall-e-2", "dall-e-3") and body.get("response_format", "url") == "url"
+        )
 
-        items: list[dict[str, str]] = []
-        for _ in range(n):
-            if behaviour.kind == "url":
-                name = f"{uuid.uuid4().hex}.png"
-                self._files[name] = png
-                items.append({"url": f"{self._origin}/files/{name}", "revised_prompt": revised})
+        items: list[dict[str, Any]] = []
+        for index in range(n):
+            item: dict[str, Any] = {}
+            if index < behaviour.filtered:
+                item["content_filter_results"] = _verdicts(filtered_category="sexual")
+            elif as_url:
+                name = f"{uuid.uuid4().hex}.{output_format}"
+                self._files[name] = (data, _FORMATS[output_format][1])
+                item["url"] = f"{self.origin}/files/{name}"
             else:
-                items.append(
-                    {"b64_json": base64.b64encode(png).decode("ascii"), "revised_prompt": revised}
-                )
+                item["b64_json"] = base64.b64encode(data).decode("ascii")
+            if family != "gpt-image":
+                item["revised_prompt"] = revised
+                if self.azure and "content_filter_results" not in item:
+                    item["content_filter_results"] = _verdicts()
+            if self.azure and family != "gpt-image":
+                item["prompt_filter_results"] = _verdicts()
+            items.append(item)
         answer: dict[str, Any] = {"created": int(time.time()), "data": items}
+        if family == "gpt-image":
+            quality = body.get("quality", "high" if self.azure else "auto")
+            answer.update(
+                background="opaque", output_format=output_format, quality=quality, size=size
+            )
+            answer["usage"] = _gpt_image_usage(prompt, quality, parsed, n)
         if behaviour.usage is not None:
             answer["usage"] = dict(behaviour.usage)
 
@@ -436,11 +626,43 @@ class FakeOpenAIUpstream:
         return web.Response(body=payload, content_type="application/json")
 
     async def _file(self, request: web.Request) -> web.Response:
-        self.file_requests.append(RecordedRequest(body=None, headers=CIMultiDict(request.headers)))
-        data = self._files.get(request.match_info["name"])
-        if data is None:
+        self.file_requests.append(
+            RecordedRequest(
+                request.method,
+                request.path,
+                CIMultiDict(request.headers),
+                dict(request.query),
+                None,
+            )
+        )
+        stored = self._files.get(request.match_info["name"])
+        if stored is None:
             return _error_response(404, "No such file.", code="not_found")
-        return web.Response(body=data, content_type="image/png")
+        return web.Response(body=stored[0], content_type=stored[1])
+
+
+def _verdicts(filtered_category: str = "") -> dict[str, Any]:
+    return {
+        name: {
+            "filtered": name == filtered_category,
+            "severity": "high" if name == filtered_category else "safe",
+        }
+        for name in _FILTER_CATEGORIES
+    }
+
+
+def _gpt_image_usage(prompt: Any, quality: Any, size: tuple[int, int], n: int) -> dict[str, Any]:
+    text_tokens = len(prompt.split()) if isinstance(prompt, str) else 0
+    per_image = _GPT_IMAGE_TOKENS.get(quality, _GPT_IMAGE_TOKENS["high"])
+    if size != (1024, 1024):
+        per_image = per_image * 3 // 2
+    output_tokens = per_image * n
+    return {
+        "input_tokens": text_tokens,
+        "input_tokens_details": {"image_tokens": 0, "text_tokens": text_tokens},
+        "output_tokens": output_tokens,
+        "total_tokens": text_tokens + output_tokens,
+    }
 
 
 def _parse_size(size: Any) -> tuple[int, int] | None:

@@ -1,0 +1,219 @@
+"""What every adapter that reaches its upstream over HTTP shares: one lazily created
+session, one deadline per call, transport failures as UpstreamError, bounded reads,
+image sniffing, and Retry-After.
+
+Messages never carry credentials or upstream hostnames' error texts: only the
+provider's name, an HTTP status and a short machine code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import email.utils
+import io
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+import aiohttp
+import orjson
+from PIL import Image
+
+from imagegen_service.errors import UpstreamError
+from imagegen_service.providers.base import ProviderImage
+
+T = TypeVar("T")
+
+# Bounds memory if an upstream misbehaves; a batch of large PNGs in base64 stays far below this.
+MAX_ANSWER_BYTES = 512 * 1024 * 1024
+MAX_DOWNLOAD_BYTES = 128 * 1024 * 1024
+MAX_ERROR_BODY_BYTES = 64 * 1024
+# A Retry-After longer than this is not waited for: the caller fails over instead.
+MAX_RETRY_AFTER_SECONDS = 60.0
+
+
+class HttpUpstream:
+    """Base for HTTP adapters: owns the session and turns transport trouble into errors."""
+
+    def __init__(self, name: str, *, timeout_seconds: float, max_connections: int) -> None:
+        self.name = name
+        self.timeout_seconds = timeout_seconds
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    def __repr__(self) -> str:
+        # Subclasses hold credentials: a generated repr must never print them into a log.
+        return f"{type(self).__name__}(name={self.name!r})"
+
+    async def aclose(self) -> None:
+        session, self._session = self._session, None
+        if session is not None and not session.closed:
+            await session.close()
+
+    def session(self) -> aiohttp.ClientSession:
+        # Created lazily so it binds to the loop that actually serves requests.
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._max_connections),
+                timeout=aiohttp.ClientTimeout(total=self.timeout_seconds),
+            )
+        return self._session
+
+    async def within_deadline(self, work: Callable[[aiohttp.ClientSession], Awaitable[T]]) -> T:
+        """Runs ``work`` under one deadline for the whole call (polls and downloads included),
+        so the caller's budget is not multiplied by the number of round trips."""
+        try:
+            async with asyncio.timeout(self.timeout_seconds):
+                return await work(self.session())
+        except TimeoutError as exc:
+            # aiohttp's own timeouts subclass TimeoutError too, so they land here.
+            raise UpstreamError(
+                f"upstream {self.name!r} did not answer within {self.timeout_seconds:g} s"
+            ) from exc
+        except aiohttp.ClientError as exc:
+            # Only the exception's class: its text may name internal hosts the caller should
+            # not see. The chained cause keeps the details for our logs.
+            raise UpstreamError(
+                f"upstream {self.name!r} could not be reached or dropped the connection "
+                f"({type(exc).__name__})"
+            ) from exc
+
+    def unreadable(self, why: str) -> UpstreamError:
+        return UpstreamError(f"unreadable answer from upstream {self.name!r}: {why}")
+
+    def status_error(
+        self, status: int, headers: Mapping[str, str], code: str = ""
+    ) -> UpstreamError:
+        detail = f" ({code})" if code else ""
+        error = UpstreamError(f"upstream {self.name!r} answered HTTP {status}{detail}")
+        error.retry_after_seconds = retry_after_seconds(headers)
+        return error
+
+    async def read_json(self, resp: aiohttp.ClientResponse) -> dict[str, Any]:
+        """A 2xx answer's JSON object, or UpstreamError saying why it cannot be read."""
+        if resp.content_type != "application/json":
+            raise self.unreadable(f"content type {resp.content_type!r}, expected application/json")
+        raw = await read_capped(resp, MAX_ANSWER_BYTES)
+        if raw is None:
+            raise self.unreadable("too large")
+        try:
+            answer = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise self.unreadable("not JSON") from None
+        if not isinstance(answer, dict):
+            raise self.unreadable("not an object")
+        return answer
+
+    async def download(
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        index: int,
+        headers: Mapping[str, str] | None = None,
+    ) -> bytes:
+        """Fetches an image the upstream handed out by URL. Sends no credentials unless the
+        caller passes them: such links are pre-signed and may point at another host."""
+        if not url.startswith(("http://", "https://")):
+            raise self.unreadable(f"item {index} has no usable url")
+        async with session.get(url, headers=headers) as resp:
+            if resp.status != 200:
+                raise UpstreamError(
+                    f"upstream {self.name!r}: downloading image {index} answered HTTP {resp.status}"
+                )
+            data = await read_capped(resp, MAX_DOWNLOAD_BYTES)
+        if data is None:
+            raise UpstreamError(f"upstream {self.name!r}: image {index} is too large")
+        return data
+
+    def decode_base64(self, encoded: Any, index: int) -> bytes:
+        if not isinstance(encoded, str) or not encoded:
+            raise self.unreadable(f"item {index} has no image")
+        try:
+            # Strip whitespace first: some encoders wrap lines, which strict mode rejects.
+            return base64.b64decode("".join(encoded.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise self.unreadable(f"item {index} is not valid base64") from None
+
+    def inspect(self, data: bytes, index: int, revised_prompt: str = "") -> ProviderImage:
+        """Checks the bytes are a PNG, JPEG or WEBP image and reads its real pixel size."""
+        mime_type = sniff_mime(data)
+        if mime_type is None:
+            raise self.unreadable(f"item {index} is not a PNG, JPEG or WEBP image")
+        try:
+            # Image.open only parses the header, which is all .size needs.
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+        except Exception as exc:  # Pillow raises many types for bad input.
+            raise self.unreadable(f"item {index} is not an image") from exc
+        return ProviderImage(
+            data=data,
+            mime_type=mime_type,
+            width=width,
+            height=height,
+            revised_prompt=revised_prompt,
+        )
+
+
+async def read_capped(
+    resp: aiohttp.ClientResponse, limit: int, *, truncate: bool = False
+) -> bytes | None:
+    """Read at most ``limit`` bytes; past it return the prefix (``truncate``) or ``None``."""
+    if resp.content_length is not None and resp.content_length > limit and not truncate:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return b"".join(chunks)[:limit] if truncate else None
+    return b"".join(chunks)
+
+
+def json_object(body: bytes | None) -> dict[str, Any]:
+    """An error body parsed as a JSON object, or ``{}``."""
+    if not body:
+        return {}
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def short_identifier(value: Any) -> str:
+    """``value`` if it looks like a machine code (safe to show), else ``""``."""
+    if isinstance(value, str) and 0 < len(value) <= 64 and value.replace("_", "").isalnum():
+        return value
+    return ""
+
+
+def sniff_mime(data: bytes) -> str | None:
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP date), capped; else None."""
+    raw = headers.get("Retry-After")
+    if not raw:
+        return None
+    raw = raw.strip()
+    try:
+        seconds = float(raw)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(raw)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - time.time()
+    if seconds != seconds:  # NaN
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)

@@ -1,0 +1,201 @@
+"""Which deployment serves a request, and what happens when it fails.
+
+A public model maps to an ordered list of deployments (provider + upstream model). For each
+deployment in order: skip it while its circuit breaker is open; otherwise call it, retrying
+a failure (5xx, 429, timeout, refused connection, unreadable answer) up to the provider's
+``max_retries`` times with exponential backoff that honours ``Retry-After``; then fail over
+to the next deployment. Refusals and request errors are the caller's answer and are never
+retried or failed over. When every deployment has failed, the caller gets UpstreamError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
+
+import structlog
+
+from imagegen_service import errors
+from imagegen_service.catalog import Deployment, ImageModel
+from imagegen_service.providers.base import Provider, ProviderRequest, ProviderResult
+
+log = structlog.get_logger("imagegen.routing")
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingPolicy:
+    # The first retry waits about this long; each later one twice as long.
+    backoff_base_seconds: float = 0.5
+    backoff_max_seconds: float = 8.0
+    # A Retry-After longer than this is not waited out: the next deployment is tried instead.
+    max_retry_after_seconds: float = 10.0
+    # Consecutive failures that open a deployment's circuit, and how long it stays open.
+    breaker_failures: int = 5
+    breaker_cooldown_seconds: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderLimits:
+    max_retries: int = 2
+    max_concurrency: int = 16
+
+
+@dataclass(slots=True)
+class _Breaker:
+    failures: int = 0
+    open_until: float = 0.0
+    # While half-open, one trial call is in flight and the others skip the deployment.
+    trial_in_flight: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Routed:
+    result: ProviderResult
+    deployment: Deployment
+    provider: str
+    # How many deployments were given up on before this one answered.
+    failovers: int
+
+
+@dataclass
+class Router:
+    providers: Mapping[str, Provider]
+    limits: Mapping[str, ProviderLimits] = field(default_factory=dict)
+    policy: RoutingPolicy = field(default_factory=RoutingPolicy)
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    _breakers: dict[tuple[str, str], _Breaker] = field(default_factory=dict)
+    _semaphores: dict[str, asyncio.Semaphore] = field(default_factory=dict)
+
+    def check(self, model: ImageModel, request: ProviderRequest) -> list[Deployment]:
+        """The deployments that can serve ``request`` at all; raises the first one's
+        InvalidParameter when none can. No I/O: runs before money moves."""
+        usable: list[Deployment] = []
+        first_error: errors.InvalidParameter | None = None
+        for deployment in model.deployments:
+            try:
+                self.providers[deployment.provider].check(
+                    replace(request, upstream_model=deployment.upstream_model)
+                )
+            except errors.InvalidParameter as exc:
+                first_error = first_error or exc
+                continue
+            usable.append(deployment)
+        if not usable:
+            assert first_error is not None
+            raise first_error
+        return usable
+
+    async def generate(self, deployments: list[Deployment], request: ProviderRequest) -> Routed:
+        last_error: errors.UpstreamError | None = None
+        tried = 0
+        for deployment in deployments:
+            key = (deployment.provider, deployment.upstream_model)
+            if not self._admit(key):
+                log.info("routing.skipped_open_circuit", provider=key[0], upstream_model=key[1])
+                continue
+            try:
+                result = await self._with_retries(
+                    deployment, replace(request, upstream_model=deployment.upstream_model), key
+                )
+            except errors.UpstreamError as exc:
+                last_error = exc
+                tried += 1
+                log.warning(
+                    "routing.failover",
+                    request_id=request.request_id,
+                    provider=deployment.provider,
+                    upstream_model=deployment.upstream_model,
+                    error=exc.message,
+                )
+                continue
+            return Routed(result, deployment, deployment.provider, tried)
+        if last_error is None:
+            raise errors.UpstreamError(
+                "Every provider for this model is failing and temporarily skipped; "
+                "retry in a minute."
+            )
+        raise errors.UpstreamError(f"The upstream provider failed: {last_error.message}")
+
+    async def _with_retries(
+        self, deployment: Deployment, request: ProviderRequest, key: tuple[str, str]
+    ) -> ProviderResult:
+        provider = self.providers[deployment.provider]
+        limits = self.limits.get(deployment.provider, ProviderLimits())
+        semaphore = self._semaphores.setdefault(
+            deployment.provider, asyncio.Semaphore(limits.max_concurrency)
+        )
+        attempt = 0
+        while True:
+            try:
+                async with semaphore:
+                    result = await provider.generate(request)
+            except errors.UpstreamError as exc:
+                self._failed(key)
+                delay = self._retry_delay(attempt, exc)
+                if attempt >= limits.max_retries or delay is None or not self._admit(key):
+                    raise
+                attempt += 1
+                log.info(
+                    "routing.retry",
+                    request_id=request.request_id,
+                    provider=deployment.provider,
+                    attempt=attempt,
+                    delay_seconds=round(delay, 3),
+                )
+                await self.sleep(delay)
+                continue
+            except BaseException:
+                # A refusal or request error says nothing about the deployment's health.
+                self._release_trial(key)
+                raise
+            self._succeeded(key)
+            return result
+
+    def _retry_delay(self, attempt: int, exc: errors.UpstreamError) -> float | None:
+        backoff = min(
+            self.policy.backoff_base_seconds * (1 << attempt), self.policy.backoff_max_seconds
+        )
+        # Jitter spreads the retries of many concurrent requests.
+        backoff *= random.uniform(0.8, 1.2)
+        if exc.retry_after_seconds is None:
+            return backoff
+        if exc.retry_after_seconds > self.policy.max_retry_after_seconds:
+            return None
+        return max(backoff, exc.retry_after_seconds)
+
+    # -- circuit breaker ------------------------------------------------------------------
+
+    def _admit(self, key: tuple[str, str]) -> bool:
+        breaker = self._breakers.get(key)
+        if breaker is None or breaker.failures < self.policy.breaker_failures:
+            return True
+        if self.clock() < breaker.open_until or breaker.trial_in_flight:
+            return False
+        breaker.trial_in_flight = True
+        return True
+
+    def _failed(self, key: tuple[str, str]) -> None:
+        breaker = self._breakers.setdefault(key, _Breaker())
+        breaker.failures += 1
+        breaker.trial_in_flight = False
+        if breaker.failures >= self.policy.breaker_failures:
+            breaker.open_until = self.clock() + self.policy.breaker_cooldown_seconds
+            if breaker.failures == self.policy.breaker_failures:
+                log.warning(
+                    "routing.circuit_opened",
+                    provider=key[0],
+                    upstream_model=key[1],
+                    cooldown_seconds=self.policy.breaker_cooldown_seconds,
+                )
+
+    def _succeeded(self, key: tuple[str, str]) -> None:
+        self._breakers.pop(key, None)
+
+    def _release_trial(self, key: tuple[str, str]) -> None:
+        breaker = self._breakers.get(key)
+        if breaker is not None:
+            breaker.trial_in_flight = False

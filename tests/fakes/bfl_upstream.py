@@ -1,0 +1,523 @@
+"""A loopback fake of Black Forest Labs' FLUX API: submit, poll, download.
+
+Typical use::
+
+    async with FakeBflUpstream(api_key="bfl-test-key") as fake:
+        provider = BflProvider("bfl", base_url=fake.origin, api_key="bfl-test-key",
+                               poll_interval_seconds=0.01)
+        fake.script(ok(pending_polls=2), moderated("Content Moderated"))
+        ...  # first task: Pending twice, then Ready; second task: refused after generation
+
+Routes, as the real API has them:
+
+* ``POST /v1/{model}`` for the FLUX.1 models (``flux-pro-1.1``, ``flux-dev``, ``flux-pro``,
+  ``flux-pro-1.1-ultra``, ``flux-kontext-pro``, ``flux-kontext-max``). Checks ``x-key``
+  (missing or wrong: 403 ``{"detail": "Not authenticated - Invalid Authentication"}``),
+  validates the body against that model's schema like FastAPI does (unknown fields, types,
+  ranges, multiples of 32, aspect-ratio range: 422 ``{"detail": [{type, loc, msg, input}]}``),
+  then answers with the next scripted behaviour: usually ``{"id", "polling_url", ...}``.
+* ``GET /v1/get_result?id=...`` (also the ``polling_url``) checks ``x-key`` and answers
+  ``{"id", "status", "result", "progress", "details", "preview"}``: ``Pending`` for the
+  task's first ``pending_polls`` polls, then its outcome. A ``Ready`` result's ``sample`` points
+  into this server's delivery route.
+* ``GET /delivery/{id}/sample.{ext}`` serves the image WITHOUT asking for ``x-key`` (the real
+  samples live on a signed-URL blob store), or the scripted expiry.
+
+Behaviours answer one submit each (``script``), then ``default``; they are built with the
+functions below. Recorded requests: ``requests`` (all), ``submits``, ``polls``, ``downloads``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+from aiohttp import web
+
+from tests.fakes.loopback import LoopbackServer, RecordedRequest, image_bytes
+
+__all__ = [
+    "Behaviour",
+    "FakeBflUpstream",
+    "failed",
+    "garbage",
+    "garbage_poll",
+    "http_error",
+    "insufficient_credits",
+    "moderated",
+    "moderation_refusal_400",
+    "never_ready",
+    "ok",
+    "rate_limited",
+    "raw",
+    "server_error",
+    "service_unavailable",
+    "slow",
+    "truncated",
+    "validation_error",
+    "wrong_content_type",
+]
+
+BehaviourKind = Literal["task", "error", "raw", "truncated"]
+SampleKind = Literal["ok", "expired", "missing"]
+
+AUTH_FAILED = {"detail": "Not authenticated - Invalid Authentication"}
+# Seen on real answers; the adapter must not depend on either.
+_POLL_RETRY_AFTER = "1"
+
+_COMMON_FIELDS = frozenset(
+    {"prompt", "prompt_upsampling", "seed", "safety_tolerance", "output_format"}
+    | {"webhook_url", "webhook_secret"}
+)
+# Fields of each request schema in https://api.bfl.ai/openapi.json.
+SCHEMAS: Mapping[str, frozenset[str]] = {
+    "flux-pro-1.1": _COMMON_FIELDS | {"width", "height", "image_prompt"},
+    "flux-pro": _COMMON_FIELDS | {"width", "height", "image_prompt", "steps", "guidance"},
+    "flux-dev": _COMMON_FIELDS | {"width", "height", "image_prompt", "steps", "guidance"},
+    "flux-pro-1.1-ultra": _COMMON_FIELDS
+    | {"aspect_ratio", "raw", "image_prompt", "image_prompt_strength"},
+    "flux-kontext-pro": _COMMON_FIELDS
+    | {"aspect_ratio", "input_image", "input_image_2", "input_image_3", "input_image_4"},
+    "flux-kontext-max": _COMMON_FIELDS
+    | {"aspect_ratio", "input_image", "input_image_2", "input_image_3", "input_image_4"},
+}
+# Pixels the aspect-ratio models make: ultra ~4 MP (16:9 -> 2752x1536), Kontext ~1 MP.
+_AREA = {
+    "flux-pro-1.1-ultra": 2752 * 1536,
+    "flux-kontext-pro": 1024 * 1024,
+    "flux-kontext-max": 1024 * 1024,
+}
+_DEFAULT_FORMAT = {"flux-kontext-pro": "png", "flux-kontext-max": "png"}
+_PIL_FORMATS = {"jpeg": ("JPEG", "image/jpeg"), "png": ("PNG", "image/png")}
+_PIL_FORMATS["webp"] = ("WEBP", "image/webp")
+
+
+@dataclass(frozen=True, slots=True)
+class Behaviour:
+    """How the fake treats one submit (and, for ``task``, the polls and download after it).
+
+    kind:
+        ``task``: 200 ``{"id", "polling_url"}``; polls answer ``in_progress`` for the first
+        ``pending_polls`` polls, then ``outcome`` (``Ready``, ``Content Moderated``,
+        ``Request Moderated``, ``Error``, ``Failed``, ``Task not found``; ``never``: in progress
+        forever). ``error``: ``status`` with ``{"detail": detail}``. ``raw``: ``status``,
+        ``body``, ``content_type`` exactly. ``truncated``: a task answer cut in half.
+    delay: seconds before the submit answers; ``stop()`` cuts it short.
+    sample: ``ok``, or ``expired`` (403 from the blob store) / ``missing`` (404) on download.
+    polling_url: ``True``: this server's get_result URL; ``None``: left out of the answer; a
+        string: sent as is.
+    poll_body: when set, every poll of the task answers 200 with these bytes as JSON.
+    """
+
+    kind: BehaviourKind = "task"
+    delay: float = 0.0
+    pending_polls: int = 0
+    in_progress: str = "Pending"
+    outcome: str = "Ready"
+    sample: SampleKind = "ok"
+    polling_url: bool | str | None = True
+    poll_body: bytes | None = None
+    status: int = 200
+    detail: Any = None
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+def ok(
+    *,
+    pending_polls: int = 0,
+    in_progress: str = "Pending",
+    polling_url: bool | str | None = True,
+    sample: SampleKind = "ok",
+) -> Behaviour:
+    return Behaviour(
+        pending_polls=pending_polls,
+        in_progress=in_progress,
+        polling_url=polling_url,
+        sample=sample,
+    )
+
+
+def slow(seconds: float) -> Behaviour:
+    """Submit answers after ``seconds``; for client timeouts."""
+    return Behaviour(delay=seconds)
+
+
+def never_ready() -> Behaviour:
+    return Behaviour(outcome="never")
+
+
+def moderated(status: str = "Content Moderated", *, pending_polls: int = 0) -> Behaviour:
+    """A refusal inside a 200 poll answer (``Request Moderated`` or ``Content Moderated``)."""
+    return Behaviour(outcome=status, pending_polls=pending_polls)
+
+
+def failed(status: str = "Error") -> Behaviour:
+    """``Error``, ``Failed`` or ``Task not found`` in a 200 poll answer."""
+    return Behaviour(outcome=status)
+
+
+def garbage_poll() -> Behaviour:
+    return Behaviour(poll_body=b"not json{")
+
+
+def http_error(status: int, detail: Any, *, headers: Mapping[str, str] | None = None) -> Behaviour:
+    """``status`` with FastAPI's ``{"detail": detail}`` body."""
+    return Behaviour(kind="error", status=status, detail=detail, headers=headers or {})
+
+
+def validation_error(
+    field_name: str = "width", message: str = "Input should be valid"
+) -> Behaviour:
+    return http_error(
+        422,
+        [{"type": "value_error", "loc": ["body", field_name], "msg": message, "input": None}],
+    )
+
+
+def moderation_refusal_400() -> Behaviour:
+    return http_error(400, "Request blocked: the prompt was flagged by content moderation.")
+
+
+def insufficient_credits() -> Behaviour:
+    return http_error(402, "Insufficient credits. Add credits at https://dashboard.bfl.ai.")
+
+
+def rate_limited(retry_after: int = 1) -> Behaviour:
+    return http_error(
+        429,
+        "You have reached the maximum number of active tasks. Please wait.",
+        headers={"Retry-After": str(retry_after)},
+    )
+
+
+def server_error() -> Behaviour:
+    return http_error(500, "Internal Server Error")
+
+
+def service_unavailable() -> Behaviour:
+    return http_error(503, "Service temporarily unavailable")
+
+
+def raw(
+    status: int,
+    body: bytes,
+    *,
+    content_type: str = "application/json",
+    headers: Mapping[str, str] | None = None,
+) -> Behaviour:
+    return Behaviour(
+        kind="raw", status=status, body=body, content_type=content_type, headers=headers or {}
+    )
+
+
+def garbage() -> Behaviour:
+    return raw(200, b"not json{")
+
+
+def wrong_content_type() -> Behaviour:
+    return raw(200, b"<html><body>502 Bad Gateway</body></html>", content_type="text/html")
+
+
+def truncated() -> Behaviour:
+    return Behaviour(kind="truncated")
+
+
+_NAMED: dict[str, Callable[[], Behaviour]] = {
+    "ok": ok,
+    "slow": lambda: slow(2.0),
+    "never_ready": never_ready,
+    "moderated": moderated,
+    "failed": failed,
+    "garbage": garbage,
+    "garbage_poll": garbage_poll,
+    "truncated": truncated,
+    "wrong_content_type": wrong_content_type,
+    "server_error": server_error,
+    "service_unavailable": service_unavailable,
+    "rate_limited": rate_limited,
+    "insufficient_credits": insufficient_credits,
+    "moderation_refusal_400": moderation_refusal_400,
+}
+
+
+@dataclass(slots=True)
+class _Task:
+    behaviour: Behaviour
+    model: str
+    body: dict[str, Any]
+    polls: int = 0
+
+
+def real_size(model: str, body: Mapping[str, Any]) -> tuple[int, int]:
+    """The pixel size the real model makes for a validated request body."""
+    if model in _AREA:
+        ratio = _ratio(str(body.get("aspect_ratio") or "16:9")) or 16 / 9
+        area = _AREA[model]
+        return _snap32(math.sqrt(area * ratio)), _snap32(math.sqrt(area / ratio))
+    return int(body.get("width", 1024)), int(body.get("height", 768))
+
+
+@functools.lru_cache(maxsize=32)
+def _image(width: int, height: int, fmt: str) -> bytes:
+    return image_bytes(width, height, fmt)
+
+
+def _snap32(value: float) -> int:
+    return max(32, math.floor(value / 32 + 0.5) * 32)
+
+
+def _ratio(value: str) -> float | None:
+    width, sep, height = value.partition(":")
+    if not (sep and width.isdigit() and height.isdigit() and int(width) and int(height)):
+        return None
+    return int(width) / int(height)
+
+
+def _json(status: int, body: Any, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status,
+        body=orjson.dumps(body),
+        content_type="application/json",
+        headers=dict(headers or {}),
+    )
+
+
+def _problem(kind: str, loc: str, msg: str, value: Any) -> dict[str, Any]:
+    return {"type": kind, "loc": ["body", loc], "msg": msg, "input": value}
+
+
+def validate(model: str, body: Any) -> list[dict[str, Any]]:
+    """FastAPI/Pydantic-style problems with a submit body; empty when it is valid."""
+    if not isinstance(body, dict):
+        return [
+            {
+                "type": "model_attributes_type",
+                "loc": ["body"],
+                "msg": "Input should be a valid dictionary or object to extract fields from",
+                "input": body,
+            }
+        ]
+    problems = [
+        _problem("extra_forbidden", key, "Extra inputs are not permitted", value)
+        for key, value in body.items()
+        if key not in SCHEMAS[model]
+    ]
+
+    def integer(key: str, low: int, high: int, step: int = 1) -> None:
+        if key not in body:
+            return
+        value = body[key]
+        if not isinstance(value, int) or isinstance(value, bool):
+            problems.append(_problem("int_type", key, "Input should be a valid integer", value))
+        elif not low <= value <= high:
+            problems.append(
+                _problem(
+                    "less_than_equal" if value > high else "greater_than_equal",
+                    key,
+                    f"Input should be between {low} and {high}",
+                    value,
+                )
+            )
+        elif value % step:
+            problems.append(
+                _problem("value_error", key, f"Value error, must be a multiple of {step}", value)
+            )
+
+    if "prompt" in body and not isinstance(body["prompt"], str):
+        problems.append(
+            _problem("string_type", "prompt", "Input should be a valid string", body["prompt"])
+        )
+    if (
+        "seed" in body
+        and body["seed"] is not None
+        and (not isinstance(body["seed"], int) or isinstance(body["seed"], bool))
+    ):
+        problems.append(
+            _problem("int_type", "seed", "Input should be a valid integer", body["seed"])
+        )
+    integer("width", 256, 1440, 32)
+    integer("height", 256, 1440, 32)
+    integer("safety_tolerance", 0, 6)
+    if body.get("output_format") not in (None, "jpeg", "png", "webp"):
+        problems.append(
+            _problem(
+                "enum",
+                "output_format",
+                "Input should be 'jpeg', 'png' or 'webp'",
+                body["output_format"],
+            )
+        )
+    if "aspect_ratio" in body:
+        ratio = _ratio(body["aspect_ratio"]) if isinstance(body["aspect_ratio"], str) else None
+        if ratio is None or not 9 / 21 - 1e-9 <= ratio <= 21 / 9 + 1e-9:
+            problems.append(
+                _problem(
+                    "value_error",
+                    "aspect_ratio",
+                    "Value error, aspect ratio must be between 21:9 and 9:21",
+                    body["aspect_ratio"],
+                )
+            )
+    return problems
+
+
+class FakeBflUpstream(LoopbackServer[Behaviour]):
+    """Black Forest Labs' FLUX API on 127.0.0.1; see the module docstring."""
+
+    def __init__(self, api_key: str = "bfl-test-key", *, default: Behaviour | None = None) -> None:
+        super().__init__(default or ok())
+        self.api_key = api_key
+        self.tasks: dict[str, _Task] = {}
+
+    def script(self, *behaviours: Behaviour | str) -> None:
+        """Queue behaviours (or their names); each answers one later submit, in order."""
+        for behaviour in behaviours:
+            if isinstance(behaviour, str):
+                try:
+                    behaviour = _NAMED[behaviour]()
+                except KeyError:
+                    raise ValueError(
+                        f"unknown behaviour {behaviour!r}; known: {sorted(_NAMED)}"
+                    ) from None
+            super().script(behaviour)
+
+    def reset(self) -> None:
+        super().reset()
+        self.tasks.clear()
+
+    @property
+    def submits(self) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.method == "POST"]
+
+    @property
+    def polls(self) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.path == "/v1/get_result"]
+
+    @property
+    def downloads(self) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.path.startswith("/delivery/")]
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_get("/v1/get_result", self._get_result)
+        app.router.add_post("/v1/{model}", self._submit)
+        app.router.add_get("/delivery/{task_id}/{name}", self._delivery)
+
+    def _authorised(self, request: web.Request) -> bool:
+        return request.headers.get("x-key") == self.api_key
+
+    async def _submit(self, request: web.Request) -> web.Response:
+        recorded = await self.record(request)
+        model = request.match_info["model"]
+        if not self._authorised(request):
+            return _json(403, AUTH_FAILED)
+        if model not in SCHEMAS:
+            return _json(404, {"detail": "Not Found"})
+        problems = validate(model, recorded.body)
+        if problems:
+            return _json(422, {"detail": problems})
+
+        behaviour = self.next_behaviour()
+        await self.pause(behaviour.delay)
+        if behaviour.kind == "error":
+            return _json(behaviour.status, {"detail": behaviour.detail}, behaviour.headers)
+        if behaviour.kind == "raw":
+            return web.Response(
+                status=behaviour.status,
+                body=behaviour.body,
+                content_type=behaviour.content_type,
+                headers=dict(behaviour.headers),
+            )
+
+        task_id = str(uuid.uuid4())
+        self.tasks[task_id] = _Task(behaviour, model, recorded.body)
+        answer: dict[str, Any] = {"id": task_id, "cost": None, "input_mp": None, "output_mp": None}
+        if behaviour.polling_url is True:
+            answer["polling_url"] = f"{self.origin}/v1/get_result?id={task_id}"
+        elif isinstance(behaviour.polling_url, str):
+            answer["polling_url"] = behaviour.polling_url
+        payload = orjson.dumps(answer)
+        if behaviour.kind == "truncated":
+            payload = payload[: len(payload) // 2]
+        return web.Response(body=payload, content_type="application/json")
+
+    async def _get_result(self, request: web.Request) -> web.Response:
+        await self.record(request)
+        if not self._authorised(request):
+            return _json(403, AUTH_FAILED)
+        task_id = request.query.get("id")
+        if task_id is None:
+            return _json(
+                422,
+                {
+                    "detail": [
+                        {
+                            "type": "missing",
+                            "loc": ["query", "id"],
+                            "msg": "Field required",
+                            "input": None,
+                        }
+                    ]
+                },
+            )
+        task = self.tasks.get(task_id)
+        base: dict[str, Any] = {
+            "id": task_id,
+            "result": None,
+            "progress": None,
+            "details": None,
+            "preview": None,
+        }
+        if task is None:
+            return _json(200, {**base, "status": "Task not found"})
+        if task.behaviour.poll_body is not None:
+            return web.Response(body=task.behaviour.poll_body, content_type="application/json")
+        task.polls += 1
+        behaviour = task.behaviour
+        if behaviour.outcome == "never" or task.polls <= behaviour.pending_polls:
+            progress = round(min(task.polls / (behaviour.pending_polls + 1), 0.99), 2)
+            return _json(
+                200,
+                {**base, "status": behaviour.in_progress, "progress": progress},
+                {"Retry-After": _POLL_RETRY_AFTER},
+            )
+        if behaviour.outcome != "Ready":
+            details = (
+                {"Moderation Reasons": ["Content"]} if "Moderated" in behaviour.outcome else None
+            )
+            return _json(200, {**base, "status": behaviour.outcome, "details": details})
+        fmt = task.body.get("output_format") or _DEFAULT_FORMAT.get(task.model, "jpeg")
+        now = time.time()
+        result = {
+            "sample": f"{self.origin}/delivery/{task_id}/sample.{fmt}?se=2099-01-01&sig=fake",
+            "prompt": task.body.get("prompt", ""),
+            "seed": task.body.get("seed", 42),
+            "start_time": now - 2.0,
+            "end_time": now,
+            "duration": 2.0,
+        }
+        return _json(200, {**base, "status": "Ready", "result": result})
+
+    async def _delivery(self, request: web.Request) -> web.Response:
+        await self.record(request)
+        task = self.tasks.get(request.match_info["task_id"])
+        if task is None or task.behaviour.sample == "missing":
+            return web.Response(status=404, text="The specified blob does not exist.")
+        if task.behaviour.sample == "expired":
+            return web.Response(
+                status=403,
+                body=b'<?xml version="1.0"?><Error><Code>AuthenticationFailed</Code>'
+                b"<Message>Signed expiry time has passed.</Message></Error>",
+                content_type="application/xml",
+            )
+        fmt = task.body.get("output_format") or _DEFAULT_FORMAT.get(task.model, "jpeg")
+        pil_format, mime_type = _PIL_FORMATS[fmt]
+        width, height = real_size(task.model, task.body)
+        return web.Response(body=_image(width, height, pil_format), content_type=mime_type)

@@ -1,0 +1,478 @@
+"""The Azure OpenAI adapter, driven against the loopback fake in its Azure mode."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from imagegen_service.config import ProviderConfig
+from imagegen_service.errors import ContentPolicy, ImagegenError, InvalidParameter, UpstreamError
+from imagegen_service.providers.base import ProviderRequest
+from imagegen_service.providers.openai_compat import (
+    AZURE_API_VERSION,
+    AZURE_GPT_IMAGE_API_VERSION,
+    AzureOpenAIProvider,
+    azure_from_config,
+)
+from tests.fakes.loopback import image_bytes
+from tests.fakes.openai_upstream import (
+    Behaviour,
+    FakeOpenAIUpstream,
+    azure_content_policy_violation,
+    azure_rate_limited,
+    filtered,
+    http_error,
+    raw,
+    refusal_in_200,
+    server_error,
+    service_unavailable,
+    slow,
+)
+from tests.test_openai_compat_adapter import closed_port, error_texts
+
+AZURE_KEY = "0123456789abcdef0123456789abcdef"
+DEPLOYMENTS = {
+    "gpt-image-1": "gpt-image-1",
+    "dall-e-3": "dall-e-3",
+    "team-dalle": "dall-e-3",
+    "painter": "gpt-image-1",
+}
+
+
+def make_request(**overrides: Any) -> ProviderRequest:
+    fields: dict[str, Any] = {
+        "upstream_model": "gpt-image-1",
+        "prompt": "a lighthouse at dusk",
+        "n": 1,
+        "width": 1024,
+        "height": 1024,
+        "quality": "",
+    }
+    fields.update(overrides)
+    return ProviderRequest(**fields)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeOpenAIUpstream]:
+    async with FakeOpenAIUpstream(api_key=AZURE_KEY, azure_deployments=DEPLOYMENTS) as upstream:
+        yield upstream
+
+
+def azure(fake: FakeOpenAIUpstream, **options: Any) -> AzureOpenAIProvider:
+    options.setdefault("api_key", AZURE_KEY)
+    return AzureOpenAIProvider("azure", base_url=fake.base_url, **options)
+
+
+@pytest.fixture
+async def provider(fake: FakeOpenAIUpstream) -> AsyncIterator[AzureOpenAIProvider]:
+    adapter = azure(fake)
+    try:
+        yield adapter
+    finally:
+        await adapter.aclose()
+
+
+async def test_two_gpt_image_images_come_back_from_the_deployment_named_by_the_model(
+    fake: FakeOpenAIUpstream, provider: AzureOpenAIProvider
+) -> None:
+    result = await provider.generate(
+        make_request(n=2, width=1536, height=1024, quality="hd", request_id="req-9")
+    )
+
+    assert [(i.width, i.height, i.mime_type) for i in result.images] == [
+        (1536, 1024, "image/png")
+    ] * 2
+    assert result.filtered == 0
+    # 6240 output tokens per 1536x1024 high-quality image, as Azure bills gpt-image-1.
+    assert (result.usage.input_tokens, result.usage.output_tokens) == (4, 2 * 6240)
+    assert fake.hits == 1
+    seen = fake.requests[0]
+    assert seen.path == "/openai/deployments/gpt-image-1/images/generations"
+    assert seen.query == {"api-version": AZURE_GPT_IMAGE_API_VERSION}
+    assert seen.headers["api-key"] == AZURE_KEY
+    assert "Authorization" not in seen.headers
+    assert seen.headers["X-Request-ID"] == "req-9"
+    # No model (the deployment decides), no response_format (gpt-image rejects it).
+    assert seen.body == {
+        "prompt": "a lighthouse at dusk",
+        "n": 2,
+        "size": "1536x1024",
+        "quality": "high",
+    }
+
+
+async def test_a_dall_e_3_deployment_gets_one_call_per_image_on_the_ga_api_version(
+    fake: FakeOpenAIUpstream,
+) -> None:
+    adapter = azure(fake, deployment="team-dalle")
+    try:
+        result = await adapter.generate(
+            make_request(upstream_model="dall-e-3", n=2, width=1792, height=1024, style="vivid")
+        )
+    finally:
+        await adapter.aclose()
+
+    # Items carry content_filter_results with nothing filtered: both are delivered.
+    assert [(i.width, i.height) for i in result.images] == [(1792, 1024)] * 2
+    assert result.filtered == 0
+    assert result.images[0].revised_prompt == "revised: a lighthouse at dusk"
+    assert [seen.path for seen in fake.requests] == [
+        "/openai/deployments/team-dalle/images/generations"
+    ] * 2
+    assert all(seen.query == {"api-version": AZURE_API_VERSION} for seen in fake.requests)
+    assert all(
+        seen.body
+        == {
+            "prompt": "a lighthouse at dusk",
+            "n": 1,
+            "size": "1792x1024",
+            "response_format": "b64_json",
+            "style": "vivid",
+        }
+        for seen in fake.requests
+    )
+
+
+async def test_deployment_model_decides_the_rules_for_a_deployment_with_its_own_name(
+    fake: FakeOpenAIUpstream,
+) -> None:
+    adapter = azure(fake, deployment="painter", deployment_model="gpt-image-1")
+    try:
+        result = await adapter.generate(make_request(upstream_model="house-style", n=3))
+    finally:
+        await adapter.aclose()
+
+    assert len(result.images) == 3
+    assert fake.hits == 1
+    assert fake.requests[0].path == "/openai/deployments/painter/images/generations"
+    assert "response_format" not in fake.requests[0].body
+
+
+async def test_a_configured_api_version_is_sent_for_every_deployment(
+    fake: FakeOpenAIUpstream,
+) -> None:
+    adapter = azure(fake, api_version="2024-02-01")
+    try:
+        await adapter.generate(make_request(upstream_model="dall-e-3"))
+        await adapter.generate(make_request(upstream_model="gpt-image-1"))
+    finally:
+        await adapter.aclose()
+
+    assert [seen.query["api-version"] for seen in fake.requests] == ["2024-02-01"] * 2
+
+
+@pytest.mark.parametrize(
+    ("output_format", "sent", "mime_type"),
+    [("jpeg", "jpeg", "image/jpeg"), ("webp", None, "image/png"), ("png", None, "image/png")],
+)
+async def test_azure_gets_only_the_output_formats_it_makes(
+    fake: FakeOpenAIUpstream,
+    provider: AzureOpenAIProvider,
+    output_format: str,
+    sent: str | None,
+    mime_type: str,
+) -> None:
+    result = await provider.generate(make_request(output_format=output_format))
+
+    assert fake.requests[0].body.get("output_format") == sent
+    assert [i.mime_type for i in result.images] == [mime_type]
+
+
+@pytest.mark.parametrize(
+    ("model", "size"), [("gpt-image-1", "1792x1024"), ("dall-e-3", "1536x1024")]
+)
+def test_check_refuses_sizes_the_deployments_model_cannot_make(model: str, size: str) -> None:
+    adapter = AzureOpenAIProvider("azure", base_url="https://r.openai.azure.com", api_key="k")
+    width, height = (int(side) for side in size.split("x"))
+
+    with pytest.raises(InvalidParameter) as raised:
+        adapter.check(make_request(upstream_model=model, width=width, height=height))
+    assert raised.value.param == "size"
+
+
+def test_check_passes_sizes_through_for_a_deployment_of_unknown_model() -> None:
+    adapter = AzureOpenAIProvider("azure", base_url="https://r.openai.azure.com", api_key="k")
+
+    adapter.check(make_request(upstream_model="my-flux", width=4096, height=256))
+
+
+async def test_a_400_refusal_with_inner_error_is_a_content_policy_error(
+    fake: FakeOpenAIUpstream, provider: AzureOpenAIProvider
+) -> None:
+    fake.script(azure_content_policy_violation())
+
+    with pytest.raises(ContentPolicy) as raised:
+        await provider.generate(make_request())
+    assert raised.value.message == "The prompt was refused by the provider's content policy."
+
+
+async def test_a_refusal_inside_a_200_is_a_content_policy_error(
+    fake: FakeOpenAIUpstream, provider: AzureOpenAIProvider
+) -> None:
+    fake.script(refusal_in_200())
+
+    with pytest.raises(ContentPolicy):
+        await provider.generate(make_request())
+
+
+async def test_items_withheld_by_the_content_filter_are_counted_and_the_rest_delivered(
+    fake: FakeOpenAIUpstream, provider: AzureOpenAIProvider
+) -> None:
+    fake.script(filtered(1))
+
+    result = await provider.generate(make_request(n=3))
+
+    assert len(result.images) == 2
+    assert result.filtered == 1
+
+
+async def test_a_withheld_dall_e_3_call_counts_as_filtered_among_the_parallel_calls(
+    fake: FakeOpenAIUpstream, provider: AzureOpenAIProvider
+) -> None:
+    fake.script(filtered(1), "ok", azure_content_policy_violation())
+
+    result = await provider.generate(make_request(upstream_model="dall-e-3", n=3))
+
+    assert len(result.images) == 1
+    assert result.filtered == 2
+
+
+async def test_an_item_without_image_data_counts_as_filtered(
+    fake: FakeOpenAIUpstream, provider: AzureOpenAIProvider
+) -> None:
+    png = base64.b64encode(image_bytes(1024, 1024)).decode()
+    answer = {"created": 1, "data": [{"b64_json": png}, {"revised_prompt": "withheld"}]}
+    fake.script(raw(200, orjson.dumps(answer)))
+
+    result = await provider.generate(make_request(n=2))
+
+    assert (len(result.images), result.filtered) == (1, 1)
+
+
+async def test_every_item_withheld_is_a_content_policy_error(
+    fake: FakeOpenAIUpstream, provider: AzureOpenAIProvider
+) -> None:
+    fake.script(filtered(2))
+
+    with pytest.raises(ContentPolicy):
+        await provider.generate(make_request(n=2))
+
+
+async def test_a_rate_limit_keeps_azures_millisecond_retry_hint(
+    fake: FakeOpenAIUpstream, provider: AzureOpenAIProvider
+) -> None:
+    fake.script(azure_rate_limited(retry_after_ms=1500))
+
+    with pytest.raises(UpstreamError, match=r"HTTP 429") as raised:
+        await provider.generate(make_request())
+    assert raised.value.retry_after_seconds == 1.5
+
+
+@pytest.mark.parametrize("behaviour", [server_error(), service_unavailable()], ids=["500", "503"])
+async def test_server_errors_are_upstream_errors(
+    fake: FakeOpenAIUpstream, provider: AzureOpenAIProvider, behaviour: Behaviour
+) -> None:
+    fake.script(behaviour)
+
+    with pytest.raises(UpstreamError, match=rf"answered HTTP {behaviour.status}"):
+        await provider.generate(make_request())
+
+
+async def test_a_slow_upstream_times_out_as_an_upstream_error(fake: FakeOpenAIUpstream) -> None:
+    fake.script(slow(2.0))
+    adapter = azure(fake, timeout_seconds=0.3)
+    try:
+        with pytest.raises(UpstreamError, match=r"did not answer within 0\.3 s"):
+            await adapter.generate(make_request())
+    finally:
+        await adapter.aclose()
+
+
+async def test_a_refused_connection_is_an_upstream_error() -> None:
+    adapter = AzureOpenAIProvider(
+        "azure", base_url=f"http://127.0.0.1:{closed_port()}", api_key=AZURE_KEY
+    )
+    try:
+        with pytest.raises(UpstreamError, match="could not be reached"):
+            await adapter.generate(make_request())
+    finally:
+        await adapter.aclose()
+
+
+@pytest.mark.parametrize("behaviour", ["garbage", "truncated", "wrong_content_type"])
+async def test_unreadable_answers_are_upstream_errors(
+    fake: FakeOpenAIUpstream, provider: AzureOpenAIProvider, behaviour: str
+) -> None:
+    fake.script(behaviour)
+
+    with pytest.raises(UpstreamError, match="unreadable answer"):
+        await provider.generate(make_request())
+
+
+async def test_a_wrong_key_is_an_upstream_error(fake: FakeOpenAIUpstream) -> None:
+    adapter = azure(fake, api_key="ffffffffffffffffffffffffffffffff")
+    try:
+        with pytest.raises(UpstreamError, match=r"HTTP 401") as raised:
+            await adapter.generate(make_request())
+    finally:
+        await adapter.aclose()
+    assert "ffffffff" not in error_texts(raised.value)
+
+
+async def test_a_missing_deployment_is_an_upstream_error(
+    fake: FakeOpenAIUpstream, provider: AzureOpenAIProvider
+) -> None:
+    with pytest.raises(UpstreamError, match=r"HTTP 404 \(DeploymentNotFound\)"):
+        await provider.generate(make_request(upstream_model="gpt-image-1-mini"))
+
+
+async def test_an_unsupported_api_version_is_an_upstream_error_not_the_callers(
+    fake: FakeOpenAIUpstream,
+) -> None:
+    adapter = azure(fake, api_version="2023-05-15")
+    try:
+        with pytest.raises(UpstreamError, match=r"HTTP 400 \(BadRequest\)"):
+            await adapter.generate(make_request())
+    finally:
+        await adapter.aclose()
+
+
+async def test_a_resource_endpoint_with_a_wrong_path_is_an_upstream_error(
+    fake: FakeOpenAIUpstream,
+) -> None:
+    adapter = AzureOpenAIProvider("azure", base_url=fake.base_url + "/v1", api_key=AZURE_KEY)
+    try:
+        with pytest.raises(UpstreamError, match=r"HTTP 404"):
+            await adapter.generate(make_request())
+    finally:
+        await adapter.aclose()
+
+
+async def test_an_endpoint_copied_with_its_openai_suffix_still_works(
+    fake: FakeOpenAIUpstream,
+) -> None:
+    adapter = AzureOpenAIProvider("azure", base_url=fake.base_url + "/openai/", api_key=AZURE_KEY)
+    try:
+        result = await adapter.generate(make_request())
+    finally:
+        await adapter.aclose()
+    assert len(result.images) == 1
+
+
+@pytest.mark.parametrize(
+    "behaviour",
+    [
+        server_error(),
+        azure_rate_limited(),
+        azure_content_policy_violation(),
+        http_error(400, message=f"The key {AZURE_KEY} is not valid here", param="prompt"),
+        http_error(403, message=f"Key {AZURE_KEY} is blocked", code="Forbidden"),
+        "garbage",
+        "truncated",
+        raw(200, orjson.dumps({"data": [{"url": "http://127.0.0.1:1/gone.png"}]})),
+    ],
+    ids=["500", "429", "policy", "400-echoing-key", "403", "garbage", "truncated", "dead-url"],
+)
+async def test_no_error_message_contains_the_key(
+    fake: FakeOpenAIUpstream, provider: AzureOpenAIProvider, behaviour: Behaviour | str
+) -> None:
+    fake.script(behaviour)
+
+    with pytest.raises(ImagegenError) as raised:
+        await provider.generate(make_request())
+    assert AZURE_KEY not in error_texts(raised.value)
+
+
+def test_the_provider_repr_does_not_show_the_key() -> None:
+    adapter = AzureOpenAIProvider("azure", base_url="https://r.openai.azure.com", api_key=AZURE_KEY)
+    assert AZURE_KEY not in repr(adapter)
+
+
+async def test_azure_from_config_reads_deployment_model_and_api_version(
+    fake: FakeOpenAIUpstream,
+) -> None:
+    config = ProviderConfig(
+        name="azure",
+        type="azure-openai",
+        base_url=fake.base_url,
+        timeout_seconds=5,
+        options={
+            "deployment": "painter",
+            "deployment_model": "gpt-image-1",
+            "api_version": "2025-04-01-preview",
+        },
+    )
+    adapter = azure_from_config(config, AZURE_KEY)
+    try:
+        result = await adapter.generate(make_request(upstream_model="anything", quality="standard"))
+    finally:
+        await adapter.aclose()
+
+    assert len(result.images) == 1
+    seen = fake.requests[0]
+    assert seen.path == "/openai/deployments/painter/images/generations"
+    assert seen.query == {"api-version": "2025-04-01-preview"}
+    assert seen.headers["api-key"] == AZURE_KEY
+    assert seen.body["quality"] == "medium"
+
+
+@pytest.mark.parametrize("base_url", ["", "   "])
+def test_azure_from_config_requires_the_resource_endpoint(base_url: str) -> None:
+    config = ProviderConfig(name="azure", type="azure-openai", base_url=base_url)
+
+    with pytest.raises(ValueError, match=r"providers\.azure: base_url is required"):
+        azure_from_config(config, AZURE_KEY)
+
+
+def test_azure_from_config_rejects_a_non_string_option() -> None:
+    config = ProviderConfig(
+        name="azure",
+        type="azure-openai",
+        base_url="https://r.openai.azure.com",
+        options={"api_version": 20241021},
+    )
+
+    with pytest.raises(ValueError, match=r"providers\.azure\.api_version must be a string"):
+        azure_from_config(config, AZURE_KEY)
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "status", "code"),
+    [
+        ("/openai/deployments/gpt-image-1/images/generations", {"api-key": AZURE_KEY}, 404, "404"),
+        (
+            "/openai/deployments/gpt-image-1/images/generations?api-version=2024-10-21",
+            {"Authorization": f"Bearer {AZURE_KEY}"},
+            401,
+            "401",
+        ),
+        (
+            "/openai/deployments/gpt-image-1/images/generations?api-version=2023-05-15",
+            {"api-key": AZURE_KEY},
+            400,
+            "BadRequest",
+        ),
+        (
+            "/openai/deployments/nope/images/generations?api-version=2024-10-21",
+            {"api-key": AZURE_KEY},
+            404,
+            "DeploymentNotFound",
+        ),
+    ],
+    ids=["no-api-version", "bearer-instead-of-api-key", "unknown-version", "no-such-deployment"],
+)
+async def test_the_fake_answers_wrong_addresses_and_keys_as_azure_does(
+    fake: FakeOpenAIUpstream, path: str, headers: dict[str, str], status: int, code: str
+) -> None:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(fake.base_url + path, json={"prompt": "p"}, headers=headers) as resp,
+    ):
+        answer = await resp.json()
+    assert resp.status == status
+    assert answer["error"]["code"] == code

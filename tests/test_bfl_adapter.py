@@ -1,0 +1,633 @@
+"""The Black Forest Labs adapter, driven against a real loopback fake of the FLUX API."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import orjson
+import pytest
+
+from imagegen_service.config import ConfigError, ProviderConfig
+from imagegen_service.errors import (
+    ContentPolicy,
+    ImagegenError,
+    InvalidParameter,
+    UpstreamError,
+)
+from imagegen_service.providers.base import ProviderRequest
+from imagegen_service.providers.bfl import BFL_BASE_URL, BflProvider, from_config, pixel_size_for
+from tests.fakes.bfl_upstream import (
+    Behaviour,
+    FakeBflUpstream,
+    failed,
+    http_error,
+    insufficient_credits,
+    moderated,
+    never_ready,
+    ok,
+    rate_limited,
+    raw,
+    server_error,
+    service_unavailable,
+    slow,
+    validation_error,
+)
+
+API_KEY = "bfl-test-key-7f3a"
+POLL = 0.01
+
+
+def make_request(**overrides: object) -> ProviderRequest:
+    fields: dict[str, object] = {
+        "upstream_model": "flux-pro-1.1",
+        "prompt": "a lighthouse at dusk",
+        "n": 1,
+        "width": 1024,
+        "height": 1024,
+        "quality": "standard",
+    }
+    fields.update(overrides)
+    return ProviderRequest(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeBflUpstream]:
+    async with FakeBflUpstream(api_key=API_KEY) as upstream:
+        yield upstream
+
+
+def adapter(base_url: str, **kwargs: object) -> BflProvider:
+    options: dict[str, object] = {"api_key": API_KEY, "poll_interval_seconds": POLL}
+    options.update(kwargs)
+    return BflProvider("bfl", base_url=base_url, **options)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def provider(fake: FakeBflUpstream) -> AsyncIterator[BflProvider]:
+    instance = adapter(fake.origin + "/")
+    try:
+        yield instance
+    finally:
+        await instance.aclose()
+
+
+def closed_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def error_texts(error: BaseException) -> str:
+    """Everything about an error and its causes that could reach a log or a caller."""
+    texts: list[str] = []
+    current: BaseException | None = error
+    while current is not None:
+        texts += [str(current), repr(current)]
+        if isinstance(current, ImagegenError):
+            texts += [current.message, repr(current.metadata())]
+        current = current.__cause__ or current.__context__
+    return "\n".join(texts)
+
+
+# -- success ------------------------------------------------------------------------------
+
+
+async def test_two_images_are_two_tasks_each_downloaded_at_their_real_size(
+    fake: FakeBflUpstream, provider: BflProvider
+) -> None:
+    result = await provider.generate(make_request(n=2))
+
+    assert [(i.mime_type, i.width, i.height) for i in result.images] == [
+        ("image/png", 1024, 1024),
+        ("image/png", 1024, 1024),
+    ]
+    assert result.filtered == 0
+    assert len(fake.submits) == 2 and len(fake.polls) == 2 and len(fake.downloads) == 2
+
+
+async def test_the_upstream_sees_the_bfl_submit_shape_and_key(
+    fake: FakeBflUpstream, provider: BflProvider
+) -> None:
+    await provider.generate(make_request())
+
+    (submit,) = fake.submits
+    assert submit.path == "/v1/flux-pro-1.1"
+    assert submit.headers["x-key"] == API_KEY
+    assert submit.headers["Content-Type"] == "application/json"
+    assert submit.body == {
+        "prompt": "a lighthouse at dusk",
+        "width": 1024,
+        "height": 1024,
+        "output_format": "png",
+    }
+    assert all(poll.headers["x-key"] == API_KEY for poll in fake.polls)
+
+
+async def test_the_signed_sample_is_downloaded_without_the_key(
+    fake: FakeBflUpstream, provider: BflProvider
+) -> None:
+    await provider.generate(make_request(n=2))
+
+    assert len(fake.downloads) == 2
+    assert all("x-key" not in download.headers for download in fake.downloads)
+
+
+async def test_seeded_requests_send_one_distinct_seed_per_task(
+    fake: FakeBflUpstream, provider: BflProvider
+) -> None:
+    await provider.generate(make_request(n=3, seed=41))
+
+    assert sorted(submit.body["seed"] for submit in fake.submits) == [41, 42, 43]
+
+
+async def test_safety_tolerance_is_sent_only_when_configured(fake: FakeBflUpstream) -> None:
+    tolerant = adapter(fake.origin, safety_tolerance=5)
+    try:
+        await tolerant.generate(make_request())
+    finally:
+        await tolerant.aclose()
+    assert fake.submits[0].body["safety_tolerance"] == 5
+
+
+async def test_jpeg_output_is_asked_for_and_comes_back_as_jpeg(
+    fake: FakeBflUpstream, provider: BflProvider
+) -> None:
+    result = await provider.generate(make_request(output_format="jpeg", upstream_model="flux-dev"))
+
+    assert fake.submits[0].path == "/v1/flux-dev"
+    assert fake.submits[0].body["output_format"] == "jpeg"
+    assert result.images[0].mime_type == "image/jpeg"
+
+
+async def test_pending_polls_continue_until_the_task_is_ready(
+    fake: FakeBflUpstream, provider: BflProvider
+) -> None:
+    fake.script(ok(pending_polls=3), ok(pending_polls=2, in_progress="Processing"))
+
+    result = await provider.generate(make_request(n=2))
+
+    assert len(result.images) == 2
+    assert len(fake.polls) == 3 + 1 + 2 + 1
+
+
+async def test_a_missing_polling_url_falls_back_to_get_result_by_id(
+    fake: FakeBflUpstream, provider: BflProvider
+) -> None:
+    fake.script(ok(polling_url=None, pending_polls=1))
+
+    result = await provider.generate(make_request())
+
+    assert len(result.images) == 1
+    task_id = next(iter(fake.tasks))
+    assert [poll.query for poll in fake.polls] == [{"id": task_id}, {"id": task_id}]
+
+
+async def test_a_polling_url_on_a_foreign_host_never_gets_the_key(
+    fake: FakeBflUpstream, provider: BflProvider
+) -> None:
+    # Would leak the key (and fail: .invalid never resolves) if it were followed.
+    fake.script(ok(polling_url="http://collector.invalid/v1/get_result?id=x"))
+
+    result = await provider.generate(make_request())
+
+    assert len(result.images) == 1
+    assert len(fake.polls) == 1
+
+
+def test_a_regional_polling_host_of_the_configured_domain_is_trusted() -> None:
+    provider = BflProvider("bfl", api_key=API_KEY)
+    regional = "https://api.eu4.bfl.ai/v1/get_result?id=abc"
+
+    assert provider._trusted_polling_url(regional) == regional
+    assert provider._trusted_polling_url("http://api.eu4.bfl.ai/v1/get_result?id=abc") is None
+    assert provider._trusted_polling_url("https://bfl.ai.evil.example/x") is None
+
+
+# -- sizes ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("size", "sent"),
+    [
+        ((1024, 1024), (1024, 1024)),
+        ((1792, 1024), (1440, 832)),
+        ((1024, 1792), (832, 1440)),
+        ((1536, 1024), (1440, 960)),
+        ((1024, 1536), (960, 1440)),
+        ((512, 512), (512, 512)),
+        ((256, 256), (256, 256)),
+        ((64, 48), (352, 256)),
+    ],
+)
+def test_width_height_sizes_keep_their_ratio_in_multiples_of_32_within_256_to_1440(
+    size: tuple[int, int], sent: tuple[int, int]
+) -> None:
+    assert pixel_size_for(*size) == sent
+
+
+async def test_a_1792x1024_request_to_flux_pro_sends_1440x832_and_returns_that_size(
+    fake: FakeBflUpstream, provider: BflProvider
+) -> None:
+    result = await provider.generate(make_request(width=1792, height=1024))
+
+    assert (fake.submits[0].body["width"], fake.submits[0].body["height"]) == (1440, 832)
+    assert (result.images[0].width, result.images[0].height) == (1440, 832)
+
+
+async def test_ultra_maps_1792x1024_to_16_9_and_returns_the_real_4mp_size(
+    fake: FakeBflUpstream, provider: BflProvider
+) -> None:
+    result = await provider.generate(
+        make_request(upstream_model="flux-pro-1.1-ultra", width=1792, height=1024)
+    )
+
+    assert fake.submits[0].body == {
+        "prompt": "a lighthouse at dusk",
+        "aspect_ratio": "16:9",
+        "output_format": "png",
+    }
+    assert (result.images[0].width, result.images[0].height) == (2752, 1536)
+
+
+async def test_kontext_takes_an_aspect_ratio_too(
+    fake: FakeBflUpstream, provider: BflProvider
+) -> None:
+    result = await provider.generate(
+        make_request(upstream_model="flux-kontext-pro", width=1024, height=1536)
+    )
+
+    assert fake.submits[0].path == "/v1/flux-kontext-pro"
+    assert fake.submits[0].body["aspect_ratio"] == "2:3"
+    assert "width" not in fake.submits[0].body
+    image = result.images[0]
+    assert image.width < image.height
+
+
+@pytest.mark.parametrize("model", ["flux-pro-1.1", "flux-pro-1.1-ultra", "flux-kontext-max"])
+async def test_an_impossible_size_is_refused_by_check_before_any_request(
+    fake: FakeBflUpstream, provider: BflProvider, model: str
+) -> None:
+    request = make_request(upstream_model=model, width=4096, height=256)
+
+    with pytest.raises(InvalidParameter) as raised:
+        provider.check(request)
+    assert raised.value.param == "size"
+    with pytest.raises(InvalidParameter):
+        await provider.generate(request)
+    assert fake.hits == 0
+
+
+def test_check_accepts_every_catalog_size() -> None:
+    provider = BflProvider("bfl", api_key=API_KEY)
+    for model in ("flux-pro-1.1", "flux-dev", "flux-pro-1.1-ultra", "flux-kontext-pro"):
+        for width, height in [(1024, 1024), (1536, 1024), (1024, 1536), (1792, 1024), (1024, 1792)]:
+            provider.check(make_request(upstream_model=model, width=width, height=height))
+
+
+# -- refusals ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", ["Content Moderated", "Request Moderated"])
+async def test_a_moderated_task_inside_a_200_is_a_content_policy_refusal(
+    fake: FakeBflUpstream, provider: BflProvider, status: str
+) -> None:
+    fake.script(moderated(status, pending_polls=1))
+
+    with pytest.raises(ContentPolicy) as raised:
+        await provider.generate(make_request())
+    assert raised.value.message == "The prompt was refused by the provider's content policy."
+    assert fake.downloads == []
+
+
+async def test_a_400_refusal_on_submit_is_a_content_policy_refusal(
+    fake: FakeBflUpstream, provider: BflProvider
+) -> None:
+    fake.script("moderation_refusal_400")
+
+    with pytest.raises(ContentPolicy):
+        await provider.generate(make_request())
+
+
+async def test_when_some_tasks_are_refused_the_rest_are_returned_and_counted_filtered(
+    fake: FakeBflUpstream, provider: BflProvider
+) -> None:
+    fake.script(ok(), moderated("Content Moderated"), "moderation_refusal_400", ok())
+
+    result = await provider.generate(make_request(n=4))
+
+    assert len(result.images) == 2
+    assert result.filtered == 2
+
+
+async def test_when_every_task_is_refused_the_call_is_a_content_policy_refusal(
+    fake: FakeBflUpstream, provider: BflProvider
+) -> None:
+    fake.script(moderated(), moderated("Request Moderated"), "moderation_refusal_400")
+
+    with pytest.raises(ContentPolicy):
+        await provider.generate(make_request(n=3))
+
+
+# -- upstream failures -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [("Error", "error"), ("Failed", "failed"), ("Task not found", "task_not_found")],
+)
+async def test_a_failed_task_is_an_upstream_error(
+    fake: FakeBflUpstream, provider: BflProvider, status: str, code: str
+) -> None:
+    fake.script(failed(status))
+
+    with pytest.raises(UpstreamError, match=rf"task 0 failed \({code}\)"):
+        await provider.generate(make_request())
+
+
+async def test_a_429_is_an_upstream_error_carrying_retry_after(
+    fake: FakeBflUpstream, provider: BflProvider
+) -> None:
+    fake.script(rate_limited(retry_after=3))
+
+    with pytest.raises(UpstreamError, match=r"HTTP 429 \(too_many_active_tasks\)") as raised:
+        await provider.generate(make_request())
+    assert raised.value.retry_after_seconds == 3.0
+
+
+@pytest.mark.parametrize(
+    "behaviour",
+    [
+        server_error(),
+        service_unavailable(),
+        insufficient_credits(),
+        http_error(403, "Forbidden"),
+        http_error(404, "Not Found"),
+    ],
+    ids=["500", "503", "402", "403", "404"],
+)
+async def test_other_error_statuses_on_submit_are_upstream_errors(
+    fake: FakeBflUpstream, provider: BflProvider, behaviour: Behaviour
+) -> None:
+    fake.script(behaviour)
+
+    with pytest.raises(UpstreamError, match=rf"answered HTTP {behaviour.status}") as raised:
+        await provider.generate(make_request())
+    assert "Insufficient" not in raised.value.message
+
+
+async def test_an_unknown_model_route_is_an_upstream_error(provider: BflProvider) -> None:
+    with pytest.raises(UpstreamError, match=r"HTTP 404 \(not_found\)"):
+        await provider.generate(make_request(upstream_model="flux-nonexistent"))
+
+
+async def test_a_422_becomes_invalid_parameter_with_a_short_scrubbed_message(
+    fake: FakeBflUpstream, provider: BflProvider
+) -> None:
+    fake.script(validation_error("width", f"Input should be <= 1440 (x-key {API_KEY})"))
+
+    with pytest.raises(InvalidParameter) as raised:
+        await provider.generate(make_request())
+    assert raised.value.param == "size"
+    assert raised.value.message == "width: Input should be <= 1440 (x-key ***)"
+
+
+async def test_a_long_422_message_is_cut_to_300_characters(
+    fake: FakeBflUpstream, provider: BflProvider
+) -> None:
+    fake.script(http_error(422, "x" * 1000))
+
+    with pytest.raises(InvalidParameter) as raised:
+        await provider.generate(make_request())
+    assert len(raised.value.message) == 300
+    assert raised.value.param is None
+
+
+async def test_a_slow_submit_times_out_as_an_upstream_error(fake: FakeBflUpstream) -> None:
+    fake.script(slow(2.0))
+    impatient = adapter(fake.origin, timeout_seconds=0.3)
+    try:
+        with pytest.raises(UpstreamError, match=r"did not answer within 0\.3 s"):
+            await impatient.generate(make_request())
+    finally:
+        await impatient.aclose()
+
+
+async def test_a_task_that_never_becomes_ready_is_bounded_by_the_timeout(
+    fake: FakeBflUpstream,
+) -> None:
+    fake.script(never_ready())
+    impatient = adapter(fake.origin, timeout_seconds=0.3)
+    started = time.monotonic()
+    try:
+        with pytest.raises(UpstreamError, match=r"did not answer within 0\.3 s"):
+            await impatient.generate(make_request())
+    finally:
+        await impatient.aclose()
+    assert time.monotonic() - started < 1.0
+    assert len(fake.polls) >= 3
+
+
+async def test_one_failing_task_fails_the_call_and_stops_the_others(
+    fake: FakeBflUpstream, provider: BflProvider
+) -> None:
+    fake.script(never_ready(), failed("Error"), never_ready())
+
+    started = time.monotonic()
+    with pytest.raises(UpstreamError, match="failed"):
+        await provider.generate(make_request(n=3))
+    assert time.monotonic() - started < 1.0
+    polls_when_failed = len(fake.polls)
+    await fake.pause(0.1)
+    assert len(fake.polls) == polls_when_failed
+
+
+async def test_a_refused_connection_is_an_upstream_error() -> None:
+    unreachable = adapter(f"http://127.0.0.1:{closed_port()}")
+    try:
+        with pytest.raises(UpstreamError, match="could not be reached"):
+            await unreachable.generate(make_request())
+    finally:
+        await unreachable.aclose()
+
+
+@pytest.mark.parametrize(
+    "behaviour",
+    [
+        "garbage",
+        "truncated",
+        "wrong_content_type",
+        "garbage_poll",
+        raw(200, orjson.dumps({"polling_url": "http://127.0.0.1:1/x"})),
+        raw(200, orjson.dumps(["not", "an", "object"])),
+    ],
+    ids=["garbage", "truncated", "content-type", "garbage-poll", "no-id", "list"],
+)
+async def test_unreadable_answers_are_upstream_errors(
+    fake: FakeBflUpstream, provider: BflProvider, behaviour: Behaviour | str
+) -> None:
+    fake.script(behaviour)
+
+    with pytest.raises(UpstreamError, match="unreadable answer"):
+        await provider.generate(make_request())
+
+
+@pytest.mark.parametrize("sample", ["expired", "missing"])
+async def test_an_expired_or_missing_sample_is_an_upstream_error(
+    fake: FakeBflUpstream, provider: BflProvider, sample: str
+) -> None:
+    fake.script(ok(sample=sample))  # type: ignore[arg-type]
+
+    with pytest.raises(UpstreamError, match=r"downloading image 0 answered HTTP 40[34]"):
+        await provider.generate(make_request())
+
+
+async def test_a_wrong_key_is_an_upstream_error_that_does_not_show_it(
+    fake: FakeBflUpstream,
+) -> None:
+    wrong = adapter(fake.origin, api_key="bfl-wrong-0042")
+    try:
+        with pytest.raises(UpstreamError, match=r"HTTP 403 \(authentication\)") as raised:
+            await wrong.generate(make_request())
+    finally:
+        await wrong.aclose()
+    assert "bfl-wrong-0042" not in error_texts(raised.value)
+
+
+@pytest.mark.parametrize(
+    "behaviour",
+    [
+        server_error(),
+        rate_limited(),
+        moderated(),
+        "moderation_refusal_400",
+        validation_error("prompt", f"bad header x-key: {API_KEY}"),
+        http_error(400, f"Key {API_KEY} is not allowed to use this model"),
+        http_error(403, f"Key {API_KEY} is disabled"),
+        http_error(402, f"Key {API_KEY} has no credits"),
+        failed("Error"),
+        "garbage",
+        "truncated",
+        "wrong_content_type",
+        ok(sample="expired"),
+        raw(200, orjson.dumps({"id": "x", "polling_url": "http://127.0.0.1:1/v1/get_result"})),
+    ],
+    ids=[
+        "500",
+        "429",
+        "moderated",
+        "400-refusal",
+        "422-echoing-key",
+        "400-echoing-key",
+        "403",
+        "402",
+        "task-error",
+        "garbage",
+        "truncated",
+        "content-type",
+        "expired-sample",
+        "dead-polling-url",
+    ],
+)
+async def test_no_error_message_contains_the_api_key(
+    fake: FakeBflUpstream, provider: BflProvider, behaviour: Behaviour | str
+) -> None:
+    fake.script(behaviour)
+
+    with pytest.raises(ImagegenError) as raised:
+        await provider.generate(make_request())
+    assert API_KEY not in error_texts(raised.value)
+
+
+async def test_no_error_message_contains_the_api_key_when_unreachable_or_slow(
+    fake: FakeBflUpstream,
+) -> None:
+    fake.script(slow(2.0))
+    for base_url in (fake.origin, f"http://127.0.0.1:{closed_port()}"):
+        instance = adapter(base_url, timeout_seconds=0.3)
+        try:
+            with pytest.raises(UpstreamError) as raised:
+                await instance.generate(make_request())
+        finally:
+            await instance.aclose()
+        assert API_KEY not in error_texts(raised.value)
+
+
+async def test_the_provider_repr_does_not_show_the_api_key(provider: BflProvider) -> None:
+    assert API_KEY not in repr(provider)
+
+
+# -- the fake is strict enough to catch a wrong field name ----------------------------------
+
+
+async def test_the_fake_rejects_fields_the_real_schema_does_not_have(
+    fake: FakeBflUpstream,
+) -> None:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{fake.origin}/v1/flux-pro-1.1",
+            json={"prompt": "x", "size": "1024x1024", "width": 1000},
+            headers={"x-key": API_KEY},
+        ) as resp,
+    ):
+        assert resp.status == 422
+        problems = (await resp.json())["detail"]
+    assert {tuple(p["loc"]) for p in problems} == {("body", "size"), ("body", "width")}
+
+
+# -- configuration ----------------------------------------------------------------------------
+
+
+async def test_from_config_reads_the_options_and_defaults_to_the_public_endpoint() -> None:
+    config = ProviderConfig(
+        name="flux",
+        type="bfl",
+        api_key_env="BFL_API_KEY",
+        timeout_seconds=42.0,
+        max_connections=8,
+        options={"safety_tolerance": 4, "poll_interval_seconds": 0.25},
+    )
+
+    provider = from_config(config, API_KEY)
+
+    assert isinstance(provider, BflProvider)
+    assert provider.name == "flux"
+    assert provider.timeout_seconds == 42.0
+    assert provider._base_url == BFL_BASE_URL
+    assert provider._safety_tolerance == 4
+    assert provider._poll_interval == 0.25
+    assert API_KEY not in repr(provider)
+
+
+async def test_from_config_talks_to_a_configured_base_url(fake: FakeBflUpstream) -> None:
+    config = ProviderConfig(
+        name="bfl", type="bfl", base_url=fake.origin, options={"poll_interval_seconds": POLL}
+    )
+    provider = from_config(config, API_KEY)
+    try:
+        result = await provider.generate(make_request())
+    finally:
+        await provider.aclose()
+    assert len(result.images) == 1
+    assert "safety_tolerance" not in fake.submits[0].body
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"safety_tolerance": 7},
+        {"safety_tolerance": "2"},
+        {"safety_tolerance": True},
+        {"poll_interval_seconds": 0},
+        {"poll_interval_seconds": "fast"},
+    ],
+)
+def test_from_config_rejects_bad_options(options: dict[str, object]) -> None:
+    config = ProviderConfig(name="bfl", type="bfl", options=options)
+
+    with pytest.raises(ConfigError, match=r"providers\.bfl\."):
+        from_config(config, API_KEY)
