@@ -9,6 +9,7 @@ from aiohttp import web
 
 from http_gateway import views
 from http_gateway.config import GatewayConfig
+from http_gateway.metrics import METRICS, GatewayMetrics, scrape
 from http_gateway.middlewares import MAX_BODY, request_id_middleware
 from imagegen_service.gen import images_pb2_grpc
 
@@ -30,6 +31,7 @@ def create_app(config: GatewayConfig) -> web.Application:
     )
     app[views.CONFIG] = config
     app[MAX_BODY] = config.max_body_bytes
+    app[METRICS] = GatewayMetrics()
 
     async def grpc_channel(app: web.Application) -> AsyncIterator[None]:
         channel = grpc.aio.insecure_channel(config.service_address, options=channel_options(config))
@@ -44,4 +46,5 @@ def create_app(config: GatewayConfig) -> web.Application:
     app.router.add_get("/v1/files/images/{token}", views.download_image)
     app.router.add_get("/healthz", views.healthz)
     app.router.add_get("/readyz", views.readyz)
+    app.router.add_get("/metrics", scrape)
     return app

@@ -30,6 +30,13 @@ _BY_REASON: dict[str, HttpError] = {
     "INSUFFICIENT_BALANCE": HttpError(402, "insufficient_quota", "insufficient_balance", False),
     "PERMISSION_DENIED": HttpError(403, "invalid_request_error", "permission_denied", False),
     "NOT_FOUND": HttpError(404, "invalid_request_error", "not_found", False),
+    "IDEMPOTENCY_CONFLICT": HttpError(
+        409, "invalid_request_error", "idempotency_key_reused", False
+    ),
+    # The openai SDK retries 409: by then the first request has usually finished.
+    "IDEMPOTENCY_IN_PROGRESS": HttpError(
+        409, "invalid_request_error", "idempotency_key_in_progress", True
+    ),
     "RATE_LIMITED": HttpError(429, "rate_limit_error", "rate_limit_exceeded", True),
     "UPSTREAM_ERROR": HttpError(502, "api_error", "upstream_error", True),
 }
@@ -75,7 +82,7 @@ def from_grpc_error(exc: grpc.aio.AioRpcError) -> web.Response:
         )
         return error_response(error, message)
     error = _BY_REASON.get(info.reason, _INTERNAL)
-    headers = {}
+    headers = {k: v for k, v in info.metadata.items() if k.startswith("x-ratelimit-")}
     retry_after = info.metadata.get("retry_after_seconds")
     if retry_after:
         headers["retry-after"] = retry_after

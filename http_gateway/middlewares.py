@@ -11,6 +11,7 @@ import structlog
 from aiohttp import web
 
 from http_gateway import errors
+from http_gateway.metrics import METRICS, route_of
 
 log = structlog.get_logger("imagegen.gateway")
 
@@ -28,15 +29,15 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
     started = time.perf_counter()
     response = await _answer(request, handler)
     response.headers["x-request-id"] = request_id
+    elapsed, route = time.perf_counter() - started, route_of(request)
+    request.app[METRICS].observe(route, request.method, response.status, elapsed)
     log.info(
         "http.request",
         request_id=request_id,
         method=request.method,
-        route=request.match_info.route.resource.canonical
-        if request.match_info.route.resource
-        else "unmatched",
+        route=route,
         status=response.status,
-        latency_ms=round((time.perf_counter() - started) * 1000, 1),
+        latency_ms=round(elapsed * 1000, 1),
     )
     return response
 

@@ -25,10 +25,29 @@ STUB: web.AppKey[ImageGenerationAsyncStub] = web.AppKey("stub")
 
 def _metadata(request: web.Request, *, with_key: bool = True) -> tuple[tuple[str, str], ...]:
     md = [("x-request-id", request[REQUEST_ID])]
+    # gRPC metadata must be printable ASCII; anything else cannot be a valid key anyway.
     authorization = request.headers.get("Authorization")
     if with_key and authorization and authorization.isascii() and authorization.isprintable():
         md.append(("authorization", authorization))
     return tuple(md)
+
+
+def _idempotency_metadata(request: web.Request) -> tuple[tuple[str, str], ...]:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return ()
+    if not (key.isascii() and key.isprintable()):
+        raise BodyError("The Idempotency-Key header must be printable ASCII.", "Idempotency-Key")
+    return (("idempotency-key", key),)
+
+
+def _passed_headers(metadata: Any) -> dict[str, str]:
+    """The service's x-ratelimit-* answer metadata, as response headers."""
+    headers: dict[str, str] = {}
+    for key, value in metadata or ():
+        if key.startswith("x-ratelimit-"):
+            headers[key] = value if isinstance(value, str) else value.decode()
+    return headers
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -70,6 +89,7 @@ def _generation_request(body: dict[str, Any]) -> images_pb2.GenerateImagesReques
 async def create_images(request: web.Request) -> web.Response:
     try:
         message = _generation_request(await _read_json_object(request))
+        metadata = _metadata(request) + _idempotency_metadata(request)
     except BodyError as exc:
         return errors.error_response(errors.BAD_REQUEST, exc.message, param=exc.param)
     config = request.app[CONFIG]
@@ -77,13 +97,14 @@ async def create_images(request: web.Request) -> web.Response:
     summary: images_pb2.GenerationSummary | None = None
     try:
         call = request.app[STUB].GenerateImages(
-            message, metadata=_metadata(request), timeout=config.request_timeout_seconds
+            message, metadata=metadata, timeout=config.request_timeout_seconds
         )
         async for event in call:
             if event.HasField("image"):
                 images.append(event.image)
             elif event.HasField("summary"):
                 summary = event.summary
+        headers = _passed_headers(await call.initial_metadata())
     except grpc.aio.AioRpcError as exc:
         return errors.from_grpc_error(exc)
     if summary is None:
@@ -101,7 +122,7 @@ async def create_images(request: web.Request) -> web.Response:
             item["b64_json"] = base64.b64encode(image.data).decode("ascii")
         item["revised_prompt"] = image.revised_prompt
         data.append(item)
-    return _json(
+    response = _json(
         {
             "created": summary.created,
             "data": data,
@@ -112,6 +133,8 @@ async def create_images(request: web.Request) -> web.Response:
             },
         }
     )
+    response.headers.update(headers)
+    return response
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -78,11 +78,6 @@ class ImageModel:
                 return prices[key]
         raise CatalogError(f"model {self.id!r} has no price for {size}/{quality}")
 
-    def quote_unit_price(self, size: str, quality: str) -> int:
-        """The most any deployment charges per image: what a request holds, so that a
-        failover to a pricier deployment is still covered."""
-        return max(self.unit_price(size, quality, d) for d in self.deployments)
-
 
 @dataclass(frozen=True, slots=True)
 class ValidatedRequest:
@@ -95,13 +90,8 @@ class ValidatedRequest:
     quality: str
     style: str | None
     response_format: str
-    unit_price_micros: int
     seed: int | None = None
     user: str = ""
-
-    @property
-    def quote_micros(self) -> int:
-        return self.unit_price_micros * self.n
 
 
 @dataclass(slots=True)
@@ -193,7 +183,6 @@ class Catalog:
             quality=quality,
             style=style or None,
             response_format=response_format,
-            unit_price_micros=m.quote_unit_price(size, quality),
             seed=seed,
             user=user,
         )

@@ -41,7 +41,21 @@ def _account_json(a: Account) -> dict[str, Any]:
 
 
 def _key_json(k: ApiKey) -> dict[str, Any]:
-    return {"id": k.id, "account_id": k.account_id, "created": k.created, "revoked": k.revoked}
+    return {
+        "id": k.id,
+        "account_id": k.account_id,
+        "created": k.created,
+        "revoked": k.revoked,
+        "requests_per_minute": k.requests_per_minute,
+        "images_per_minute": k.images_per_minute,
+    }
+
+
+def _limit(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("a limit must be 0 (unlimited) or more")
+    return value
 
 
 def _usd(text: str) -> int:
@@ -71,6 +85,12 @@ async def _keys_create(store: LedgerStore, args: argparse.Namespace) -> dict[str
 
 async def _keys_revoke(store: LedgerStore, args: argparse.Namespace) -> dict[str, Any]:
     return _key_json(await store.revoke_key(args.key_id))
+
+
+async def _keys_limits(store: LedgerStore, args: argparse.Namespace) -> dict[str, Any]:
+    rpm = None if args.clear else args.requests_per_minute
+    ipm = None if args.clear else args.images_per_minute
+    return _key_json(await store.set_key_limits(args.key_id, rpm, ipm))
 
 
 async def _ledger(store: LedgerStore, args: argparse.Namespace) -> dict[str, Any]:
@@ -147,6 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = key_cmds.add_parser("revoke", parents=[common], help="revoke a key at once")
     p.add_argument("key_id")
     p.set_defaults(run=_keys_revoke)
+
+    p = key_cmds.add_parser(
+        "limits", parents=[common], help="set a key's own rate limits (0 = unlimited)"
+    )
+    p.add_argument("key_id")
+    p.add_argument("--rpm", dest="requests_per_minute", type=_limit, default=None)
+    p.add_argument("--ipm", dest="images_per_minute", type=_limit, default=None)
+    p.add_argument("--clear", action="store_true", help="back to the configured defaults")
+    p.set_defaults(run=_keys_limits)
 
     p = groups.add_parser("ledger", parents=[common], help="list an account's ledger entries")
     p.add_argument("account")

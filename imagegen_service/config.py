@@ -3,6 +3,8 @@
 ``IMAGEGEN_CONFIG`` names the file (default: ``default_config.toml`` in this package).
 ``IMAGEGEN_DATA_DIR``, ``IMAGEGEN_GRPC_PORT``, ``IMAGEGEN_HTTP_PORT``,
 ``IMAGEGEN_DATABASE_URL``, ``IMAGEGEN_SIGNING_KEY`` and ``IMAGEGEN_ADMIN_TOKEN`` override it.
+``IMAGEGEN_METRICS_PORT`` overrides ``[service] metrics_port``; ``IMAGEGEN_LOG_PROMPT_CHARS``
+(default 0) is how much of each prompt the generation log line may carry.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 from imagegen_service.catalog import Catalog, CatalogError, load_catalog
 from imagegen_service.money import parse_usd
+from imagegen_service.ratelimit import Limits
 from imagegen_service.routing import RoutingPolicy
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.toml")
@@ -90,6 +93,16 @@ class ProviderConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ImageStoreConfig:
+    # "local" (a directory under the data dir) or "s3".
+    backend: str = "local"
+    bucket: str = ""
+    prefix: str = ""
+    endpoint_url: str = ""
+    region: str = "us-east-1"
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceConfig:
     config_path: Path
     data_dir: Path
@@ -102,9 +115,17 @@ class ServiceConfig:
     providers: dict[str, ProviderConfig]
     catalog: Catalog
     routing: RoutingPolicy = field(default_factory=RoutingPolicy)
+    images: ImageStoreConfig = field(default_factory=ImageStoreConfig)
+    # Empty: rate-limit counters live in this process.
+    redis_url: str = ""
+    rate_limits: Limits = field(default_factory=Limits)
+    housekeeping_seconds: float = 60.0
     admin_token: str | None = None
     signing_key_env: str | None = None
     max_message_bytes: int = 32 * 1024 * 1024
+    # GET /metrics on this port (0: not served); characters of a prompt logged (0: none).
+    metrics_port: int = 0
+    log_prompt_chars: int = 0
     environ: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @property
@@ -180,6 +201,21 @@ def _provider(name: str, raw: Any) -> ProviderConfig:
         raise ConfigError(f"providers.{name}: {exc}") from None
 
 
+def _images(raw: Mapping[str, Any], env: Mapping[str, str], path: Path) -> ImageStoreConfig:
+    config = ImageStoreConfig(
+        backend=env.get("IMAGEGEN_IMAGE_STORE") or str(raw.get("backend", "local")),
+        bucket=env.get("IMAGEGEN_S3_BUCKET") or str(raw.get("bucket", "")),
+        prefix=str(raw.get("prefix", "")),
+        endpoint_url=env.get("IMAGEGEN_S3_ENDPOINT_URL") or str(raw.get("endpoint_url", "")),
+        region=env.get("AWS_REGION") or str(raw.get("region", "us-east-1")),
+    )
+    if config.backend not in ("local", "s3"):
+        raise ConfigError(f"{path}: [images].backend must be 'local' or 's3'")
+    if config.backend == "s3" and not config.bucket:
+        raise ConfigError(f"{path}: [images].bucket (or IMAGEGEN_S3_BUCKET) is required for s3")
+    return config
+
+
 def _routing_policy(raw: Mapping[str, Any], path: Path) -> RoutingPolicy:
     defaults = RoutingPolicy()
     unknown = set(raw) - set(RoutingPolicy.__dataclass_fields__)
@@ -223,9 +259,18 @@ def load_config(environ: Mapping[str, str] | None = None) -> ServiceConfig:
     except (CatalogError, ValueError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
     policy = _routing_policy(_table(doc, "routing"), path)
+    images = _images(_table(doc, "images"), env, path)
+    limits_table = _table(doc, "rate_limits")
     return ServiceConfig(
         config_path=path,
         routing=policy,
+        images=images,
+        redis_url=env.get("IMAGEGEN_REDIS_URL") or str(limits_table.get("redis_url", "")),
+        rate_limits=Limits(
+            requests_per_minute=int(limits_table.get("requests_per_minute", 0)),
+            images_per_minute=int(limits_table.get("images_per_minute", 0)),
+        ),
+        housekeeping_seconds=float(service.get("housekeeping_seconds", 60.0)),
         data_dir=data_dir,
         grpc_host=str(service.get("grpc_host", "127.0.0.1")),
         grpc_port=env_int(env, "IMAGEGEN_GRPC_PORT", service.get("grpc_port", 50051)),
@@ -240,5 +285,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> ServiceConfig:
         admin_token=env.get("IMAGEGEN_ADMIN_TOKEN") or None,
         signing_key_env=env.get("IMAGEGEN_SIGNING_KEY") or None,
         max_message_bytes=int(service.get("max_message_bytes", 32 * 1024 * 1024)),
+        metrics_port=env_int(env, "IMAGEGEN_METRICS_PORT", service.get("metrics_port", 9090)),
+        log_prompt_chars=env_int(env, "IMAGEGEN_LOG_PROMPT_CHARS", 0),
         environ=env,
     )

@@ -51,12 +51,20 @@ class InsufficientBalance(ImagegenError):
 class RateLimited(ImagegenError):
     reason = "RATE_LIMITED"
 
-    def __init__(self, message: str, *, retry_after_seconds: int) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_seconds: int,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.retry_after_seconds = retry_after_seconds
+        # x-ratelimit-* values for the caller.
+        self.headers = headers or {}
 
     def metadata(self) -> dict[str, str]:
-        return {"retry_after_seconds": str(self.retry_after_seconds)}
+        return {"retry_after_seconds": str(self.retry_after_seconds), **self.headers}
 
 
 class UpstreamError(ImagegenError):
@@ -66,6 +74,21 @@ class UpstreamError(ImagegenError):
     # How long the upstream asked us to wait (its Retry-After); for our retries only,
     # never shown to the caller.
     retry_after_seconds: float | None = None
+
+
+class IdempotencyConflict(ImagegenError):
+    """The Idempotency-Key was used before with a different request."""
+
+    reason = "IDEMPOTENCY_CONFLICT"
+
+
+class IdempotencyInProgress(ImagegenError):
+    """The first request with this Idempotency-Key is still running."""
+
+    reason = "IDEMPOTENCY_IN_PROGRESS"
+
+    def metadata(self) -> dict[str, str]:
+        return {"retry_after_seconds": "1"}
 
 
 class NotFound(ImagegenError):

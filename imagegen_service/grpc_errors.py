@@ -26,6 +26,8 @@ _CODES: dict[str, grpc.StatusCode] = {
     errors.RateLimited.reason: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.UpstreamError.reason: grpc.StatusCode.UNAVAILABLE,
     errors.NotFound.reason: grpc.StatusCode.NOT_FOUND,
+    errors.IdempotencyConflict.reason: grpc.StatusCode.ALREADY_EXISTS,
+    errors.IdempotencyInProgress.reason: grpc.StatusCode.ABORTED,
 }
 
 

@@ -1,6 +1,12 @@
 """structlog for the whole process: JSON lines in production, readable lines in a terminal.
 
-The standard library's loggers (grpc, aiohttp, alembic) go through the same renderer.
+The standard library's loggers (grpc, aiohttp, asyncio, alembic) go through the same
+renderer, so every line of a process has one format.
+
+``IMAGEGEN_LOG_FORMAT``: ``json`` or ``console``; by default JSON unless stderr is a terminal.
+``IMAGEGEN_LOG_LEVEL``: a standard level name, default ``INFO``.
+What a prompt may leave in the logs is the service's setting (``IMAGEGEN_LOG_PROMPT_CHARS``,
+read by ``config.py``): log calls never pass a prompt but its configured prefix.
 """
 
 from __future__ import annotations
@@ -8,13 +14,19 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import TextIO
 
 import structlog
 
 
-def configure_logging(json_logs: bool | None = None, level: str | None = None) -> None:
+def configure_logging(
+    json_logs: bool | None = None, level: str | None = None, *, stream: TextIO | None = None
+) -> None:
+    """Routes structlog and the standard library's logging to ``stream`` (stderr)."""
+    output = sys.stderr if stream is None else stream
     if json_logs is None:
-        json_logs = os.environ.get("IMAGEGEN_LOG_FORMAT", "") == "json" or not sys.stderr.isatty()
+        wanted = os.environ.get("IMAGEGEN_LOG_FORMAT", "").lower()
+        json_logs = wanted == "json" or (wanted != "console" and not output.isatty())
     level_name = (level or os.environ.get("IMAGEGEN_LOG_LEVEL") or "INFO").upper()
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -22,8 +34,12 @@ def configure_logging(json_logs: bool | None = None, level: str | None = None) -
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer()
+    # A console renderer prints tracebacks itself; JSON needs them turned into a string
+    # (the library loggers' exc_info arrives here unformatted).
+    rendering: list[structlog.types.Processor] = (
+        [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+        if json_logs
+        else [structlog.dev.ConsoleRenderer()]
     )
     structlog.configure(
         processors=[
@@ -37,9 +53,9 @@ def configure_logging(json_logs: bool | None = None, level: str | None = None) -
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *rendering],
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(output)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -47,3 +63,5 @@ def configure_logging(json_logs: bool | None = None, level: str | None = None) -
     # aiohttp's access log duplicates our own per-request line.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # At DEBUG it writes every SQL statement with its parameters: noise, and ledger data.
+    logging.getLogger("aiosqlite").setLevel(logging.INFO)

@@ -9,6 +9,7 @@ has taken every one of them; any failure or cancellation before that releases th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncGenerator, Coroutine, Mapping
 from dataclasses import dataclass, field
@@ -25,8 +26,9 @@ from imagegen_service.providers.base import (
     ProviderRequest,
     TokenUsage,
 )
+from imagegen_service.ratelimit import Decision, RateLimiter
 from imagegen_service.routing import Router
-from imagegen_service.stores.images_local import LocalImageStore
+from imagegen_service.stores.base import ImageStore
 from imagegen_service.stores.ledger_sql import ApiKey, LedgerStore
 
 log = structlog.get_logger("imagegen.pipeline")
@@ -43,6 +45,19 @@ class GenerationParams:
     response_format: str = ""
     user: str = ""
     seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A request that passed every check and may now hold money."""
+
+    key: ApiKey
+    request: ValidatedRequest
+    provider_request: ProviderRequest
+    deployments: list[Deployment]
+    request_id: str
+    rate_limit: Decision | None
+    quote_micros: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,16 +90,20 @@ class ImagePipeline:
         *,
         catalog: Catalog,
         ledger: LedgerStore,
-        images: LocalImageStore,
+        images: ImageStore,
         providers: Mapping[str, Provider],
         hold_ttl_seconds: int,
         router: Router | None = None,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         self.catalog = catalog
         self.ledger = ledger
         self.images = images
         self.providers = providers
         self.router = router or Router(providers)
+        # One set of instruments per service: the router reports provider calls into it.
+        self.metrics = self.router.metrics
+        self.rate_limiter = rate_limiter
         self.hold_ttl_seconds = hold_ttl_seconds
 
     def models(self) -> list[ImageModel]:
@@ -101,14 +120,9 @@ class ImagePipeline:
             raise errors.InvalidApiKey("Incorrect API key provided.")
         return key
 
-    async def generate(
-        self, key: ApiKey, params: GenerationParams, *, request_id: str
-    ) -> AsyncGenerator[DeliveredImage | Summary]:
-        """Yields one DeliveredImage per image, then the Summary once the charge is made.
-
-        The caller must consume the stream to the Summary for the images to be charged;
-        closing it earlier releases the hold.
-        """
+    async def prepare(self, key: ApiKey, params: GenerationParams, *, request_id: str) -> Prepared:
+        """Everything that can refuse a request before money moves: validation against the
+        model, the providers' own limits, and the key's rate limits."""
         request = self.catalog.validate(
             model=params.model,
             prompt=params.prompt,
@@ -122,12 +136,39 @@ class ImagePipeline:
         )
         provider_request = _provider_request(request, request_id)
         deployments = self.router.check(request.model, provider_request)
+        # Hold the most that any deployment able to serve this request could charge.
+        unit = max(request.model.unit_price(request.size, request.quality, d) for d in deployments)
+        decision = None
+        if self.rate_limiter is not None:
+            decision = await self.rate_limiter.admit(key, request.n)
+        return Prepared(
+            key, request, provider_request, deployments, request_id, decision, unit * request.n
+        )
+
+    async def generate(
+        self, key: ApiKey, params: GenerationParams, *, request_id: str
+    ) -> AsyncGenerator[DeliveredImage | Summary]:
+        """``prepare`` then ``run``."""
+        prepared = await self.prepare(key, params, request_id=request_id)
+        async with contextlib.aclosing(self.run(prepared)) as events:
+            async for event in events:
+                yield event
+
+    async def run(self, prepared: Prepared) -> AsyncGenerator[DeliveredImage | Summary]:
+        """Yields one DeliveredImage per image, then the Summary once the charge is made.
+
+        The caller must consume the stream to the Summary for the images to be charged;
+        closing it earlier releases the hold.
+        """
+        key, request, request_id = prepared.key, prepared.request, prepared.request_id
+        provider_request, deployments = prepared.provider_request, prepared.deployments
         hold = await self.ledger.place_hold(
             key.account_id,
-            request.quote_micros,
+            prepared.quote_micros,
             request_id=request_id,
             ttl_seconds=self.hold_ttl_seconds,
         )
+        self.metrics.hold_placed()
         settled = False
         try:
             routed = await self.router.generate(deployments, provider_request)
@@ -140,18 +181,9 @@ class ImagePipeline:
                 yield image
             cost = _cost(request, routed.deployment, result.usage, len(delivered))
             settled = True
+            self.metrics.hold_settled(hold.amount_micros, captured_micros=cost)
             await _shielded(self.ledger.settle_hold(hold, cost, request_id=request_id))
-            log.info(
-                "generation.charged",
-                request_id=request_id,
-                account_id=key.account_id,
-                model=request.model.id,
-                provider=routed.provider,
-                n=len(delivered),
-                filtered=result.filtered,
-                failovers=routed.failovers,
-                cost_micros=cost,
-            )
+            # The servicer's GenerationRecord writes the generation's log line.
             yield Summary(
                 created=int(time.time()),
                 model=request.model.id,
@@ -164,6 +196,7 @@ class ImagePipeline:
             )
         finally:
             if not settled:
+                self.metrics.hold_settled(hold.amount_micros, captured_micros=0)
                 await _shielded(self.ledger.settle_hold(hold, 0, request_id=request_id))
 
     async def _deliver(

@@ -20,6 +20,7 @@ import structlog
 
 from imagegen_service import errors
 from imagegen_service.catalog import Deployment, ImageModel
+from imagegen_service.metrics import ServiceMetrics
 from imagegen_service.providers.base import Provider, ProviderRequest, ProviderResult
 
 log = structlog.get_logger("imagegen.routing")
@@ -69,6 +70,7 @@ class Router:
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     _breakers: dict[tuple[str, str], _Breaker] = field(default_factory=dict)
     _semaphores: dict[str, asyncio.Semaphore] = field(default_factory=dict)
+    metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
 
     def check(self, model: ImageModel, request: ProviderRequest) -> list[Deployment]:
         """The deployments that can serve ``request`` at all; raises the first one's
@@ -104,6 +106,7 @@ class Router:
             except errors.UpstreamError as exc:
                 last_error = exc
                 tried += 1
+                self.metrics.failed_over(deployment.provider)
                 log.warning(
                     "routing.failover",
                     request_id=request.request_id,
@@ -131,7 +134,7 @@ class Router:
         attempt = 0
         while True:
             try:
-                async with semaphore:
+                async with semaphore, self.metrics.provider_call(deployment.provider):
                     result = await provider.generate(request)
             except errors.UpstreamError as exc:
                 self._failed(key)
@@ -139,6 +142,7 @@ class Router:
                 if attempt >= limits.max_retries or delay is None or not self._admit(key):
                     raise
                 attempt += 1
+                self.metrics.retried(deployment.provider)
                 log.info(
                     "routing.retry",
                     request_id=request.request_id,

@@ -16,18 +16,25 @@ from grpc_reflection.v1alpha import reflection
 
 from imagegen_service.config import ServiceConfig
 from imagegen_service.gen import admin_pb2, admin_pb2_grpc, images_pb2, images_pb2_grpc
+from imagegen_service.idempotency import IdempotencyKeys
+from imagegen_service.interceptors import MetricsInterceptor
+from imagegen_service.metrics import MetricsEndpoint, ServiceMetrics
 from imagegen_service.pipeline import ImagePipeline
 from imagegen_service.providers.registry import build_providers
+from imagegen_service.ratelimit import CounterStore, RateLimiter
 from imagegen_service.routing import ProviderLimits, Router
 from imagegen_service.servicer import AdminServicer, ImageGenerationServicer
+from imagegen_service.stores.base import ImageStore
 from imagegen_service.stores.images_local import LocalImageStore
+from imagegen_service.stores.images_s3 import S3ImageStore
 from imagegen_service.stores.ledger_sql import LedgerStore, open_store
+from imagegen_service.stores.ratelimit_memory import MemoryCounters
+from imagegen_service.stores.ratelimit_redis import RedisCounters
 
 log = structlog.get_logger("imagegen.server")
 
 IMAGES_SERVICE = images_pb2.DESCRIPTOR.services_by_name["ImageGeneration"].full_name
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
-HOUSEKEEPING_SECONDS = 60.0
 
 
 def grpc_options(config: ServiceConfig) -> list[tuple[str, int]]:
@@ -52,25 +59,54 @@ class RunningService:
     pipeline: ImagePipeline
     health: health_aio.HealthServicer
     _housekeeping: asyncio.Task[None]
+    # GET /metrics; metrics_port is 0 when it is not served.
+    metrics_port: int = 0
+    _metrics_endpoint: MetricsEndpoint | None = None
 
     async def stop(self, grace: float = 10.0) -> None:
         """Turns not-serving, lets in-flight calls finish within ``grace``, then closes."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self._metrics_endpoint is not None:
+            await self._metrics_endpoint.stop()
         self._housekeeping.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._housekeeping
         for provider in self.pipeline.providers.values():
             await provider.aclose()
+        if self.pipeline.rate_limiter is not None:
+            await self.pipeline.rate_limiter.counters.close()
+        await self.pipeline.images.close()
         await self.ledger.close()
+
+
+def build_image_store(config: ServiceConfig) -> ImageStore:
+    if config.images.backend == "s3":
+        return S3ImageStore(
+            bucket=config.images.bucket,
+            ttl_seconds=config.url_ttl_seconds,
+            prefix=config.images.prefix,
+            endpoint_url=config.images.endpoint_url or None,
+            region=config.images.region,
+        )
+    return LocalImageStore(config.data_dir / "images", config.signing_key(), config.url_ttl_seconds)
+
+
+def build_rate_limiter(config: ServiceConfig) -> RateLimiter:
+    counters: CounterStore = (
+        RedisCounters(config.redis_url) if config.redis_url else MemoryCounters()
+    )
+    return RateLimiter(counters, config.rate_limits)
 
 
 async def start_service(config: ServiceConfig, *, port: int | None = None) -> RunningService:
     ledger = await open_store(config.database_url)
-    images = LocalImageStore(
-        config.data_dir / "images", config.signing_key(), config.url_ttl_seconds
-    )
+    images = build_image_store(config)
+    await images.start()
+    rate_limiter = build_rate_limiter(config)
+    idempotency = IdempotencyKeys(ledger, images, stale_after_seconds=config.hold_ttl_seconds)
     providers = build_providers(config.providers, config.catalog, config.environ)
+    metrics = ServiceMetrics(log_prompt_chars=config.log_prompt_chars)
     router = Router(
         providers,
         limits={
@@ -78,6 +114,7 @@ async def start_service(config: ServiceConfig, *, port: int | None = None) -> Ru
             for name, c in config.providers.items()
         },
         policy=config.routing,
+        metrics=metrics,
     )
     pipeline = ImagePipeline(
         catalog=config.catalog,
@@ -86,9 +123,14 @@ async def start_service(config: ServiceConfig, *, port: int | None = None) -> Ru
         providers=providers,
         hold_ttl_seconds=config.hold_ttl_seconds,
         router=router,
+        rate_limiter=rate_limiter,
     )
-    server = grpc.aio.server(options=grpc_options(config))
-    images_pb2_grpc.add_ImageGenerationServicer_to_server(ImageGenerationServicer(pipeline), server)
+    server = grpc.aio.server(
+        interceptors=[MetricsInterceptor(metrics)], options=grpc_options(config)
+    )
+    images_pb2_grpc.add_ImageGenerationServicer_to_server(
+        ImageGenerationServicer(pipeline, idempotency), server
+    )
     admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(ledger, config.admin_token), server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -98,30 +140,59 @@ async def start_service(config: ServiceConfig, *, port: int | None = None) -> Ru
     bound = server.add_insecure_port(
         f"{config.grpc_host}:{config.grpc_port if port is None else port}"
     )
+    metrics_endpoint = MetricsEndpoint(metrics.registry)
+    metrics_port = (
+        await metrics_endpoint.start(config.grpc_host, config.metrics_port)
+        if config.metrics_port
+        else 0
+    )
     await server.start()
     for name in ("", IMAGES_SERVICE, ADMIN_SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    housekeeping = asyncio.create_task(_housekeeping(ledger, images))
+    housekeeping = asyncio.create_task(
+        _housekeeping(ledger, images, idempotency, config.housekeeping_seconds)
+    )
     log.info(
         "service.started",
         address=f"{config.grpc_host}:{bound}",
         database=ledger.dialect,
+        image_store=config.images.backend,
+        rate_limits="redis" if config.redis_url else "in-process",
         models=sorted(config.catalog.models),
+        metrics_port=metrics_port,
     )
-    return RunningService(server, bound, ledger, pipeline, health_servicer, housekeeping)
+    return RunningService(
+        server,
+        bound,
+        ledger,
+        pipeline,
+        health_servicer,
+        housekeeping,
+        metrics_port,
+        metrics_endpoint,
+    )
 
 
-async def _housekeeping(ledger: LedgerStore, images: LocalImageStore) -> None:
-    """Releases holds left open by a crashed process; deletes images past their URLs' life."""
+async def _housekeeping(
+    ledger: LedgerStore, images: ImageStore, idempotency: IdempotencyKeys, interval: float
+) -> None:
+    """Releases holds left open by a crashed process; deletes images past their URLs' life
+    and idempotency records past theirs."""
     while True:
         try:
             released = await ledger.release_expired_holds()
             removed = await images.delete_expired()
-            if released or removed:
-                log.info("housekeeping", holds_released=released, images_deleted=removed)
+            purged = await idempotency.purge_expired()
+            if released or removed or purged:
+                log.info(
+                    "housekeeping",
+                    holds_released=released,
+                    images_deleted=removed,
+                    idempotency_records_deleted=purged,
+                )
         except Exception:
             log.exception("housekeeping.failed")
-        await asyncio.sleep(HOUSEKEEPING_SECONDS)
+        await asyncio.sleep(interval)
 
 
 @contextlib.asynccontextmanager

@@ -6,6 +6,7 @@ Every handler runs its work through ``_handle``, which turns a domain error into
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,6 +18,7 @@ import structlog
 from imagegen_service import errors, keys
 from imagegen_service.gen import admin_pb2, admin_pb2_grpc, images_pb2, images_pb2_grpc
 from imagegen_service.grpc_errors import internal_status, to_status
+from imagegen_service.idempotency import IdempotencyKeys, fingerprint
 from imagegen_service.pipeline import DeliveredImage, GenerationParams, ImagePipeline, Summary
 from imagegen_service.stores.ledger_sql import Account, ApiKey, LedgerStore
 
@@ -65,8 +67,9 @@ async def _handle(
 
 
 class ImageGenerationServicer(images_pb2_grpc.ImageGenerationServicer):
-    def __init__(self, pipeline: ImagePipeline) -> None:
+    def __init__(self, pipeline: ImagePipeline, idempotency: IdempotencyKeys | None = None) -> None:
         self.pipeline = pipeline
+        self.idempotency = idempotency
 
     async def GenerateImages(
         self,
@@ -74,6 +77,7 @@ class ImageGenerationServicer(images_pb2_grpc.ImageGenerationServicer):
         context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     ) -> AsyncIterator[images_pb2.GenerateImagesResponse]:
         request_id = request_id_of(context)
+        idempotency_key = metadata_value(context, "idempotency-key")
         try:
             key = await self.pipeline.authenticate(metadata_value(context, "authorization"))
             params = GenerationParams(
@@ -87,17 +91,65 @@ class ImageGenerationServicer(images_pb2_grpc.ImageGenerationServicer):
                 user=request.user,
                 seed=request.seed if request.HasField("seed") else None,
             )
-            # Each yield returns only once gRPC has taken the message, so the pipeline
-            # charges after the last image has left, and closing releases the hold.
-            async with contextlib.aclosing(
-                self.pipeline.generate(key, params, request_id=request_id)
-            ) as events:
-                async for event in events:
-                    yield _to_message(event)
+            if idempotency_key is None or self.idempotency is None:
+                async for message in self._generate(key, params, request_id, context):
+                    yield message
+                return
+            claim = await self.idempotency.claim(
+                key.account_id,
+                idempotency_key,
+                fingerprint(request.SerializeToString(deterministic=True)),
+            )
+            if claim.state == "done":
+                log.info("generation.replayed", request_id=request_id, account_id=key.account_id)
+                for frame in await self.idempotency.replay(claim):
+                    yield images_pb2.GenerateImagesResponse.FromString(frame)
+                return
+            frames: list[bytes] = []
+            try:
+                async for message in self._generate(key, params, request_id, context):
+                    frames.append(message.SerializeToString())
+                    yield message
+            except BaseException:
+                await asyncio.shield(self.idempotency.release(key.account_id, idempotency_key))
+                raise
+            await asyncio.shield(self._remember(key.account_id, idempotency_key, frames))
             return
         except Exception as exc:
             status = _status_of(exc, context, "GenerateImages")
         await context.abort(status.code, status.details, status.trailing_metadata)
+
+    async def _generate(
+        self,
+        key: ApiKey,
+        params: GenerationParams,
+        request_id: str,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> AsyncIterator[images_pb2.GenerateImagesResponse]:
+        # Metrics and the one log line of this generation, whatever its outcome.
+        with self.pipeline.metrics.generation(
+            request_id=request_id, account_id=key.account_id, params=params
+        ) as record:
+            prepared = await self.pipeline.prepare(key, params, request_id=request_id)
+            if prepared.rate_limit is not None:
+                await context.send_initial_metadata(tuple(prepared.rate_limit.headers().items()))
+            # Each yield returns only once gRPC has taken the message, so the pipeline
+            # charges after the last image has left, and closing releases the hold.
+            async with contextlib.aclosing(self.pipeline.run(prepared)) as events:
+                async for event in events:
+                    if isinstance(event, Summary):
+                        record.charged(event)
+                    yield _to_message(event)
+
+    async def _remember(self, account_id: str, key: str, frames: list[bytes]) -> None:
+        """Stores a finished answer for replays. The caller already has it and was charged,
+        so a storage failure only costs the replay; the key is freed."""
+        assert self.idempotency is not None
+        try:
+            await self.idempotency.finish(account_id, key, frames)
+        except Exception:
+            log.exception("idempotency.store_failed", account_id=account_id)
+            await self.idempotency.release(account_id, key)
 
     async def ListModels(
         self,

@@ -13,27 +13,21 @@ import textwrap
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
-import grpc
-import openai
 import pytest
-from aiohttp import web
 from PIL import Image
 
-from http_gateway.app import create_app
-from http_gateway.config import GatewayConfig
-from imagegen_service.config import ServiceConfig, load_config
-from imagegen_service.gen import admin_pb2, admin_pb2_grpc
-from imagegen_service.server import RunningService, start_service
+from tests import stack as stack_module
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
+from tests.stack import ADMIN_METADATA, ADMIN_TOKEN, SIGNING_KEY, start_stack
 
-ADMIN_TOKEN = "test-admin-token"
-SIGNING_KEY = "test-signing-key"
+# Re-exported: test modules import these from here.
+__all__ = ["ADMIN_METADATA", "ADMIN_TOKEN", "SIGNING_KEY"]
+
 UPSTREAM_KEY = "sk-upstream-test"
 MAX_BODY_BYTES = 65536
-ADMIN_METADATA = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
 
 # Prices of the test catalog, in micro-dollars.
 LOCAL_256 = 1_000
@@ -175,119 +169,25 @@ def _config_toml(data_dir: Path, upstream_url: str, dead_port: int) -> str:
 
 
 @dataclass
-class Stack:
-    http_url: str
-    grpc_address: str
-    fake: FakeOpenAIUpstream
-    config: ServiceConfig
-    running: RunningService
-    # A channel to the service, shared by the helpers and by tests that speak gRPC.
-    channel: grpc.aio.Channel
-    admin: admin_pb2_grpc.AdminAsyncStub = field(init=False)
+class Stack(stack_module.Stack):
+    """The session's stack (see tests/stack.py), with its fake OpenAI upstream."""
 
-    def __post_init__(self) -> None:
-        self.admin = admin_pb2_grpc.AdminStub(self.channel)
-
-    async def new_account(self, balance_micros: int) -> tuple[str, str, str]:
-        """A fresh account with one API key: (account_id, api_key_secret, key_id)."""
-        account = await self.admin.CreateAccount(
-            admin_pb2.CreateAccountRequest(name="test", initial_balance_micros=balance_micros),
-            metadata=ADMIN_METADATA,
-        )
-        created = await self.admin.CreateKey(
-            admin_pb2.CreateKeyRequest(account_id=account.id), metadata=ADMIN_METADATA
-        )
-        return account.id, created.secret, created.key.id
-
-    async def revoke(self, key_id: str) -> admin_pb2.ApiKey:
-        return await self.admin.RevokeKey(
-            admin_pb2.RevokeKeyRequest(key_id=key_id), metadata=ADMIN_METADATA
-        )
-
-    async def account(self, account_id: str) -> admin_pb2.Account:
-        return await self.admin.GetAccount(
-            admin_pb2.GetAccountRequest(account_id=account_id), metadata=ADMIN_METADATA
-        )
-
-    async def ledger(self, account_id: str) -> list[admin_pb2.LedgerEntry]:
-        """The account's ledger entries through the Admin API, oldest first."""
-        answer = await self.admin.ListLedger(
-            admin_pb2.ListLedgerRequest(account_id=account_id, limit=1000),
-            metadata=ADMIN_METADATA,
-        )
-        return sorted(answer.entries, key=lambda e: e.id)
-
-    def openai_client(self, key: str, **kw: Any) -> openai.AsyncOpenAI:
-        """The official SDK pointed at the gateway; the caller must close it."""
-        return openai.AsyncOpenAI(base_url=self.http_url + "/v1", api_key=key, max_retries=0, **kw)
-
-    async def assert_balance(self, account_id: str, available: int, held: int = 0) -> None:
-        """The account holds exactly this, and its ledger entries sum to it."""
-        account = await self.account(account_id)
-        assert (account.available_micros, account.held_micros) == (available, held)
-        assert await self.running.ledger.ledger_sums(account_id) == (available, held)
-
-    async def assert_untouched(self, account_id: str, opening_micros: int) -> None:
-        """Nothing was held or charged: the opening credit is the only ledger entry."""
-        await self.assert_balance(account_id, opening_micros, 0)
-        entries = await self.ledger(account_id)
-        assert [(e.kind, e.available_delta_micros, e.held_delta_micros) for e in entries] == [
-            ("credit", opening_micros, 0)
-        ]
-
-    async def assert_not_charged(self, account_id: str, opening_micros: int) -> None:
-        """A hold may have been placed, but it was released in full and nothing captured."""
-        await self.assert_balance(account_id, opening_micros, 0)
-        kinds = [e.kind for e in await self.ledger(account_id)]
-        assert "capture" not in kinds
-        assert kinds in (["credit"], ["credit", "hold", "release"])
+    fake: FakeOpenAIUpstream = field(kw_only=True)
 
 
 @pytest.fixture(scope="session")
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    fake = FakeOpenAIUpstream(api_key=UPSTREAM_KEY)
-    upstream_url = await fake.start()
-    runner: web.AppRunner | None = None
-    running: RunningService | None = None
-    channel: grpc.aio.Channel | None = None
-    try:
+    async with FakeOpenAIUpstream(api_key=UPSTREAM_KEY) as fake:
         root = tmp_path_factory.mktemp("stack")
-        data_dir = root / "data"
-        config_path = root / "imagegen.toml"
-        config_path.write_text(_config_toml(data_dir, upstream_url, free_closed_port()))
-        config = load_config(
-            environ={
-                "IMAGEGEN_CONFIG": str(config_path),
-                "IMAGEGEN_DATA_DIR": str(data_dir),
-                "IMAGEGEN_ADMIN_TOKEN": ADMIN_TOKEN,
-                "IMAGEGEN_SIGNING_KEY": SIGNING_KEY,
-                "IMAGEGEN_TEST_UPSTREAM_KEY": UPSTREAM_KEY,
-            }
-        )
-        running = await start_service(config, port=0)
-        grpc_address = f"127.0.0.1:{running.port}"
-        app = create_app(GatewayConfig(service_address=grpc_address, max_body_bytes=MAX_BODY_BYTES))
-        runner = web.AppRunner(app, shutdown_timeout=1.0)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        host, port = runner.addresses[0][:2]
-        channel = grpc.aio.insecure_channel(grpc_address)
-        yield Stack(
-            http_url=f"http://{host}:{port}",
-            grpc_address=grpc_address,
+        config = _config_toml(root / "data", fake.base_url, free_closed_port())
+        async with start_stack(
+            config,
+            root,
+            environ={"IMAGEGEN_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
+            stack_class=Stack,
             fake=fake,
-            config=config,
-            running=running,
-            channel=channel,
-        )
-    finally:
-        if channel is not None:
-            await channel.close(grace=None)
-        if runner is not None:
-            await runner.cleanup()
-        if running is not None:
-            await running.stop(grace=1)
-        await fake.stop()
+        ) as running:
+            yield cast(Stack, running)
 
 
 @pytest.fixture

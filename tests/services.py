@@ -48,3 +48,29 @@ async def scratch_postgres_database() -> AsyncIterator[str]:
     finally:
         await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
         await admin.close()
+
+
+@asynccontextmanager
+async def scratch_redis_url() -> AsyncIterator[str]:
+    """A Redis URL with a key prefix of its own is not possible, so each test gets a fresh
+    logical database number that it flushes before and after use."""
+    import redis.asyncio as aioredis
+
+    base = os.environ.get("IMAGEGEN_TEST_REDIS_URL", "")
+    if not base:
+        _unavailable(
+            "Redis", "set IMAGEGEN_TEST_REDIS_URL=redis://127.0.0.1:6379/0 and start Redis"
+        )
+    parts = urlsplit(base)
+    url = urlunsplit(parts._replace(path=f"/{secrets.randbelow(14) + 1}"))
+    client = aioredis.from_url(url, socket_connect_timeout=2)
+    try:
+        await client.flushdb()
+    except (OSError, aioredis.RedisError) as exc:
+        await client.aclose()
+        _unavailable("Redis", f"cannot connect to IMAGEGEN_TEST_REDIS_URL ({exc})")
+    try:
+        yield url
+    finally:
+        await client.flushdb()
+        await client.aclose()

@@ -81,8 +81,8 @@ def test_admin_cli_human_output_shows_the_key_once_and_refuses_bad_input(
 
 
 def test_admin_cli_reports_schema_revision(tmp_path: Path) -> None:
-    assert admin_json(tmp_path, "db", "upgrade") == {"revision": "0001"}
-    assert admin_json(tmp_path, "db", "current") == {"revision": "0001", "head": "0001"}
+    assert admin_json(tmp_path, "db", "upgrade") == {"revision": "0002"}
+    assert admin_json(tmp_path, "db", "current") == {"revision": "0002", "head": "0002"}
 
 
 def _free_port() -> int:

@@ -36,9 +36,17 @@ class StoredImage:
 class LocalImageStore:
     def __init__(self, directory: Path, signing_key: bytes, ttl_seconds: int) -> None:
         self.directory = directory
+        # Stored answers for Idempotency-Key replays; their expiry is the ledger's business.
+        self.blob_directory = directory / "results"
         self._key = signing_key
         self.ttl_seconds = ttl_seconds
-        directory.mkdir(parents=True, exist_ok=True)
+        self.blob_directory.mkdir(parents=True, exist_ok=True)
+
+    async def start(self) -> None:
+        """Nothing to open: the directory exists from the constructor on."""
+
+    async def close(self) -> None:
+        """Nothing to close."""
 
     def _sign(self, payload: str) -> str:
         digest = hmac.new(self._key, payload.encode(), hashlib.sha256).digest()
@@ -70,6 +78,24 @@ class LocalImageStore:
         except FileNotFoundError:
             raise errors.NotFound("No such image.") from None
         return StoredImage(data, MIME_BY_EXT[ext])
+
+    async def put_blob(self, name: str, data: bytes) -> str:
+        await asyncio.to_thread(_write_atomically, self._blob_path(name), data)
+        return name
+
+    async def get_blob(self, ref: str) -> bytes:
+        try:
+            return await asyncio.to_thread(self._blob_path(ref).read_bytes)
+        except FileNotFoundError:
+            raise errors.NotFound("The stored result has expired.") from None
+
+    async def delete_blob(self, ref: str) -> None:
+        self._blob_path(ref).unlink(missing_ok=True)
+
+    def _blob_path(self, name: str) -> Path:
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,128}", name):
+            raise ValueError(f"bad blob name {name!r}")
+        return self.blob_directory / name
 
     async def delete_expired(self) -> int:
         """Deletes files whose every URL has expired (older than the URL lifetime)."""

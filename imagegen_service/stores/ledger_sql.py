@@ -25,7 +25,13 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from imagegen_service import errors
-from imagegen_service.stores.schema import accounts, api_keys, holds, ledger_entries
+from imagegen_service.stores.schema import (
+    accounts,
+    api_keys,
+    holds,
+    idempotency_records,
+    ledger_entries,
+)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -49,6 +55,18 @@ class ApiKey:
     account_id: str
     created: int
     revoked: int | None
+    # Per-key overrides of the configured rate limits.
+    requests_per_minute: int | None = None
+    images_per_minute: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What an Idempotency-Key lookup found: "new" (this request runs and owns the key),
+    "done" (replay ``result_ref``), "conflict" (another body), "running" (in flight)."""
+
+    state: str
+    result_ref: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,18 +256,129 @@ class LedgerStore:
             row = (await conn.execute(api_keys.select().where(api_keys.c.id == key_id))).first()
         if row is None:
             raise errors.NotFound(f"No API key '{key_id}'.")
-        return ApiKey(row.id, row.account_id, row.created_at, row.revoked_at)
+        return _key(row)
+
+    async def set_key_limits(
+        self, key_id: str, requests_per_minute: int | None, images_per_minute: int | None
+    ) -> ApiKey:
+        """Sets (or with None clears) a key's own rate limits."""
+        async with self._write.begin() as conn:
+            result = await conn.execute(
+                api_keys.update()
+                .where(api_keys.c.id == key_id)
+                .values(
+                    requests_per_minute=requests_per_minute, images_per_minute=images_per_minute
+                )
+            )
+            if result.rowcount != 1:
+                raise errors.NotFound(f"No API key '{key_id}'.")
+            row = (await conn.execute(api_keys.select().where(api_keys.c.id == key_id))).one()
+        return _key(row)
 
     async def find_active_key(self, key_hash: str) -> ApiKey | None:
         async with self._read.connect() as conn:
             row = (
                 await conn.execute(
-                    sa.select(api_keys.c.id, api_keys.c.account_id, api_keys.c.created_at).where(
+                    api_keys.select().where(
                         api_keys.c.key_hash == key_hash, api_keys.c.revoked_at.is_(None)
                     )
                 )
             ).first()
-        return None if row is None else ApiKey(row.id, row.account_id, row.created_at, None)
+        return None if row is None else _key(row)
+
+    # -- idempotency ----------------------------------------------------------------------
+
+    async def claim_idempotency(
+        self,
+        account_id: str,
+        key: str,
+        fingerprint: str,
+        *,
+        ttl_seconds: int,
+        stale_after_seconds: int,
+    ) -> Claim:
+        """Looks the key up and, when it is free (new, expired, or left running by a process
+        that died), claims it for this request, all in one transaction."""
+        now = int(time.time())
+        where = (
+            idempotency_records.c.account_id == account_id,
+            idempotency_records.c.idempotency_key == key,
+        )
+        for _ in range(2):
+            try:
+                async with self._write.begin() as conn:
+                    row = (await conn.execute(idempotency_records.select().where(*where))).first()
+                    reusable = (
+                        row is None
+                        or row.expires_at < now
+                        or (row.status == "running" and row.created_at < now - stale_after_seconds)
+                    )
+                    if not reusable:
+                        assert row is not None
+                        if row.fingerprint != fingerprint:
+                            return Claim("conflict")
+                        if row.status == "done":
+                            return Claim("done", row.result_ref)
+                        return Claim("running")
+                    if row is not None:
+                        await conn.execute(idempotency_records.delete().where(*where))
+                    await conn.execute(
+                        idempotency_records.insert().values(
+                            account_id=account_id,
+                            idempotency_key=key,
+                            fingerprint=fingerprint,
+                            status="running",
+                            created_at=now,
+                            expires_at=now + ttl_seconds,
+                        )
+                    )
+                return Claim("new")
+            except sa.exc.IntegrityError:
+                # A concurrent request with the same key inserted first: read again.
+                continue
+        return Claim("running")
+
+    async def finish_idempotency(self, account_id: str, key: str, result_ref: str) -> None:
+        async with self._write.begin() as conn:
+            await conn.execute(
+                idempotency_records.update()
+                .where(
+                    idempotency_records.c.account_id == account_id,
+                    idempotency_records.c.idempotency_key == key,
+                )
+                .values(status="done", result_ref=result_ref)
+            )
+
+    async def release_idempotency(self, account_id: str, key: str) -> None:
+        """Frees a key whose request failed, so that a retry runs again."""
+        async with self._write.begin() as conn:
+            await conn.execute(
+                idempotency_records.delete().where(
+                    idempotency_records.c.account_id == account_id,
+                    idempotency_records.c.idempotency_key == key,
+                    idempotency_records.c.status == "running",
+                )
+            )
+
+    async def purge_expired_idempotency(self, now: int | None = None) -> list[str]:
+        """Deletes expired records; returns the result references to delete with them."""
+        cutoff = int(time.time()) if now is None else now
+        async with self._write.begin() as conn:
+            refs = (
+                (
+                    await conn.execute(
+                        sa.select(idempotency_records.c.result_ref).where(
+                            idempotency_records.c.expires_at < cutoff
+                        )
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            await conn.execute(
+                idempotency_records.delete().where(idempotency_records.c.expires_at < cutoff)
+            )
+        return [ref for ref in refs if ref]
 
     # -- holds --------------------------------------------------------------------------
 
@@ -405,6 +534,17 @@ class LedgerStore:
                 created_at=int(time.time()),
             )
         )
+
+
+def _key(row: Any) -> ApiKey:
+    return ApiKey(
+        row.id,
+        row.account_id,
+        row.created_at,
+        row.revoked_at,
+        row.requests_per_minute,
+        row.images_per_minute,
+    )
 
 
 async def open_store(database_url: str, *, migrate_sqlite: bool = True) -> LedgerStore:

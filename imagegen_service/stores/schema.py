@@ -28,6 +28,9 @@ api_keys = sa.Table(
     sa.Column("key_hash", sa.String(64), nullable=False, unique=True),
     sa.Column("created_at", sa.BigInteger, nullable=False),
     sa.Column("revoked_at", sa.BigInteger, nullable=True),
+    # Overrides of the configured rate limits; NULL means the default.
+    sa.Column("requests_per_minute", sa.Integer, nullable=True),
+    sa.Column("images_per_minute", sa.Integer, nullable=True),
 )
 
 holds = sa.Table(
@@ -59,4 +62,20 @@ ledger_entries = sa.Table(
     sa.Column("note", sa.String(500), nullable=False, server_default=""),
     sa.Column("created_at", sa.BigInteger, nullable=False),
     sa.Index("ix_ledger_entries_account_id", "account_id", "id"),
+)
+
+idempotency_records = sa.Table(
+    "idempotency_records",
+    metadata,
+    sa.Column("account_id", sa.String(40), sa.ForeignKey("accounts.id"), primary_key=True),
+    sa.Column("idempotency_key", sa.String(255), primary_key=True),
+    # SHA-256 of the request's canonical form: the same key with another body is a conflict.
+    sa.Column("fingerprint", sa.String(64), nullable=False),
+    # "running" while the first request is in flight, "done" once its result is stored.
+    sa.Column("status", sa.String(16), nullable=False),
+    # Where the stored result lives in the image store.
+    sa.Column("result_ref", sa.String(200), nullable=True),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("expires_at", sa.BigInteger, nullable=False),
+    sa.Index("ix_idempotency_records_expires_at", "expires_at"),
 )

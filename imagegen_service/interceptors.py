@@ -1,0 +1,112 @@
+"""gRPC server interceptors: per-method metrics for every registered RPC.
+
+The interceptor wraps each handler's behaviour. Unknown methods never reach it (gRPC answers
+UNIMPLEMENTED first), so the method labels stay within the services this server registers.
+Unary-unary and unary-stream handlers are measured; a streaming handler written as an async
+generator also has its messages counted (one written with ``context.write``, like
+Health.Watch, is timed only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from imagegen_service.metrics import ServiceMetrics
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+    Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming:
+            return handler
+        service, _, method = handler_call_details.method.lstrip("/").partition("/")
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(handler.unary_stream, ("server_stream", service, method)),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.unary_unary_rpc_method_handler(
+            self._unary(handler.unary_unary, ("unary", service, method)),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _unary(self, behaviour: Any, labels: tuple[str, str, str]) -> Any:
+        async def unary(request: Any, context: Context) -> Any:
+            call = _Call(self._metrics, labels)
+            try:
+                response = await behaviour(request, context)
+            except BaseException as exc:
+                call.finished(context, exc)
+                raise
+            call.finished(context, None)
+            return response
+
+        return unary
+
+    def _stream(self, behaviour: Any, labels: tuple[str, str, str]) -> Any:
+        # gRPC tells the two styles apart by the function's kind, so the wrapper keeps it.
+        if not inspect.isasyncgenfunction(behaviour):
+            return self._unary(behaviour, labels)
+        sent = self._metrics.grpc_msg_sent.labels(*labels)
+
+        async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
+            call = _Call(self._metrics, labels)
+            try:
+                async for message in behaviour(request, context):
+                    yield message
+                    sent.inc()
+            except BaseException as exc:
+                call.finished(context, exc)
+                raise
+            call.finished(context, None)
+
+        return stream
+
+
+class _Call:
+    def __init__(self, metrics: ServiceMetrics, labels: tuple[str, str, str]) -> None:
+        self._metrics = metrics
+        self._labels = labels
+        self._started = time.perf_counter()
+        metrics.grpc_started.labels(*labels).inc()
+
+    def finished(self, context: Context, exc: BaseException | None) -> None:
+        code = _code(context, exc)
+        self._metrics.grpc_handled.labels(*self._labels, code).inc()
+        self._metrics.grpc_handling_seconds.labels(*self._labels).observe(
+            time.perf_counter() - self._started
+        )
+
+
+def _code(context: Context, exc: BaseException | None) -> str:
+    """The status the caller gets: the one set or aborted with, else OK, CANCELLED when the
+    call was cancelled, UNKNOWN for an exception gRPC turns into a status itself."""
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if exc is None:
+        return "OK"
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return "CANCELLED"
+    return "UNKNOWN"

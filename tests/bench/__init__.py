@@ -1,0 +1,6 @@
+"""Benchmarks of the real stack (``make bench``), against a bare-aiohttp floor.
+
+Not a test suite: pytest does not collect it (no ``test_`` files). Run it with
+``make bench`` or ``.venv/bin/python -m tests.bench --help``; docs/benchmarks.md explains
+the cases, the floor, the targets and the latest figures.
+"""

@@ -1,0 +1,66 @@
+"""``make bench`` / ``python -m tests.bench``: the stack against its floor, with wrk.
+
+Settings come from options or, so that ``make bench VAR=...`` works, from environment:
+
+    BENCH_DURATION  seconds per measured run (default 10; e.g. 3 for a quick check)
+    BENCH_WARMUP    seconds of warm-up before each measured run (default 2)
+    BENCH_CASES     which cases, e.g. "1,3" (default: all four)
+    BENCH_THREADS   wrk threads (default 1, capped at the connections)
+    BENCH_JSON      also write the figures as JSON to this file
+    BENCH_PROFILE   also profile case 2 with py-spy, raw stacks into this directory
+    BENCH_KEEP=1    keep the temporary directories (configs, logs) for inspection
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from tests.bench.harness import BenchError, run, selected_cases
+
+
+def _float_env(name: str, default: float) -> float:
+    raw = os.environ.get(name, "")
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        sys.exit(f"bench: {name} must be a number of seconds; got {raw!r}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--duration", type=float, default=_float_env("BENCH_DURATION", 10.0))
+    parser.add_argument("--warmup", type=float, default=_float_env("BENCH_WARMUP", 2.0))
+    parser.add_argument("--cases", default=os.environ.get("BENCH_CASES", ""))
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS") or 1))
+    parser.add_argument("--json", type=Path, default=os.environ.get("BENCH_JSON") or None)
+    parser.add_argument("--profile", type=Path, default=os.environ.get("BENCH_PROFILE") or None)
+    parser.add_argument("--keep", action="store_true", default=bool(os.environ.get("BENCH_KEEP")))
+    args = parser.parse_args()
+    if args.duration < 1 or args.warmup < 1:
+        sys.exit("bench: --duration and --warmup must be at least 1 second")
+    try:
+        code = run(
+            seconds=args.duration,
+            warmup=args.warmup,
+            cases=selected_cases(args.cases),
+            threads=args.threads,
+            json_path=args.json,
+            profile_dir=args.profile,
+            keep=args.keep,
+        )
+    except BenchError as exc:
+        sys.exit(f"bench: FAILED: {exc}")
+    except KeyboardInterrupt:
+        sys.exit("bench: interrupted")
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1130 @@
+"""The benchmark harness behind ``make bench``.
+
+For each case it starts the real stack as production runs it (``python -m imagegen_service``
+and ``python -m http_gateway``, two processes on free loopback ports) on a temporary data
+directory and a temporary TOML whose local provider has ``precomputed = true``, creates an
+account and a key with ``imagegen-admin``, captures one real response, warms up, then drives
+the stack with wrk for a fixed time. It then serves the captured response verbatim from a
+bare aiohttp server (``tests/bench/floor.py``) and drives that with the same wrk settings.
+
+A fresh stack per case keeps each process's peak RSS (VmHWM) specific to that case.
+After each case the account must show exactly price x images delivered spent and nothing
+held. Targets are reported, not enforced: the exit status is non-zero only when the harness
+itself fails or billing is not exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+LUA_SCRIPT = HERE / "generations.lua"
+ROUTE = "/v1/images/generations"
+PROMPT = "a lighthouse at dusk over a calm sea"
+# Prices of the benchmark catalog, in micro-dollars per image (written to the TOML as USD).
+PRICE_MICROS = {"256x256": 1_000, "1024x1024": 2_000}
+DEFAULT_PRICE_MICROS = 2_000
+OPENING_BALANCE_USD = "1000000"
+WARMUP_SECONDS = 2.0
+WRK_TIMEOUT = "30s"
+READY_TIMEOUT = 60.0
+QUIESCE_TIMEOUT = 120.0
+RSS_SAMPLE_SECONDS = 0.02
+PACKAGES = (
+    "grpcio",
+    "protobuf",
+    "aiohttp",
+    "sqlalchemy",
+    "aiosqlite",
+    "alembic",
+    "orjson",
+    "structlog",
+    "pillow",
+    "uvloop",
+)
+
+# Targets from the issue "Benchmarks and speed"; reported, not enforced.
+TARGET_FLOOR_RPS_SHARE = 0.20
+TARGET_P50_ADDED_MS = 1.0
+TARGET_MEMORY_X_RESPONSE = 3.0
+
+
+class BenchError(RuntimeError):
+    """The harness itself failed (not a missed target)."""
+
+
+@dataclass(frozen=True)
+class Case:
+    number: int
+    size: str
+    n: int
+    response_format: str
+    connections: int
+
+    @property
+    def title(self) -> str:
+        conns = "conn" if self.connections == 1 else "conns"
+        return f"{self.n}x{self.size} {self.response_format}, {self.connections} {conns}"
+
+    @property
+    def unit_price_micros(self) -> int:
+        return PRICE_MICROS.get(self.size, DEFAULT_PRICE_MICROS)
+
+    def request_body(self) -> str:
+        return json.dumps(
+            {
+                "model": "local-sketch",
+                "prompt": PROMPT,
+                "n": self.n,
+                "size": self.size,
+                "response_format": self.response_format,
+            }
+        )
+
+
+CASES: tuple[Case, ...] = (
+    Case(1, "256x256", 1, "b64_json", 1),
+    Case(2, "256x256", 1, "b64_json", 32),
+    Case(3, "1024x1024", 4, "b64_json", 8),
+    Case(4, "256x256", 1, "url", 32),
+)
+
+
+# -- small helpers ----------------------------------------------------------------------
+
+
+def log(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def proc_status_kib(pid: int, field_name: str) -> int:
+    """A ``VmRSS``/``VmHWM``-style line of /proc/<pid>/status, in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise BenchError(f"/proc/{pid}/status has no {field_name}")
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of every thread of the process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # Fields 14 and 15 of stat(5) (utime, stime); [1:] here starts at field 3.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def mib(kib: int) -> float:
+    return kib / 1024
+
+
+def http_get_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2.0) as answer:
+            return bool(answer.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def admin_command() -> list[str]:
+    script = Path(sys.executable).with_name("imagegen-admin")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "imagegen_service.cli"]
+
+
+class RssSampler:
+    """Samples VmRSS of some processes in a thread and keeps the maximum of each."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.peak_kib = dict.fromkeys(pids, 0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for name, pid in self.pids.items():
+                with contextlib.suppress(OSError, BenchError):
+                    self.peak_kib[name] = max(self.peak_kib[name], proc_status_kib(pid, "VmRSS"))
+            self._stop.wait(RSS_SAMPLE_SECONDS)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# -- wrk --------------------------------------------------------------------------------
+
+
+def ensure_wrk() -> str:
+    """wrk's path; installs it with apt-get when missing and running as root."""
+    path = shutil.which("wrk")
+    if path:
+        return path
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        log("wrk is not installed; installing it with apt-get")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "wrk"]):
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise BenchError(f"`{' '.join(cmd)}` failed:\n{done.stderr.strip()}")
+        path = shutil.which("wrk")
+        if path:
+            return path
+        raise BenchError("apt-get reported success but wrk is still not on PATH")
+    raise BenchError(
+        "wrk is not installed, and it can only be installed automatically as root with apt-get. "
+        "Install it (Debian/Ubuntu: `sudo apt-get install wrk`; macOS: `brew install wrk`) "
+        "and run `make bench` again."
+    )
+
+
+def wrk_version(wrk: str) -> str:
+    done = subprocess.run([wrk, "-v"], capture_output=True, text=True, check=False)
+    first = (done.stdout or done.stderr).strip().splitlines()
+    return first[0].split(" Copyright")[0] if first else "unknown"
+
+
+@dataclass
+class WrkResult:
+    raw: dict[str, Any]
+
+    @property
+    def seconds(self) -> float:
+        return float(self.raw["duration_us"]) / 1e6
+
+    @property
+    def requests(self) -> int:
+        return int(self.raw["requests"])
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    def latency_ms(self, name: str) -> float:
+        return float(self.raw["latency_us"][name]) / 1000
+
+    @property
+    def ok(self) -> int:
+        return int(self.raw["ok"])
+
+    @property
+    def non200(self) -> int:
+        return int(self.raw["non200"])
+
+    @property
+    def socket_errors(self) -> int:
+        e = self.raw["errors"]
+        return int(e["connect"]) + int(e["read"]) + int(e["write"]) + int(e["timeout"])
+
+    @property
+    def cut(self) -> int:
+        """Requests sent whose answer wrk did not wait for when the time was up."""
+        return max(0, int(self.raw["sent"]) - self.requests)
+
+
+def run_wrk(
+    wrk: str, url: str, case: Case, authorization: str, seconds: float, threads: int
+) -> WrkResult:
+    cmd = [
+        wrk,
+        "-t",
+        str(max(1, min(threads, case.connections))),
+        "-c",
+        str(case.connections),
+        "-d",
+        f"{max(1, round(seconds))}s",
+        "--timeout",
+        WRK_TIMEOUT,
+        "-s",
+        str(LUA_SCRIPT),
+        url.rstrip("/") + ROUTE,
+    ]
+    env = {**os.environ, "BENCH_BODY": case.request_body(), "BENCH_AUTH": authorization}
+    try:
+        done = subprocess.run(
+            cmd, env=env, capture_output=True, text=True, timeout=seconds + 120, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"wrk did not finish: {shlex.join(cmd)}") from None
+    for line in done.stdout.splitlines():
+        if line.startswith("BENCH_RESULT "):
+            result = WrkResult(json.loads(line.removeprefix("BENCH_RESULT ")))
+            if result.requests == 0:
+                raise BenchError(f"wrk completed no request: {shlex.join(cmd)}\n{done.stdout}")
+            return result
+    raise BenchError(
+        f"wrk failed (exit {done.returncode}): {shlex.join(cmd)}\n{done.stdout}\n{done.stderr}"
+    )
+
+
+# -- the stack --------------------------------------------------------------------------
+
+
+def benchmark_config(data_dir: Path, grpc_port: int, http_port: int, metrics_port: int) -> str:
+    prices = "\n".join(f'"{size}" = "{micros / 1e6:.6f}"' for size, micros in PRICE_MICROS.items())
+    return f"""\
+# Written by tests/bench for one benchmark case; not for production.
+[service]
+grpc_host = "127.0.0.1"
+grpc_port = {grpc_port}
+data_dir = "{data_dir}"
+url_ttl_seconds = 3600
+hold_ttl_seconds = 900
+metrics_port = {metrics_port}
+
+[gateway]
+http_host = "127.0.0.1"
+http_port = {http_port}
+max_body_bytes = 1048576
+request_timeout_seconds = 300
+
+[rate_limits]
+# No per-key limits: the benchmark key sends far more than the default 300 requests/minute.
+requests_per_minute = 0
+images_per_minute = 0
+
+[providers.local]
+type = "local"
+# One precomputed image per size: the figures measure our request path, not drawing.
+precomputed = true
+
+[models.local-sketch]
+provider = "local"
+owned_by = "imagegen"
+sizes = ["256x256", "512x512", "1024x1024", "1536x1024", "1024x1536"]
+default_size = "1024x1024"
+qualities = ["standard", "hd"]
+styles = ["vivid", "natural"]
+max_images = 10
+max_prompt_chars = 4000
+
+[models.local-sketch.price_usd]
+default = "{DEFAULT_PRICE_MICROS / 1e6:.6f}"
+{prices}
+"""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    available_micros: int
+    held_micros: int
+    served: Counter[int]
+    # Charges the service logged (count, micro-dollars): a cross-check, not the reference.
+    charged: int
+    charged_micros: int
+
+    @property
+    def served_200(self) -> int:
+        return self.served.get(200, 0)
+
+
+class Stack:
+    """Service and gateway as two processes, on their own data directory and TOML."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.data_dir = root / "data"
+        self.config_path = root / "config.toml"
+        self.grpc_port = free_port()
+        self.http_port = free_port()
+        self.metrics_port = free_port()
+        self.config_path.write_text(
+            benchmark_config(self.data_dir, self.grpc_port, self.http_port, self.metrics_port)
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEGEN_")}
+        env.update(
+            IMAGEGEN_CONFIG=str(self.config_path),
+            IMAGEGEN_DATA_DIR=str(self.data_dir),
+            IMAGEGEN_SERVICE_ADDRESS=f"127.0.0.1:{self.grpc_port}",
+            IMAGEGEN_LOG_FORMAT="json",
+            PYTHONPATH=str(REPO),
+        )
+        self.env = env
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.logs = {name: root / f"{name}.log" for name in ("service", "gateway")}
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.account_id = ""
+        self.secret = ""
+        self.opening_micros = 0
+
+    # admin ----------------------------------------------------------------------------
+
+    def admin(self, *args: str) -> dict[str, Any]:
+        cmd = [*admin_command(), "--json", *args]
+        done = subprocess.run(
+            cmd, env=self.env, cwd=REPO, capture_output=True, text=True, timeout=60, check=False
+        )
+        if done.returncode != 0:
+            raise BenchError(f"`imagegen-admin {' '.join(args)}` failed: {done.stderr.strip()}")
+        result: dict[str, Any] = json.loads(done.stdout)
+        return result
+
+    def create_account(self) -> None:
+        account = self.admin("accounts", "create", "bench", "--balance", OPENING_BALANCE_USD)
+        self.account_id = account["id"]
+        self.opening_micros = int(account["available_micros"])
+        self.secret = self.admin("keys", "create", self.account_id)["secret"]
+
+    def account(self) -> tuple[int, int]:
+        shown = self.admin("accounts", "show", self.account_id)
+        return int(shown["available_micros"]), int(shown["held_micros"])
+
+    # processes ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for name, module in (("service", "imagegen_service"), ("gateway", "http_gateway")):
+            with self.logs[name].open("ab") as out:
+                self.procs[name] = subprocess.Popen(
+                    [sys.executable, "-m", module],
+                    env=self.env,
+                    cwd=REPO,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            self.assert_alive()
+            if http_get_ok(self.url + "/readyz"):
+                return
+            time.sleep(0.1)
+        raise BenchError(f"the stack did not become ready in {READY_TIMEOUT:.0f} s; {self.root}")
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {name: proc.pid for name, proc in self.procs.items()}
+
+    def assert_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                tail = self.logs[name].read_text(errors="replace")[-3000:]
+                raise BenchError(f"the {name} exited with {proc.returncode}:\n{tail}")
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    # observations ---------------------------------------------------------------------
+
+    def _log_events(self, name: str) -> Iterator[dict[str, Any]]:
+        with self.logs[name].open("rb") as f:
+            for line in f:
+                if line.startswith(b"{"):
+                    with contextlib.suppress(ValueError):
+                        yield json.loads(line)
+
+    def snapshot(self) -> Snapshot:
+        available, held = self.account()
+        served = Counter(
+            int(e["status"])
+            for e in self._log_events("gateway")
+            if e.get("event") == "http.request" and e.get("route") == ROUTE
+        )
+        charged = [
+            int(e.get("cost_micros", 0))
+            for e in self._log_events("service")
+            if e.get("event") == "generation.charged"
+            or (e.get("event") == "generation" and e.get("status") == "ok")
+        ]
+        return Snapshot(available, held, served, len(charged), sum(charged))
+
+    def quiesce(self) -> Snapshot:
+        """Waits until nothing is held and the logs stop moving; returns that state."""
+        deadline = time.monotonic() + QUIESCE_TIMEOUT
+        time.sleep(0.2)
+        previous = self.snapshot()
+        while time.monotonic() < deadline:
+            self.assert_alive()
+            time.sleep(0.2)
+            current = self.snapshot()
+            if current == previous and current.held_micros == 0:
+                return current
+            previous = current
+        raise BenchError(f"the stack did not settle in {QUIESCE_TIMEOUT:.0f} s: {previous}")
+
+    def capture(self, case: Case) -> bytes:
+        request = urllib.request.Request(
+            self.url + ROUTE,
+            data=case.request_body().encode(),
+            headers={"Content-Type": "application/json", "Authorization": self.authorization},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=60) as answer:
+                body: bytes = answer.read()
+        except urllib.error.HTTPError as exc:
+            raise BenchError(f"case {case.number}: {exc.code} {exc.read()[:500]!r}") from None
+        data = json.loads(body)["data"]
+        key = "b64_json" if case.response_format == "b64_json" else "url"
+        if len(data) != case.n or not all(item.get(key) for item in data):
+            raise BenchError(f"case {case.number}: unexpected response {body[:300]!r}")
+        return body
+
+    @property
+    def authorization(self) -> str:
+        return f"Bearer {self.secret}"
+
+
+class Floor:
+    """tests/bench/floor.py serving one captured body."""
+
+    def __init__(self, root: Path, body: bytes) -> None:
+        self.body_path = root / "floor-body.json"
+        self.body_path.write_bytes(body)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = root / "floor.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.bench.floor", "--port", str(self.port)]
+                + ["--body", str(self.body_path)],
+                cwd=REPO,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchError(f"the floor server exited: {self.log_path.read_text()[-2000:]}")
+            if http_get_ok(self.url + "/healthz"):
+                return
+            time.sleep(0.1)
+        raise BenchError("the floor server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# -- one case ---------------------------------------------------------------------------
+
+
+@dataclass
+class ProcessFigures:
+    idle_kib: int = 0
+    peak_kib: int = 0  # VmHWM at the end of the case: the true peak of its whole life
+    sampled_peak_kib: int = 0  # highest VmRSS seen during the measured run
+    cpu_seconds: float = 0.0  # during the measured run
+
+    @property
+    def growth_kib(self) -> int:
+        return max(0, self.peak_kib - self.idle_kib)
+
+
+@dataclass
+class Billing:
+    unit_price_micros: int
+    images_per_request: int
+    before: Snapshot
+    after: Snapshot
+    opening_micros: int
+    wrk_ok: int
+    wrk_cut: int
+
+    @property
+    def spent_micros(self) -> int:
+        return self.before.available_micros - self.after.available_micros
+
+    @property
+    def served_200(self) -> int:
+        return self.after.served_200 - self.before.served_200
+
+    @property
+    def charged(self) -> int:
+        return self.after.charged - self.before.charged
+
+    @property
+    def charged_micros(self) -> int:
+        return self.after.charged_micros - self.before.charged_micros
+
+    @property
+    def expected_micros(self) -> int:
+        return self.unit_price_micros * self.images_per_request * self.served_200
+
+    @property
+    def total_spent_micros(self) -> int:
+        return self.opening_micros - self.after.available_micros
+
+    @property
+    def total_expected_micros(self) -> int:
+        return self.unit_price_micros * self.images_per_request * self.after.served_200
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.after.held_micros != 0:
+            found.append(f"{self.after.held_micros} micro-dollars still held")
+        if self.spent_micros != self.expected_micros:
+            found.append(
+                f"spent {self.spent_micros} during the run, expected {self.expected_micros} "
+                f"(= {self.unit_price_micros} x {self.images_per_request} x {self.served_200})"
+            )
+        if self.total_spent_micros != self.total_expected_micros:
+            found.append(
+                f"spent {self.total_spent_micros} since opening, expected "
+                f"{self.total_expected_micros}"
+            )
+        # The service's per-generation log line is a cross-check when it is recognised.
+        if self.after.charged and (
+            self.charged != self.served_200 or self.charged_micros != self.spent_micros
+        ):
+            found.append(
+                f"the service logged {self.charged} charges of {self.charged_micros} in all, "
+                f"but {self.served_200} answered 200 and {self.spent_micros} were spent"
+            )
+        if self.served_200 == 0:
+            found.append("no 200 in the gateway's access log (has its format changed?)")
+        if not self.wrk_ok <= self.served_200 <= self.wrk_ok + self.wrk_cut:
+            found.append(
+                f"the gateway answered {self.served_200} x 200 but wrk counted {self.wrk_ok} "
+                f"(+ at most {self.wrk_cut} cut off when the time was up)"
+            )
+        return found
+
+    @property
+    def exact(self) -> bool:
+        return not self.problems()
+
+
+@dataclass
+class CaseResult:
+    case: Case
+    response_bytes: int
+    stack: WrkResult
+    floor: WrkResult
+    processes: dict[str, ProcessFigures]
+    floor_process: ProcessFigures
+    billing: Billing
+    served_statuses: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def rps_ratio(self) -> float:
+        return self.stack.rps / self.floor.rps if self.floor.rps else 0.0
+
+    @property
+    def p50_added_ms(self) -> float:
+        return self.stack.latency_ms("p50") - self.floor.latency_ms("p50")
+
+    @property
+    def growth_per_in_flight_bytes(self) -> float:
+        total_kib = sum(p.growth_kib for p in self.processes.values())
+        return total_kib * 1024 / self.case.connections
+
+    def cpu_ms_per_request(self, name: str) -> float:
+        return self.processes[name].cpu_seconds * 1000 / max(1, self.stack.requests)
+
+
+def run_case(
+    case: Case, wrk: str, root: Path, seconds: float, warmup: float, threads: int
+) -> CaseResult:
+    stack = Stack(root)
+    figures = {"service": ProcessFigures(), "gateway": ProcessFigures()}
+    try:
+        stack.create_account()
+        stack.start()
+        body = stack.capture(case)
+        stack.quiesce()
+        for name, pid in stack.pids.items():
+            figures[name].idle_kib = proc_status_kib(pid, "VmRSS")
+        log(f"case {case.number}: warm-up {warmup:.0f} s")
+        run_wrk(wrk, stack.url, case, stack.authorization, warmup, threads)
+        before = stack.quiesce()
+        cpu_before = {name: proc_cpu_seconds(pid) for name, pid in stack.pids.items()}
+        log(f"case {case.number}: {case.title} for {seconds:.0f} s")
+        with RssSampler(stack.pids) as sampler:
+            result = run_wrk(wrk, stack.url, case, stack.authorization, seconds, threads)
+        for name, pid in stack.pids.items():
+            figures[name].cpu_seconds = proc_cpu_seconds(pid) - cpu_before[name]
+            figures[name].sampled_peak_kib = sampler.peak_kib[name]
+        after = stack.quiesce()
+        for name, pid in stack.pids.items():
+            figures[name].peak_kib = proc_status_kib(pid, "VmHWM")
+        stack.assert_alive()
+    finally:
+        stack.stop()
+    billing = Billing(
+        unit_price_micros=case.unit_price_micros,
+        images_per_request=case.n,
+        before=before,
+        after=after,
+        opening_micros=stack.opening_micros,
+        wrk_ok=result.ok,
+        wrk_cut=result.cut,
+    )
+    served = after.served - before.served
+
+    floor = Floor(root, body)
+    floor_figures = ProcessFigures()
+    try:
+        floor.start()
+        assert floor.proc is not None
+        floor_figures.idle_kib = proc_status_kib(floor.proc.pid, "VmRSS")
+        log(f"case {case.number}: floor, warm-up {warmup:.0f} s then {seconds:.0f} s")
+        run_wrk(wrk, floor.url, case, "", warmup, threads)
+        cpu_before_floor = proc_cpu_seconds(floor.proc.pid)
+        floor_result = run_wrk(wrk, floor.url, case, "", seconds, threads)
+        floor_figures.cpu_seconds = proc_cpu_seconds(floor.proc.pid) - cpu_before_floor
+        floor_figures.peak_kib = proc_status_kib(floor.proc.pid, "VmHWM")
+    finally:
+        floor.stop()
+    return CaseResult(
+        case=case,
+        response_bytes=len(body),
+        stack=result,
+        floor=floor_result,
+        processes=figures,
+        floor_process=floor_figures,
+        billing=billing,
+        served_statuses=dict(sorted(served.items())),
+    )
+
+
+# -- the report -------------------------------------------------------------------------
+
+
+def machine_lines(wrk: str, threads: int, seconds: float, warmup: float) -> list[str]:
+    cpu_model = "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    mem_kib = 0
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    versions = []
+    for name in PACKAGES:
+        try:
+            versions.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{name} (not installed)")
+    overrides = " ".join(
+        f"{k}={os.environ[k]}" for k in ("BENCH_DURATION", "BENCH_CASES") if os.environ.get(k)
+    )
+    command = "make bench" if os.environ.get("MAKELEVEL") else "python -m tests.bench"
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return [
+        f"command:  {(overrides + ' ' + command).strip()}",
+        f"machine:  nproc {os.cpu_count()}, CPU {cpu_model}, memory {mem_kib / 1024**2:.1f} GiB, "
+        f"{platform.system()} {platform.release()}, load average at start {load}",
+        f"python:   {platform.python_implementation()} {platform.python_version()}",
+        f"packages: {', '.join(versions)}",
+        f"load:     {wrk_version(wrk)}, {threads} thread(s), {seconds:.0f} s per run after "
+        f"{warmup:.0f} s warm-up, loopback; a fresh stack per case; local provider precomputed",
+    ]
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    return [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [
+        line(r) for r in rows
+    ]
+
+
+def size_text(n: float) -> str:
+    if n >= 1024 * 1024:
+        return f"{n / 1024 / 1024:.2f} MiB"
+    return f"{n / 1024:.1f} KiB"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    case: int
+    target: str
+    passed: bool
+    detail: str
+
+
+def verdicts(results: Sequence[CaseResult]) -> list[Verdict]:
+    out = []
+    for r in results:
+        c = r.case
+        if c.connections >= 32:
+            out.append(
+                Verdict(
+                    c.number,
+                    "all answers 200 at 32 connections",
+                    r.stack.non200 == 0 and r.stack.socket_errors == 0,
+                    f"{r.stack.non200} non-200, {r.stack.socket_errors} socket errors",
+                )
+            )
+            out.append(
+                Verdict(
+                    c.number,
+                    f">= {TARGET_FLOOR_RPS_SHARE:.0%} of floor rps at 32 connections",
+                    r.rps_ratio >= TARGET_FLOOR_RPS_SHARE,
+                    f"{r.rps_ratio:.1%} ({r.stack.rps:.0f} / {r.floor.rps:.0f} rps)",
+                )
+            )
+        if c.connections == 1:
+            out.append(
+                Verdict(
+                    c.number,
+                    f"<= {TARGET_P50_ADDED_MS:g} ms p50 added at 1 connection",
+                    r.p50_added_ms <= TARGET_P50_ADDED_MS,
+                    f"+{r.p50_added_ms:.2f} ms ({r.stack.latency_ms('p50'):.2f} vs "
+                    f"{r.floor.latency_ms('p50'):.2f} ms)",
+                )
+            )
+        if c.n == 4:
+            limit = TARGET_MEMORY_X_RESPONSE * r.response_bytes
+            out.append(
+                Verdict(
+                    c.number,
+                    f"memory growth per in-flight request <= {TARGET_MEMORY_X_RESPONSE:g}x "
+                    "response size",
+                    r.growth_per_in_flight_bytes <= limit,
+                    f"{size_text(r.growth_per_in_flight_bytes)} per request = "
+                    f"{r.growth_per_in_flight_bytes / r.response_bytes:.1f}x the "
+                    f"{size_text(r.response_bytes)} response",
+                )
+            )
+        problems = r.billing.problems()
+        out.append(
+            Verdict(
+                c.number,
+                "billing exact",
+                not problems,
+                "; ".join(problems)
+                or f"spent {r.billing.spent_micros} = {c.unit_price_micros} x {c.n} x "
+                f"{r.billing.served_200}, held 0",
+            )
+        )
+    return out
+
+
+def report(results: Sequence[CaseResult]) -> list[str]:
+    lines = ["Figures (the stack: gateway + service processes)"]
+    lines += table(
+        [
+            "case",
+            "response",
+            "rps",
+            "p50 ms",
+            "p99 ms",
+            "200s",
+            "non-200",
+            "sock err",
+            "svc peak MiB",
+            "gw peak MiB",
+            "svc CPU ms/req",
+            "gw CPU ms/req",
+        ],
+        [
+            [
+                f"{r.case.number}. {r.case.title}",
+                size_text(r.response_bytes),
+                f"{r.stack.rps:.1f}",
+                f"{r.stack.latency_ms('p50'):.2f}",
+                f"{r.stack.latency_ms('p99'):.2f}",
+                str(r.stack.ok),
+                str(r.stack.non200),
+                str(r.stack.socket_errors),
+                f"{mib(r.processes['service'].peak_kib):.1f}",
+                f"{mib(r.processes['gateway'].peak_kib):.1f}",
+                f"{r.cpu_ms_per_request('service'):.2f}",
+                f"{r.cpu_ms_per_request('gateway'):.2f}",
+            ]
+            for r in results
+        ],
+    )
+    lines += ["", "Against the floor (bare aiohttp serving the same bytes, same wrk settings)"]
+    lines += table(
+        [
+            "case",
+            "floor rps",
+            "floor p50 ms",
+            "floor p99 ms",
+            "floor peak MiB",
+            "rps ratio",
+            "p50 added ms",
+            "p99 added ms",
+        ],
+        [
+            [
+                f"{r.case.number}",
+                f"{r.floor.rps:.1f}",
+                f"{r.floor.latency_ms('p50'):.2f}",
+                f"{r.floor.latency_ms('p99'):.2f}",
+                f"{mib(r.floor_process.peak_kib):.1f}",
+                f"{r.rps_ratio:.1%}",
+                f"{r.p50_added_ms:+.2f}",
+                f"{r.stack.latency_ms('p99') - r.floor.latency_ms('p99'):+.2f}",
+            ]
+            for r in results
+        ],
+    )
+    lines += [
+        "",
+        "Memory under load (idle = VmRSS before warm-up; peak = VmHWM; growth per in-flight "
+        "request = (service growth + gateway growth) / connections)",
+    ]
+    lines += table(
+        [
+            "case",
+            "svc idle->peak MiB",
+            "gw idle->peak MiB",
+            "growth/in-flight",
+            "response",
+            "growth / response",
+        ],
+        [
+            [
+                f"{r.case.number}",
+                f"{mib(r.processes['service'].idle_kib):.1f} -> "
+                f"{mib(r.processes['service'].peak_kib):.1f}",
+                f"{mib(r.processes['gateway'].idle_kib):.1f} -> "
+                f"{mib(r.processes['gateway'].peak_kib):.1f}",
+                size_text(r.growth_per_in_flight_bytes),
+                size_text(r.response_bytes),
+                f"{r.growth_per_in_flight_bytes / r.response_bytes:.1f}x",
+            ]
+            for r in results
+        ],
+    )
+    lines += [
+        "",
+        "Billing (200s by the gateway's access log; wrk may cut the last request of each "
+        "connection when time is up, which the service still completes and charges)",
+    ]
+    lines += table(
+        [
+            "case",
+            "price/image",
+            "200s served",
+            "200s seen by wrk",
+            "cut at stop",
+            "spent micros",
+            "expected",
+            "held",
+            "statuses",
+        ],
+        [
+            [
+                f"{r.case.number}",
+                str(r.case.unit_price_micros),
+                str(r.billing.served_200),
+                str(r.billing.wrk_ok),
+                str(r.billing.wrk_cut),
+                str(r.billing.spent_micros),
+                str(r.billing.expected_micros),
+                str(r.billing.after.held_micros),
+                " ".join(f"{s}:{n}" for s, n in r.served_statuses.items()),
+            ]
+            for r in results
+        ],
+    )
+    lines += ["", "Targets (reported, not enforced; billing exactness is enforced)"]
+    for v in verdicts(results):
+        lines.append(f"  {'PASS' if v.passed else 'FAIL'}  case {v.case}: {v.target}: {v.detail}")
+    return lines
+
+
+def results_json(results: Sequence[CaseResult], header: Sequence[str]) -> dict[str, Any]:
+    return {
+        "header": list(header),
+        "cases": [
+            {
+                "case": r.case.number,
+                "title": r.case.title,
+                "response_bytes": r.response_bytes,
+                "stack": r.stack.raw,
+                "floor": r.floor.raw,
+                "rps_ratio": r.rps_ratio,
+                "p50_added_ms": r.p50_added_ms,
+                "growth_per_in_flight_bytes": r.growth_per_in_flight_bytes,
+                "processes": {n: vars(p) for n, p in r.processes.items()},
+                "floor_process": vars(r.floor_process),
+                "billing": {
+                    "spent_micros": r.billing.spent_micros,
+                    "expected_micros": r.billing.expected_micros,
+                    "served_200": r.billing.served_200,
+                    "wrk_ok": r.billing.wrk_ok,
+                    "wrk_cut": r.billing.wrk_cut,
+                    "held_micros": r.billing.after.held_micros,
+                    "problems": r.billing.problems(),
+                },
+                "served_statuses": r.served_statuses,
+            }
+            for r in results
+        ],
+        "verdicts": [vars(v) for v in verdicts(results)],
+    }
+
+
+# -- the profile (optional) -------------------------------------------------------------
+
+
+def find_py_spy() -> str:
+    candidate = Path(sys.executable).with_name("py-spy")
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("py-spy")
+    if found:
+        return found
+    raise BenchError(
+        "profiling needs py-spy: `.venv/bin/pip install py-spy` (it is not a project dependency)"
+    )
+
+
+def profile_case(
+    case: Case, wrk: str, root: Path, seconds: float, warmup: float, threads: int, out_dir: Path
+) -> list[str]:
+    """Runs ``case`` on a fresh stack with py-spy recording both processes; summarises."""
+    from tests.bench import pyspy
+
+    py_spy = find_py_spy()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stack = Stack(root)
+    raw_files: dict[str, Path] = {}
+    try:
+        stack.create_account()
+        stack.start()
+        stack.capture(case)
+        run_wrk(wrk, stack.url, case, stack.authorization, warmup, threads)
+        stack.quiesce()
+        spies = []
+        for name, pid in stack.pids.items():
+            raw_files[name] = out_dir / f"case{case.number}-{name}.txt"
+            spies.append(
+                subprocess.Popen(
+                    [py_spy, "record", "--pid", str(pid), "--duration", str(round(seconds))]
+                    + ["--rate", "200", "--format", "raw", "--nonblocking", "--threads"]
+                    + ["--output", str(raw_files[name])],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                )
+            )
+        time.sleep(0.5)
+        log(f"profiling case {case.number} for {seconds:.0f} s with py-spy")
+        result = run_wrk(wrk, stack.url, case, stack.authorization, seconds, threads)
+        for spy in spies:
+            _, err = spy.communicate(timeout=seconds + 60)
+            if spy.returncode != 0:
+                raise BenchError(f"py-spy failed: {err.decode(errors='replace')[-2000:]}")
+        stack.quiesce()
+    finally:
+        stack.stop()
+    lines = [
+        f"Profile of case {case.number} ({case.title}) with py-spy at 200 Hz, "
+        f"{result.rps:.0f} rps while profiled; raw stacks in {out_dir}",
+    ]
+    for name, path in raw_files.items():
+        lines += ["", *pyspy.summarise(path, title=name)]
+    return lines
+
+
+# -- entry point ------------------------------------------------------------------------
+
+
+def selected_cases(spec: str) -> list[Case]:
+    if not spec:
+        return list(CASES)
+    wanted = {int(x) for x in spec.replace(" ", "").split(",") if x}
+    unknown = wanted - {c.number for c in CASES}
+    if unknown:
+        raise BenchError(f"no case {sorted(unknown)}; cases are 1-{len(CASES)}")
+    return [c for c in CASES if c.number in wanted]
+
+
+def run(
+    *,
+    seconds: float,
+    warmup: float,
+    cases: Sequence[Case],
+    threads: int,
+    json_path: Path | None,
+    profile_dir: Path | None,
+    keep: bool,
+) -> int:
+    wrk = ensure_wrk()
+    header = machine_lines(wrk, threads, seconds, warmup)
+    for line in header:
+        print(line, flush=True)
+    print(flush=True)
+    root = Path(tempfile.mkdtemp(prefix="imagegen-bench-"))
+    results: list[CaseResult] = []
+    try:
+        for case in cases:
+            results.append(
+                run_case(case, wrk, root / f"case{case.number}", seconds, warmup, threads)
+            )
+        profile_lines: list[str] = []
+        if profile_dir is not None:
+            case = next((c for c in CASES if c.number == 2), CASES[0])
+            profile_lines = profile_case(
+                case, wrk, root / "profile", seconds, warmup, threads, profile_dir
+            )
+    finally:
+        if keep:
+            log(f"kept the working directory {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    print("\n".join(report(results)))
+    if profile_lines:
+        print()
+        print("\n".join(profile_lines))
+    if json_path is not None:
+        json_path.write_text(json.dumps(results_json(results, header), indent=2) + "\n")
+    billing_ok = all(r.billing.exact for r in results)
+    if not billing_ok:
+        print("\nbench: billing was NOT exact; see above", file=sys.stderr)
+        return 1
+    return 0
