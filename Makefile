@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTO_OUT := imagegen_service/gen
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto run test lint clean
+.PHONY: help install proto run test lint clean bench
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-9s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -40,6 +40,9 @@ lint: $(STAMP) ## ruff and mypy
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+bench: $(STAMP) ## Benchmark the stack against a bare-aiohttp floor with wrk (BENCH_DURATION=10)
+	$(BIN)/python -m tests.bench
 
 clean: ## Remove .venv and the local data directory
 	rm -rf $(VENV) var

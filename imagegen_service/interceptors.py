@@ -1,10 +1,11 @@
 """gRPC server interceptors: per-method metrics for every registered RPC.
 
-The interceptor wraps each handler's behaviour. Unknown methods never reach it (gRPC answers
-UNIMPLEMENTED first), so the method labels stay within the services this server registers.
-Unary-unary and unary-stream handlers are measured; a streaming handler written as an async
-generator also has its messages counted (one written with ``context.write``, like
-Health.Watch, is timed only).
+The interceptor wraps each handler's behaviour. An unknown method has no handler and is left
+alone (gRPC answers UNIMPLEMENTED), so method labels stay within what this server registers.
+Unary-unary and unary-stream handlers written as coroutines or async generators are measured
+(every handler of this service); a streaming handler written as an async generator also has
+its messages counted (one written with ``context.write``, like Health.Watch, is timed only).
+Client-streaming and bidirectional handlers (reflection) pass through untouched.
 """
 
 from __future__ import annotations
@@ -39,12 +40,23 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None or handler.request_streaming:
             return handler
         service, _, method = handler_call_details.method.lstrip("/").partition("/")
+        # gRPC tells a handler's style apart by the kind of function it is (coroutine,
+        # async generator, or plain function run in a thread): each wrapper keeps the kind.
         if handler.response_streaming:
+            behaviour, labels = handler.unary_stream, ("server_stream", service, method)
+            if inspect.isasyncgenfunction(behaviour):
+                wrapped = self._stream(behaviour, labels)
+            elif inspect.iscoroutinefunction(behaviour):
+                wrapped = self._unary(behaviour, labels)
+            else:
+                return handler
             return grpc.unary_stream_rpc_method_handler(
-                self._stream(handler.unary_stream, ("server_stream", service, method)),
+                wrapped,
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
+        if not inspect.iscoroutinefunction(handler.unary_unary):
+            return handler
         return grpc.unary_unary_rpc_method_handler(
             self._unary(handler.unary_unary, ("unary", service, method)),
             request_deserializer=handler.request_deserializer,
@@ -52,6 +64,8 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         )
 
     def _unary(self, behaviour: Any, labels: tuple[str, str, str]) -> Any:
+        """A coroutine handler: unary, or streaming through ``context.write``."""
+
         async def unary(request: Any, context: Context) -> Any:
             call = _Call(self._metrics, labels)
             try:
@@ -65,9 +79,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         return unary
 
     def _stream(self, behaviour: Any, labels: tuple[str, str, str]) -> Any:
-        # gRPC tells the two styles apart by the function's kind, so the wrapper keeps it.
-        if not inspect.isasyncgenfunction(behaviour):
-            return self._unary(behaviour, labels)
+        """An async-generator handler: its messages are counted as they go."""
         sent = self._metrics.grpc_msg_sent.labels(*labels)
 
         async def stream(request: Any, context: Context) -> AsyncIterator[Any]:

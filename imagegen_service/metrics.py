@@ -2,7 +2,8 @@
 
 Each service owns a ``ServiceMetrics`` with a registry of its own (never the process-global
 one), served at ``GET /metrics`` on ``metrics_port`` by ``MetricsEndpoint``. The gRPC
-interceptor (``interceptors.py``), the router and the pipeline report into it.
+interceptor (``interceptors.py``), the router (provider calls), the pipeline (holds) and the
+servicer (a ``GenerationRecord`` per generation) report into it.
 
 Every label value comes from a closed set: registered gRPC methods and status codes, the
 catalog's model ids, the configured provider names, error reasons. Never a key, an account,

@@ -13,7 +13,7 @@ import contextlib
 import time
 from collections.abc import AsyncGenerator, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -32,6 +32,7 @@ from imagegen_service.stores.base import ImageStore
 from imagegen_service.stores.ledger_sql import ApiKey, LedgerStore
 
 log = structlog.get_logger("imagegen.pipeline")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +183,16 @@ class ImagePipeline:
             cost = _cost(request, routed.deployment, result.usage, len(delivered))
             settled = True
             self.metrics.hold_settled(hold.amount_micros, captured_micros=cost)
-            await _shielded(self.ledger.settle_hold(hold, cost, request_id=request_id))
+            if not await _shielded(self.ledger.settle_hold(hold, cost, request_id=request_id)):
+                # The hold outlived hold_ttl_seconds and housekeeping released it: these
+                # images went out uncharged. hold_ttl_seconds must exceed the slowest request.
+                log.error(
+                    "hold.expired_before_capture",
+                    request_id=request_id,
+                    account_id=key.account_id,
+                    uncharged_micros=cost,
+                    hold_ttl_seconds=self.hold_ttl_seconds,
+                )
             # The servicer's GenerationRecord writes the generation's log line.
             yield Summary(
                 created=int(time.time()),
@@ -238,6 +248,6 @@ def _provider_request(request: ValidatedRequest, request_id: str) -> ProviderReq
     )
 
 
-async def _shielded(coro: Coroutine[Any, Any, Any]) -> None:
+async def _shielded(coro: Coroutine[Any, Any, T]) -> T:
     """Runs a ledger write to completion even if the request is being cancelled."""
-    await asyncio.shield(coro)
+    return await asyncio.shield(coro)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import AsyncIterator
 
@@ -35,6 +34,7 @@ from tests.fakes.bfl_upstream import (
     slow,
     validation_error,
 )
+from tests.fakes.loopback import free_port
 
 API_KEY = "bfl-test-key-7f3a"
 POLL = 0.01
@@ -72,13 +72,6 @@ async def provider(fake: FakeBflUpstream) -> AsyncIterator[BflProvider]:
         yield instance
     finally:
         await instance.aclose()
-
-
-def closed_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def error_texts(error: BaseException) -> str:
@@ -446,7 +439,7 @@ async def test_one_failing_task_fails_the_call_and_stops_the_others(
 
 
 async def test_a_refused_connection_is_an_upstream_error() -> None:
-    unreachable = adapter(f"http://127.0.0.1:{closed_port()}")
+    unreachable = adapter(f"http://127.0.0.1:{free_port()}")
     try:
         with pytest.raises(UpstreamError, match="could not be reached"):
             await unreachable.generate(make_request())
@@ -546,7 +539,7 @@ async def test_no_error_message_contains_the_api_key_when_unreachable_or_slow(
     fake: FakeBflUpstream,
 ) -> None:
     fake.script(slow(2.0))
-    for base_url in (fake.origin, f"http://127.0.0.1:{closed_port()}"):
+    for base_url in (fake.origin, f"http://127.0.0.1:{free_port()}"):
         instance = adapter(base_url, timeout_seconds=0.3)
         try:
             with pytest.raises(UpstreamError) as raised:

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.fakes.loopback import free_port
 
 BIN = Path(sys.executable).parent
 
@@ -85,13 +86,6 @@ def test_admin_cli_reports_schema_revision(tmp_path: Path) -> None:
     assert admin_json(tmp_path, "db", "current") == {"revision": "0002", "head": "0002"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _post(url: str, key: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     request = urllib.request.Request(
         url,
@@ -107,9 +101,12 @@ def _post(url: str, key: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]
 
 @pytest.mark.timeout(90)
 def test_run_prints_a_working_dev_key_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_port(), free_port()
     env = _env(
-        tmp_path / "var", IMAGEGEN_HTTP_PORT=str(http_port), IMAGEGEN_GRPC_PORT=str(grpc_port)
+        tmp_path / "var",
+        IMAGEGEN_HTTP_PORT=str(http_port),
+        IMAGEGEN_GRPC_PORT=str(grpc_port),
+        IMAGEGEN_METRICS_PORT=str(free_port()),
     )
     proc = subprocess.Popen(
         [str(BIN / "imagegen-run")],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import socket
 import time
 from collections.abc import AsyncIterator
 
@@ -42,7 +41,7 @@ from tests.fakes.gemini_upstream import (
     truncated,
     wrong_content_type,
 )
-from tests.fakes.loopback import image_bytes
+from tests.fakes.loopback import free_port, image_bytes
 
 API_KEY = "AIza-upstream-test-0042"
 MODEL = "gemini-2.5-flash-image"
@@ -75,13 +74,6 @@ async def provider(fake: FakeGeminiUpstream) -> AsyncIterator[GeminiImageProvide
         yield adapter
     finally:
         await adapter.aclose()
-
-
-def closed_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def answer_with_parts(*parts: object) -> Behaviour:
@@ -424,7 +416,7 @@ async def test_a_slow_upstream_times_out_as_an_upstream_error(fake: FakeGeminiUp
 
 async def test_a_refused_connection_is_an_upstream_error() -> None:
     adapter = GeminiImageProvider(
-        "gemini", base_url=f"http://127.0.0.1:{closed_port()}/v1beta", api_key=API_KEY
+        "gemini", base_url=f"http://127.0.0.1:{free_port()}/v1beta", api_key=API_KEY
     )
     try:
         with pytest.raises(UpstreamError, match="could not be reached"):
@@ -625,7 +617,7 @@ async def test_no_error_message_contains_the_api_key_when_unreachable_or_slow(
     fake: FakeGeminiUpstream,
 ) -> None:
     fake.script(slow(2.0))
-    for base_url in (fake.base_url, f"http://127.0.0.1:{closed_port()}/v1beta"):
+    for base_url in (fake.base_url, f"http://127.0.0.1:{free_port()}/v1beta"):
         adapter = GeminiImageProvider(
             "gemini", base_url=base_url, api_key=API_KEY, timeout_seconds=0.3
         )

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from tests.fakes.google_imagen_upstream import (
     unavailable,
     wrong_content_type,
 )
+from tests.fakes.loopback import free_port
 
 API_KEY = "AIzaSy-test-key-0123456789"
 TOKEN = "ya29.test-access-token-0123456789"
@@ -102,13 +102,6 @@ async def vertex(vertex_fake: FakeGoogleImagen) -> AsyncIterator[GoogleImagenPro
         yield adapter
     finally:
         await adapter.aclose()
-
-
-def closed_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def error_texts(error: BaseException) -> str:
@@ -400,7 +393,7 @@ async def test_a_slow_upstream_times_out_as_an_upstream_error(fake: FakeGoogleIm
 
 
 async def test_a_refused_connection_is_an_upstream_error() -> None:
-    adapter = from_config(gemini_config(f"http://127.0.0.1:{closed_port()}/v1beta"), API_KEY)
+    adapter = from_config(gemini_config(f"http://127.0.0.1:{free_port()}/v1beta"), API_KEY)
     try:
         with pytest.raises(UpstreamError, match="could not be reached"):
             await adapter.generate(make_request())
@@ -558,7 +551,7 @@ async def test_no_error_message_contains_the_key_when_unreachable_or_slow(
     fake: FakeGoogleImagen,
 ) -> None:
     fake.script(slow(2.0))
-    for base_url in (fake.base_url, f"http://127.0.0.1:{closed_port()}/v1beta"):
+    for base_url in (fake.base_url, f"http://127.0.0.1:{free_port()}/v1beta"):
         adapter = from_config(
             ProviderConfig("imagen", "google-imagen", base_url=base_url, timeout_seconds=0.3),
             API_KEY,

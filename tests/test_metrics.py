@@ -7,6 +7,7 @@ move only by what these tests do; each test still compares before and after.
 
 from __future__ import annotations
 
+import asyncio
 import textwrap
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -16,9 +17,12 @@ from typing import cast
 import aiohttp
 import grpc
 import pytest
+from grpc_health.v1.health_pb2 import HealthCheckRequest
+from grpc_health.v1.health_pb2_grpc import HealthStub
 from prometheus_client.parser import text_string_to_metric_families
 
 from imagegen_service.config import load_config
+from imagegen_service.gen import images_pb2, images_pb2_grpc
 from imagegen_service.server import start_service
 from tests.conftest import UPSTREAM_KEY, bearer, free_closed_port
 from tests.fakes.openai_upstream import (
@@ -331,6 +335,35 @@ async def test_provider_trouble_counts_errors_by_kind_retries_and_failovers(
     assert after.value("imagegen_open_holds") == 0
 
 
+async def test_open_holds_count_generations_in_flight_and_a_cancel_releases_its_hold(
+    metered: MeteredStack, upstream: FakeOpenAIUpstream, http: aiohttp.ClientSession
+) -> None:
+    key = await metered.funded_key()
+    before = await metered.scrape_service(http)
+    upstream.script(slow(5.0))
+    call = images_pb2_grpc.ImageGenerationStub(metered.channel).GenerateImages(
+        images_pb2.GenerateImagesRequest(model="fake-dalle", prompt="p", size="256x256"),
+        metadata=(("authorization", f"Bearer {key}"),),
+    )
+    for _ in range(200):
+        if upstream.hits:
+            break
+        await asyncio.sleep(0.01)
+    assert (await metered.scrape_service(http)).value("imagegen_open_holds") == 1
+
+    call.cancel()
+
+    for _ in range(200):
+        after = await metered.scrape_service(http)
+        if moved(before, after, "imagegen_generations_total", status="cancelled"):
+            break
+        await asyncio.sleep(0.01)
+    assert moved(before, after, "imagegen_generations_total", status="cancelled") == 1
+    assert after.value("imagegen_open_holds") == 0
+    assert moved(before, after, "imagegen_released_microdollars_total") == FAKE_DALLE
+    assert moved(before, after, "imagegen_captured_microdollars_total") == 0
+
+
 async def test_routes_are_labelled_by_their_pattern_never_the_raw_path(
     metered: MeteredStack, http: aiohttp.ClientSession
 ) -> None:
@@ -363,9 +396,15 @@ async def test_unary_rpcs_are_counted_too(
     before = await metered.scrape_service(http)
     async with http.get(metered.http_url + "/v1/models", headers=bearer(key)) as resp:
         assert resp.status == 200
+    async with http.get(metered.http_url + "/v1/models", headers=bearer("sk-nope")) as resp:
+        assert resp.status == 401
     after = await metered.scrape_service(http)
     rpc = {"grpc_type": "unary", "grpc_service": IMAGES, "grpc_method": "ListModels"}
-    assert moved(before, after, "grpc_server_handled_total", **rpc, grpc_code="OK") == 1
+    handled = "grpc_server_handled_total"
+    assert moved(before, after, "grpc_server_started_total", **rpc) == 2
+    assert moved(before, after, handled, **rpc, grpc_code="OK") == 1
+    assert moved(before, after, handled, **rpc, grpc_code="UNAUTHENTICATED") == 1
+    assert moved(before, after, "grpc_server_handling_seconds_count", **rpc) == 2
 
 
 async def test_no_label_value_carries_a_key_an_account_a_request_id_or_a_prompt(
@@ -404,4 +443,4 @@ async def test_the_metrics_port_closes_with_the_service(
     # And the gRPC port with it.
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         with pytest.raises(grpc.aio.AioRpcError):
-            await channel.unary_unary("/grpc.health.v1.Health/Check")(b"", timeout=0.5)
+            await HealthStub(channel).Check(HealthCheckRequest(), timeout=0.5)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import time
 from collections.abc import AsyncIterator
 
@@ -22,6 +21,7 @@ from imagegen_service.errors import (
 )
 from imagegen_service.providers.base import ProviderRequest
 from imagegen_service.providers.openai_compat import OpenAICompatibleProvider, from_config
+from tests.fakes.loopback import free_port
 from tests.fakes.openai_upstream import (
     Behaviour,
     FakeOpenAIUpstream,
@@ -68,13 +68,6 @@ async def provider(fake: FakeOpenAIUpstream) -> AsyncIterator[OpenAICompatiblePr
         yield adapter
     finally:
         await adapter.aclose()
-
-
-def closed_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 async def test_two_images_come_back_at_the_requested_pixel_size_as_png(
@@ -236,7 +229,7 @@ async def test_a_slow_upstream_times_out_as_an_upstream_error(
 
 async def test_a_refused_connection_is_an_upstream_error() -> None:
     adapter = OpenAICompatibleProvider(
-        "openai", base_url=f"http://127.0.0.1:{closed_port()}/v1", api_key=API_KEY
+        "openai", base_url=f"http://127.0.0.1:{free_port()}/v1", api_key=API_KEY
     )
     try:
         with pytest.raises(UpstreamError, match="could not be reached"):
@@ -375,7 +368,7 @@ async def test_no_error_message_contains_the_api_key_when_unreachable_or_slow(
     fake: FakeOpenAIUpstream,
 ) -> None:
     fake.script(slow(2.0))
-    for base_url in (fake.base_url, f"http://127.0.0.1:{closed_port()}/v1"):
+    for base_url in (fake.base_url, f"http://127.0.0.1:{free_port()}/v1"):
         adapter = OpenAICompatibleProvider(
             "openai", base_url=base_url, api_key=API_KEY, timeout_seconds=0.3
         )

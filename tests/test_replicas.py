@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -23,24 +22,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from imagegen_service import keys
 from imagegen_service.gen import images_pb2, images_pb2_grpc
 from imagegen_service.stores.ledger_sql import LedgerStore
+from tests.fakes.loopback import free_port
 from tests.fakes.openai_upstream import FakeOpenAIUpstream, slow
 from tests.services import scratch_postgres_database
 
 PRICE = 1_000  # micro-dollars per 256x256 image in the config below
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _config(upstream_url: str = "http://127.0.0.1:9/v1") -> str:
+def _config(upstream_url: str = "http://127.0.0.1:9/v1", hold_ttl_seconds: int = 60) -> str:
+    # A hold must outlive the slowest request; only the crash test wants it short.
     return textwrap.dedent(
         f"""
         [service]
-        hold_ttl_seconds = 2
+        hold_ttl_seconds = {hold_ttl_seconds}
         housekeeping_seconds = 0.3
 
         [providers.local]
@@ -111,7 +105,7 @@ class Replicas:
         return env
 
     async def start(self, count: int) -> list[int]:
-        ports = [_free_port() for _ in range(count)]
+        ports = [free_port() for _ in range(count)]
         for port in ports:
             self._spawn(port)
         await asyncio.gather(*(self._wait_serving(port) for port in ports))
@@ -222,7 +216,9 @@ async def test_a_replica_killed_between_hold_and_capture_leaves_nothing_charged(
 ) -> None:
     async with FakeOpenAIUpstream(api_key="sk-upstream-test") as upstream:
         upstream.script(slow(30))
-        replicas = Replicas(replicas_root, database_url, _config(upstream.base_url))
+        replicas = Replicas(
+            replicas_root, database_url, _config(upstream.base_url, hold_ttl_seconds=2)
+        )
         store = LedgerStore(database_url)
         try:
             account_id, secret = await _account(store, 5 * PRICE)

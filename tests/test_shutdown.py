@@ -14,7 +14,7 @@ import signal
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 
 import aiohttp
@@ -84,10 +84,12 @@ def log_lines(log_path: Path) -> list[dict[str, object]]:
     return lines
 
 
-async def eventually(check: object, what: str, timeout: float = STARTUP_SECONDS) -> None:
-    """Waits until the coroutine function ``check`` returns True."""
-    deadline = time.monotonic() + timeout
-    while not await check():  # type: ignore[operator]
+async def eventually(
+    check: Callable[[], Awaitable[bool]], what: str, seconds: float = STARTUP_SECONDS
+) -> None:
+    """Waits until ``check()`` says True."""
+    deadline = time.monotonic() + seconds
+    while not await check():
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
@@ -135,7 +137,7 @@ async def test_service_drains_in_flight_generations_on_sigterm_and_exits_0(
                     answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
                 except grpc.aio.AioRpcError:
                     return False
-                return answer.status == health_pb2.HealthCheckResponse.SERVING
+                return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
 
             await eventually(serving, "the service to serve")
             gateway = web.AppRunner(create_app(GatewayConfig(service_address=address)))
@@ -179,7 +181,7 @@ async def _drain_service(
     async def upstream_reached() -> bool:
         return fake.hits == 1
 
-    await eventually(upstream_reached, "the generation to reach the upstream", timeout=5)
+    await eventually(upstream_reached, "the generation to reach the upstream", seconds=5)
     service.send_signal(signal.SIGTERM)
 
     # The health service says so at once...
@@ -196,7 +198,7 @@ async def _drain_service(
             return exc.code() == grpc.StatusCode.UNAVAILABLE
         return False
 
-    await eventually(refused, "new calls to be refused", timeout=5)
+    await eventually(refused, "new calls to be refused", seconds=5)
     async with http.get(gateway_url + "/readyz") as resp:
         assert resp.status == 503
     assert await _generate(http, gateway_url, key, "slow-dalle") == 503
@@ -234,13 +236,13 @@ async def test_gateway_finishes_in_flight_requests_on_sigterm_and_exits_0(
         async def upstream_reached() -> bool:
             return fake.hits == 1
 
-        await eventually(upstream_reached, "the request to reach the upstream", timeout=5)
+        await eventually(upstream_reached, "the request to reach the upstream", seconds=5)
         gateway.send_signal(signal.SIGTERM)
 
         async def refusing() -> bool:
             return not await healthy()
 
-        await eventually(refusing, "the gateway to stop accepting", timeout=5)
+        await eventually(refusing, "the gateway to stop accepting", seconds=5)
         assert not in_flight.done()
         assert await in_flight == 200
         assert await asyncio.wait_for(gateway.wait(), 15) == 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import socket
 import time
 from collections.abc import AsyncIterator
 
@@ -24,7 +23,7 @@ from imagegen_service.providers.stability import (
     StabilityProvider,
     from_config,
 )
-from tests.fakes.loopback import image_bytes
+from tests.fakes.loopback import free_port, image_bytes
 from tests.fakes.stability_upstream import (
     Behaviour,
     FakeStabilityUpstream,
@@ -72,13 +71,6 @@ async def provider(fake: FakeStabilityUpstream) -> AsyncIterator[StabilityProvid
         yield adapter
     finally:
         await adapter.aclose()
-
-
-def closed_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 # -- success ----------------------------------------------------------------------------
@@ -450,7 +442,7 @@ async def test_a_slow_upstream_times_out_as_an_upstream_error(
 
 async def test_a_refused_connection_is_an_upstream_error() -> None:
     adapter = StabilityProvider(
-        "stability", base_url=f"http://127.0.0.1:{closed_port()}", api_key=API_KEY
+        "stability", base_url=f"http://127.0.0.1:{free_port()}", api_key=API_KEY
     )
     try:
         with pytest.raises(UpstreamError, match="could not be reached"):
@@ -587,7 +579,7 @@ async def test_no_error_message_contains_the_credential_when_unreachable_or_slow
     fake: FakeStabilityUpstream,
 ) -> None:
     fake.script(slow(2.0))
-    for base_url in (fake.base_url, f"http://127.0.0.1:{closed_port()}"):
+    for base_url in (fake.base_url, f"http://127.0.0.1:{free_port()}"):
         adapter = StabilityProvider(
             "stability", base_url=base_url, api_key=API_KEY, timeout_seconds=0.3
         )

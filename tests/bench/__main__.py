@@ -7,7 +7,11 @@ Settings come from options or, so that ``make bench VAR=...`` works, from enviro
     BENCH_CASES     which cases, e.g. "1,3" (default: all four)
     BENCH_THREADS   wrk threads (default 1, capped at the connections)
     BENCH_JSON      also write the figures as JSON to this file
-    BENCH_PROFILE   also profile case 2 with py-spy, raw stacks into this directory
+    BENCH_PROFILE   also profile case 2 with py-spy (and count SQLite busy-handler sleeps
+                    with strace), raw stacks into this directory; py-spy is not a project
+                    dependency: `.venv/bin/pip install py-spy`
+    BENCH_PROFILE_CASE  profile this case instead of case 2
+    BENCH_PROFILE_GIL=1 sample only the thread holding the GIL (py-spy --gil)
     BENCH_KEEP=1    keep the temporary directories (configs, logs) for inspection
 """
 

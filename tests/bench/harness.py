@@ -20,6 +20,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import resource
 import shlex
 import shutil
 import signal
@@ -133,12 +134,71 @@ def proc_status_kib(pid: int, field_name: str) -> int:
     raise BenchError(f"/proc/{pid}/status has no {field_name}")
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    """User + system CPU time of every thread of the process so far."""
+def proc_cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of every thread of the process so far."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    # Fields 14 and 15 of stat(5) (utime, stime); [1:] here starts at field 3.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    # Fields 14 and 15 of stat(5) (utime, stime); the split starts at field 3.
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    user, system = proc_cpu_times(pid)
+    return user + system
+
+
+def proc_context_switches(pid: int) -> int:
+    """Voluntary context switches of the process's live threads so far: each is a thread
+    going to sleep (waiting for a lock, a queue, the GIL, I/O) and being woken again."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/status") as f:
+            for line in f:
+                if line.startswith("voluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
+    return total
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy, all cores (from /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclass
+class MachineLoad:
+    """CPU use during one measured run, in cores: wrk's, and everyone else's (processes
+    that are neither wrk nor the servers measured: other work on a shared machine)."""
+
+    wrk_cores: float = 0.0
+    other_cores: float = 0.0
+
+
+class LoadMeter:
+    def __init__(self, pids: Sequence[int]) -> None:
+        self.pids = pids
+
+    def __enter__(self) -> LoadMeter:
+        self.t0 = time.monotonic()
+        self.busy0 = machine_busy_seconds()
+        self.children0 = children_cpu_seconds()
+        self.procs0 = sum(proc_cpu_seconds(p) for p in self.pids)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        elapsed = max(1e-6, time.monotonic() - self.t0)
+        wrk = children_cpu_seconds() - self.children0
+        procs = sum(proc_cpu_seconds(p) for p in self.pids) - self.procs0
+        busy = machine_busy_seconds() - self.busy0
+        self.load = MachineLoad(wrk / elapsed, max(0.0, busy - wrk - procs) / elapsed)
 
 
 def mib(kib: int) -> float:
@@ -520,8 +580,10 @@ class Floor:
     def start(self) -> None:
         with self.log_path.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.bench.floor", "--port", str(self.port)]
-                + ["--body", str(self.body_path)],
+                [
+                    *(sys.executable, "-m", "tests.bench.floor"),
+                    *("--port", str(self.port), "--body", str(self.body_path)),
+                ],
                 cwd=REPO,
                 env={**os.environ, "PYTHONPATH": str(REPO)},
                 stdin=subprocess.DEVNULL,
@@ -556,6 +618,8 @@ class ProcessFigures:
     peak_kib: int = 0  # VmHWM at the end of the case: the true peak of its whole life
     sampled_peak_kib: int = 0  # highest VmRSS seen during the measured run
     cpu_seconds: float = 0.0  # during the measured run
+    user_seconds: float = 0.0
+    context_switches: int = 0  # voluntary, during the measured run
 
     @property
     def growth_kib(self) -> int:
@@ -646,6 +710,8 @@ class CaseResult:
     floor_process: ProcessFigures
     billing: Billing
     served_statuses: dict[int, int] = field(default_factory=dict)
+    load: MachineLoad = field(default_factory=MachineLoad)
+    floor_load: MachineLoad = field(default_factory=MachineLoad)
 
     @property
     def rps_ratio(self) -> float:
@@ -663,6 +729,14 @@ class CaseResult:
     def cpu_ms_per_request(self, name: str) -> float:
         return self.processes[name].cpu_seconds * 1000 / max(1, self.stack.requests)
 
+    def cpu_text(self, name: str) -> str:
+        """CPU ms per request as user+system."""
+        p, n = self.processes[name], max(1, self.stack.requests)
+        return f"{p.user_seconds * 1000 / n:.2f}+{(p.cpu_seconds - p.user_seconds) * 1000 / n:.2f}"
+
+    def switches_per_request(self, name: str) -> float:
+        return self.processes[name].context_switches / max(1, self.stack.requests)
+
 
 def run_case(
     case: Case, wrk: str, root: Path, seconds: float, warmup: float, threads: int
@@ -679,12 +753,16 @@ def run_case(
         log(f"case {case.number}: warm-up {warmup:.0f} s")
         run_wrk(wrk, stack.url, case, stack.authorization, warmup, threads)
         before = stack.quiesce()
-        cpu_before = {name: proc_cpu_seconds(pid) for name, pid in stack.pids.items()}
+        cpu_before = {name: proc_cpu_times(pid) for name, pid in stack.pids.items()}
+        cs_before = {name: proc_context_switches(pid) for name, pid in stack.pids.items()}
         log(f"case {case.number}: {case.title} for {seconds:.0f} s")
-        with RssSampler(stack.pids) as sampler:
+        with RssSampler(stack.pids) as sampler, LoadMeter(list(stack.pids.values())) as meter:
             result = run_wrk(wrk, stack.url, case, stack.authorization, seconds, threads)
         for name, pid in stack.pids.items():
-            figures[name].cpu_seconds = proc_cpu_seconds(pid) - cpu_before[name]
+            user, system = proc_cpu_times(pid)
+            figures[name].user_seconds = user - cpu_before[name][0]
+            figures[name].cpu_seconds = user + system - sum(cpu_before[name])
+            figures[name].context_switches = proc_context_switches(pid) - cs_before[name]
             figures[name].sampled_peak_kib = sampler.peak_kib[name]
         after = stack.quiesce()
         for name, pid in stack.pids.items():
@@ -712,7 +790,8 @@ def run_case(
         log(f"case {case.number}: floor, warm-up {warmup:.0f} s then {seconds:.0f} s")
         run_wrk(wrk, floor.url, case, "", warmup, threads)
         cpu_before_floor = proc_cpu_seconds(floor.proc.pid)
-        floor_result = run_wrk(wrk, floor.url, case, "", seconds, threads)
+        with LoadMeter([floor.proc.pid]) as floor_meter:
+            floor_result = run_wrk(wrk, floor.url, case, "", seconds, threads)
         floor_figures.cpu_seconds = proc_cpu_seconds(floor.proc.pid) - cpu_before_floor
         floor_figures.peak_kib = proc_status_kib(floor.proc.pid, "VmHWM")
     finally:
@@ -726,6 +805,8 @@ def run_case(
         floor_process=floor_figures,
         billing=billing,
         served_statuses=dict(sorted(served.items())),
+        load=meter.load,
+        floor_load=floor_meter.load,
     )
 
 
@@ -850,7 +931,10 @@ def verdicts(results: Sequence[CaseResult]) -> list[Verdict]:
 
 
 def report(results: Sequence[CaseResult]) -> list[str]:
-    lines = ["Figures (the stack: gateway + service processes)"]
+    lines = [
+        "Figures (the stack: gateway + service processes; CPU and voluntary context switches "
+        "(cs) per request are of the measured run, all threads)"
+    ]
     lines += table(
         [
             "case",
@@ -863,8 +947,10 @@ def report(results: Sequence[CaseResult]) -> list[str]:
             "sock err",
             "svc peak MiB",
             "gw peak MiB",
-            "svc CPU ms/req",
-            "gw CPU ms/req",
+            "svc CPU ms/req usr+sys",
+            "gw CPU ms/req usr+sys",
+            "svc cs/req",
+            "gw cs/req",
         ],
         [
             [
@@ -878,8 +964,10 @@ def report(results: Sequence[CaseResult]) -> list[str]:
                 str(r.stack.socket_errors),
                 f"{mib(r.processes['service'].peak_kib):.1f}",
                 f"{mib(r.processes['gateway'].peak_kib):.1f}",
-                f"{r.cpu_ms_per_request('service'):.2f}",
-                f"{r.cpu_ms_per_request('gateway'):.2f}",
+                r.cpu_text("service"),
+                r.cpu_text("gateway"),
+                f"{r.switches_per_request('service'):.0f}",
+                f"{r.switches_per_request('gateway'):.0f}",
             ]
             for r in results
         ],
@@ -970,6 +1058,30 @@ def report(results: Sequence[CaseResult]) -> list[str]:
             for r in results
         ],
     )
+    lines += [
+        "",
+        "The machine during the measured runs (cores busy; 'others' = processes that are "
+        "neither wrk nor the servers measured, e.g. other work on a shared machine)",
+    ]
+    lines += table(
+        [
+            *("case", "stack: svc", "stack: gw", "stack: wrk", "stack: others"),
+            *("floor", "floor: wrk", "floor: others"),
+        ],
+        [
+            [
+                f"{r.case.number}",
+                f"{r.processes['service'].cpu_seconds / r.stack.seconds:.2f}",
+                f"{r.processes['gateway'].cpu_seconds / r.stack.seconds:.2f}",
+                f"{r.load.wrk_cores:.2f}",
+                f"{r.load.other_cores:.2f}",
+                f"{r.floor_process.cpu_seconds / r.floor.seconds:.2f}",
+                f"{r.floor_load.wrk_cores:.2f}",
+                f"{r.floor_load.other_cores:.2f}",
+            ]
+            for r in results
+        ],
+    )
     lines += ["", "Targets (reported, not enforced; billing exactness is enforced)"]
     for v in verdicts(results):
         lines.append(f"  {'PASS' if v.passed else 'FAIL'}  case {v.case}: {v.target}: {v.detail}")
@@ -1001,6 +1113,8 @@ def results_json(results: Sequence[CaseResult], header: Sequence[str]) -> dict[s
                     "problems": r.billing.problems(),
                 },
                 "served_statuses": r.served_statuses,
+                "load": vars(r.load),
+                "floor_load": vars(r.floor_load),
             }
             for r in results
         ],
@@ -1023,51 +1137,180 @@ def find_py_spy() -> str:
     )
 
 
+def _in_background(fn: Any, *args: Any) -> tuple[threading.Thread, list[Any]]:
+    box: list[Any] = []
+
+    def target() -> None:
+        try:
+            box.append(fn(*args))
+        except BaseException as exc:  # handed to the caller through the box
+            box.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, box
+
+
+def _joined(thread: threading.Thread, box: list[Any]) -> Any:
+    thread.join()
+    if not box:
+        raise BenchError("a background run ended without a result")
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    return box[0]
+
+
+def busy_handler_sleeps(pid: int, seconds: float) -> tuple[int, float] | None:
+    """(calls, seconds) of clock_nanosleep/nanosleep in all the process's threads, by strace.
+
+    In the service these are SQLite's busy handler: a connection that finds the database
+    locked (BEGIN IMMEDIATE while another connection writes) sleeps 1, 2, 5, 10, 15, 20,
+    25, 25, 25, 50, 50, 100 ms between retries. None when strace is not installed.
+    """
+    strace = shutil.which("strace")
+    if strace is None:
+        return None
+    proc = subprocess.Popen(
+        [strace, "-f", "-c", "-w", "-e", "trace=clock_nanosleep,nanosleep", "-p", str(pid)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(seconds)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    calls, total = 0, 0.0
+    for line in err.splitlines():
+        parts = line.split()
+        if parts and parts[-1] in ("clock_nanosleep", "nanosleep") and len(parts) >= 5:
+            total += float(parts[1])
+            calls += int(parts[3])
+    return calls, total
+
+
+def perf_by_library(pid: int, seconds: float, out: Path) -> list[str]:
+    """Where a process's CPU goes by shared object (libpython, kernel, libsqlite3, gRPC's
+    Cython core, ...), sampled by ``perf record``; a note when perf is missing or refused."""
+    perf = shutil.which("perf")
+    if perf is None:
+        return ["perf is not installed: no CPU split by library"]
+    recorded = subprocess.run(
+        [
+            *(perf, "record", "-F", "499", "-p", str(pid), "-o", str(out)),
+            *("--", "sleep", str(round(seconds))),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if recorded.returncode != 0:
+        return [f"perf record failed: {recorded.stderr.strip()[-300:]}"]
+    reported = subprocess.run(
+        [perf, "report", "-i", str(out), "--sort", "dso", "--stdio", "--no-children"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    rows = [
+        line.strip()
+        for line in reported.stdout.splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    return rows[:8] or [f"perf report gave nothing: {reported.stderr.strip()[-300:]}"]
+
+
 def profile_case(
     case: Case, wrk: str, root: Path, seconds: float, warmup: float, threads: int, out_dir: Path
 ) -> list[str]:
-    """Runs ``case`` on a fresh stack with py-spy recording both processes; summarises."""
+    """Runs ``case`` on a fresh stack: py-spy on both processes during one wrk run, then
+    strace counting the service's busy-handler sleeps during a second one."""
     from tests.bench import pyspy
 
     py_spy = find_py_spy()
     out_dir.mkdir(parents=True, exist_ok=True)
     stack = Stack(root)
-    raw_files: dict[str, Path] = {}
+    raw_files = {name: out_dir / f"case{case.number}-{name}.txt" for name in ("service", "gateway")}
+    rate = 200
+    spy_seconds = max(1, round(seconds) - 1)
+    sleeps: tuple[int, float] | None = None
     try:
         stack.create_account()
         stack.start()
         stack.capture(case)
         run_wrk(wrk, stack.url, case, stack.authorization, warmup, threads)
         stack.quiesce()
-        spies = []
-        for name, pid in stack.pids.items():
-            raw_files[name] = out_dir / f"case{case.number}-{name}.txt"
-            spies.append(
-                subprocess.Popen(
-                    [py_spy, "record", "--pid", str(pid), "--duration", str(round(seconds))]
-                    + ["--rate", "200", "--format", "raw", "--nonblocking", "--threads"]
-                    + ["--output", str(raw_files[name])],
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE,
-                )
-            )
-        time.sleep(0.5)
         log(f"profiling case {case.number} for {seconds:.0f} s with py-spy")
-        result = run_wrk(wrk, stack.url, case, stack.authorization, seconds, threads)
+        load = _in_background(run_wrk, wrk, stack.url, case, stack.authorization, seconds, threads)
+        time.sleep(0.5)
+        spies = [
+            subprocess.Popen(
+                [
+                    *(py_spy, "record", "--pid", str(pid), "--duration", str(spy_seconds)),
+                    *("--rate", str(rate), "--format", "raw", "--nonblocking", "--threads"),
+                    *(("--gil",) if os.environ.get("BENCH_PROFILE_GIL") else ()),
+                    *("--output", str(raw_files[name])),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            for name, pid in stack.pids.items()
+        ]
         for spy in spies:
             _, err = spy.communicate(timeout=seconds + 60)
             if spy.returncode != 0:
                 raise BenchError(f"py-spy failed: {err.decode(errors='replace')[-2000:]}")
+        result: WrkResult = _joined(*load)
+        stack.quiesce()
+        before = stack.snapshot().served_200
+        strace_seconds = min(5.0, seconds)
+        log(f"counting the service's busy-handler sleeps for {strace_seconds:.0f} s with strace")
+        load = _in_background(
+            run_wrk, wrk, stack.url, case, stack.authorization, strace_seconds + 1, threads
+        )
+        time.sleep(0.5)
+        sleeps = busy_handler_sleeps(stack.pids["service"], strace_seconds)
+        traced: WrkResult = _joined(*load)
+        served = stack.quiesce().served_200 - before
+        perf_lines: dict[str, list[str]] = {}
+        perf_seconds = min(4.0, seconds)
+        log(f"sampling CPU by library for {perf_seconds:.0f} s with perf")
+        load = _in_background(
+            run_wrk, wrk, stack.url, case, stack.authorization, perf_seconds + 1, threads
+        )
+        time.sleep(0.5)
+        perfs = {
+            name: _in_background(perf_by_library, pid, perf_seconds, out_dir / f"perf-{name}.data")
+            for name, pid in stack.pids.items()
+        }
+        perf_lines = {name: _joined(*running) for name, running in perfs.items()}
+        _joined(*load)
         stack.quiesce()
     finally:
         stack.stop()
     lines = [
-        f"Profile of case {case.number} ({case.title}) with py-spy at 200 Hz, "
-        f"{result.rps:.0f} rps while profiled; raw stacks in {out_dir}",
+        f"Profile of case {case.number} ({case.title}): py-spy at {rate} Hz for "
+        f"{spy_seconds} s, {result.rps:.0f} rps while profiled; raw stacks in {out_dir}",
     ]
     for name, path in raw_files.items():
-        lines += ["", *pyspy.summarise(path, title=name)]
+        lines += ["", *pyspy.summarise(path, title=name, seconds=spy_seconds, rate=rate)]
+    if sleeps is None:
+        lines += ["", "strace is not installed: busy-handler sleeps not counted"]
+    else:
+        calls, slept = sleeps
+        lines += [
+            "",
+            f"service, SQLite busy-handler sleeps (strace, {strace_seconds:.0f} s of a "
+            f"{traced.seconds:.0f} s run at {traced.rps:.0f} rps, slowed by strace):",
+            f"  {calls} sleeps, {slept:.2f} s asleep in all threads = "
+            f"{slept / strace_seconds:.1f} connections asleep on average; "
+            f"~{calls / max(1, served):.1f} sleeps and ~{1000 * slept / max(1, served):.0f} ms "
+            f"asleep per request ({served} requests in the traced run)",
+        ]
+    for name, rows in perf_lines.items():
+        lines += ["", f"{name}, CPU by library (perf record -F 499, {perf_seconds:.0f} s):"]
+        lines += [f"  {row}" for row in rows]
     return lines
 
 
@@ -1108,7 +1351,7 @@ def run(
             )
         profile_lines: list[str] = []
         if profile_dir is not None:
-            case = next((c for c in CASES if c.number == 2), CASES[0])
+            case = selected_cases(os.environ.get("BENCH_PROFILE_CASE") or "2")[0]
             profile_lines = profile_case(
                 case, wrk, root / "profile", seconds, warmup, threads, profile_dir
             )

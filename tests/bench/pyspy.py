@@ -14,6 +14,11 @@ SQLAlchemy's asyncio layer runs each statement in a greenlet, and py-spy sees on
 greenlet's own frames: those samples start at ``Connection.execute`` and have no caller,
 so they are shown as their own feature ("SQL statements in greenlets") rather than under
 the ledger method that issued them.
+
+py-spy counts a thread as active when the OS says it is running or runnable. On a busy
+2-core machine a woken thread can wait for a CPU for a while: those samples land on the
+frame where it sleeps (the event loop's ``epoll_wait``, an aiosqlite worker's queue.get)
+and are labelled so; they are contention, not work.
 """
 
 from __future__ import annotations
@@ -118,14 +123,14 @@ def component(sample: Sample) -> str:
         return "(no Python frame: interpreter / C code)"
     func, file = sample.frames[-1]
     if func == "EpollSelector.select":
-        return "asyncio: epoll_wait (polling, wake-ups)"
+        return "asyncio: in epoll_wait, woken and runnable (waiting for a CPU)"
     if func == "Handle._run":
         return "asyncio callbacks in C/Cython (gRPC aio core, futures)"
     if func == "_connection_worker_thread":
         # aiosqlite/core.py: tx.get() waits for work; function() runs one SQLite call
         # (with the GIL released, including SQLite's busy-handler sleeps).
         return {
-            59: "aiosqlite worker: waiting for work",
+            59: "aiosqlite worker: woken in queue.get (waiting for the GIL/a CPU)",
             63: "aiosqlite worker: one SQLite call (incl. lock waits)",
         }.get(sample.leaf_line, "aiosqlite worker: handing the result back")
     for fragment, name in COMPONENTS:

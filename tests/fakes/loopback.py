@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import socket
 from collections import deque
 from dataclasses import dataclass
 from types import TracebackType
@@ -124,3 +125,12 @@ def image_bytes(
     buffer = io.BytesIO()
     Image.new("RGB", (width, height), colour).save(buffer, format=fmt)
     return buffer.getvalue()
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (bound once, then released): a refused
+    connection for adapter tests, or a port for a server a test starts."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
