@@ -739,3 +739,19 @@ async def test_after_the_cooldown_the_first_deployment_is_tried_again(
 
 async def _sleep_until(deadline: float) -> None:
     await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+
+
+# -- the request id travels with the request ---------------------------------------------------
+
+
+async def test_the_callers_request_id_reaches_the_upstream(case: Case) -> None:
+    request_id = f"trace-{case.s.type}-{case.account_id}"
+    resp = await case.http.post(
+        case.stack.http_url + GENERATIONS,
+        json={"prompt": PROMPT, "model": case.s.model, "size": case.s.wide_size},
+        headers={**bearer(case.key), "X-Request-ID": request_id},
+    )
+    assert resp.status == 200, await resp.text()
+    assert resp.headers["x-request-id"] == request_id
+    sent = [r.headers.get("X-Request-ID") for r in case.a.requests]
+    assert request_id in sent, sent

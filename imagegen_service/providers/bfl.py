@@ -191,7 +191,7 @@ class BflProvider(HttpUpstream):
     ) -> ProviderImage | None:
         """One task from submit to downloaded bytes; None when the upstream refused it."""
         payload = self._payload(request, size_fields, index)
-        task = await self._submit(session, request.upstream_model, payload)
+        task = await self._submit(session, request, payload)
         if task is None:
             return None
         answer = await self._poll(session, task, index)
@@ -229,15 +229,19 @@ class BflProvider(HttpUpstream):
     # -- submit -----------------------------------------------------------------------------
 
     async def _submit(
-        self, session: aiohttp.ClientSession, model: str, payload: dict[str, Any]
+        self, session: aiohttp.ClientSession, request: ProviderRequest, payload: dict[str, Any]
     ) -> tuple[str, str | None] | None:
         """(task id, trusted polling URL or None), or None when the prompt was refused."""
         # The model is a path segment: quoting keeps an odd catalog id from changing the route.
-        route = urllib.parse.quote(model, safe="")
+        route = urllib.parse.quote(request.upstream_model, safe="")
         async with session.post(
             f"{self._base_url}/v1/{route}",
             data=orjson.dumps(payload),
-            headers={**self._headers(), "Content-Type": "application/json"},
+            headers={
+                **self._headers(),
+                **self.trace_headers(request),
+                "Content-Type": "application/json",
+            },
         ) as resp:
             if not 200 <= resp.status < 300:
                 body = await read_capped(resp, MAX_ERROR_BODY_BYTES, truncate=True)

@@ -208,7 +208,7 @@ class GeminiImageProvider(HttpUpstream):
         async with session.post(
             self._endpoint(request.upstream_model),
             data=orjson.dumps(self._payload(request, ratio, index)),
-            headers=self._headers(),
+            headers={**self._headers(), **self.trace_headers(request)},
         ) as resp:
             if not 200 <= resp.status < 300:
                 body = await read_capped(resp, MAX_ERROR_BODY_BYTES, truncate=True)

@@ -304,7 +304,7 @@ class GoogleImagenProvider(HttpUpstream):
         async with session.post(
             self.endpoint(request.upstream_model),
             data=orjson.dumps(self._payload(request, aspect_ratio, count, index)),
-            headers=self._headers(secret),
+            headers={**self._headers(secret), **self.trace_headers(request)},
         ) as resp:
             if resp.status != 200:
                 body = await read_capped(resp, MAX_ERROR_BODY_BYTES, truncate=True)

@@ -22,7 +22,7 @@ import orjson
 from PIL import Image
 
 from imagegen_service.errors import UpstreamError
-from imagegen_service.providers.base import ProviderImage
+from imagegen_service.providers.base import ProviderImage, ProviderRequest
 
 T = TypeVar("T")
 
@@ -79,6 +79,11 @@ class HttpUpstream:
                 f"upstream {self.name!r} could not be reached or dropped the connection "
                 f"({type(exc).__name__})"
             ) from exc
+
+    @staticmethod
+    def trace_headers(request: ProviderRequest) -> dict[str, str]:
+        """Carries our request id to the upstream, so one id follows a request end to end."""
+        return {"X-Request-ID": request.request_id} if request.request_id else {}
 
     def unreadable(self, why: str) -> UpstreamError:
         return UpstreamError(f"unreadable answer from upstream {self.name!r}: {why}")

@@ -193,7 +193,7 @@ class StabilityProvider(HttpUpstream):
         user = _header_text(request.user or "")
         if user:
             headers["stability-client-user-id"] = user
-        return headers
+        return {**headers, **self.trace_headers(request)}
 
     async def _generate_one(
         self, session: aiohttp.ClientSession, request: ProviderRequest, plan: _Plan, index: int
