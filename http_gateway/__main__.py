@@ -8,6 +8,7 @@ from aiohttp import web
 
 from http_gateway.app import create_app
 from http_gateway.config import load_gateway_config
+from imagegen_service.eventloop import loop_factory
 from imagegen_service.logging_setup import configure_logging
 
 
@@ -17,8 +18,10 @@ def main() -> None:
         config = load_gateway_config()
     except ValueError as exc:
         sys.exit(f"imagegen-gateway: {exc}")
+    factory = loop_factory()
     web.run_app(
         create_app(config),
+        loop=factory() if factory else None,
         host=config.http_host,
         port=config.http_port,
         print=None,

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import grpc
 from aiohttp import web
 
-from http_gateway import views
+from http_gateway import openapi, views
 from http_gateway.config import GatewayConfig
 from http_gateway.metrics import METRICS, GatewayMetrics, scrape
 from http_gateway.middlewares import MAX_BODY, request_id_middleware
@@ -16,7 +16,8 @@ from imagegen_service.gen import images_pb2_grpc
 
 def channel_options(config: GatewayConfig) -> list[tuple[str, object]]:
     return [
-        ("grpc.max_send_message_length", config.max_message_bytes),
+        # Edits send up to 16 images in one message; answers come one image per message.
+        ("grpc.max_send_message_length", config.max_send_message_bytes),
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
@@ -42,9 +43,13 @@ def create_app(config: GatewayConfig) -> web.Application:
 
     app.cleanup_ctx.append(grpc_channel)
     app.router.add_post("/v1/images/generations", views.create_images)
+    app.router.add_post("/v1/images/edits", views.create_edits)
+    app.router.add_post("/v1/images/variations", views.create_variations)
     app.router.add_get("/v1/models", views.list_models)
+    app.router.add_get("/v1/models/{model}", views.retrieve_model)
     app.router.add_get("/v1/files/images/{token}", views.download_image)
     app.router.add_get("/healthz", views.healthz)
     app.router.add_get("/readyz", views.readyz)
     app.router.add_get("/metrics", scrape)
+    app.router.add_get(openapi.OPENAPI_PATH, openapi.serve_openapi)
     return app

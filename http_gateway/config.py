@@ -25,8 +25,12 @@ class GatewayConfig:
     # Base for relative image URLs; empty means the origin each request arrived at.
     public_base_url: str = ""
     max_body_bytes: int = 1024 * 1024
+    # The whole multipart body of an edit or a variation (files included); larger gets 413.
+    max_upload_bytes: int = 64 * 1024 * 1024
     request_timeout_seconds: float = 300.0
     max_message_bytes: int = 32 * 1024 * 1024
+    # What the gateway may send the service (the service's max_receive_message_bytes).
+    max_send_message_bytes: int = 128 * 1024 * 1024
 
 
 def _int(env: Mapping[str, str], name: str, default: Any) -> int:
@@ -57,6 +61,8 @@ def load_gateway_config(environ: Mapping[str, str] | None = None) -> GatewayConf
             env.get("IMAGEGEN_PUBLIC_BASE_URL") or str(gateway.get("public_base_url", ""))
         ).rstrip("/"),
         max_body_bytes=int(gateway.get("max_body_bytes", 1024 * 1024)),
+        max_upload_bytes=int(gateway.get("max_upload_bytes", 64 * 1024 * 1024)),
         request_timeout_seconds=float(gateway.get("request_timeout_seconds", 300.0)),
         max_message_bytes=int(service.get("max_message_bytes", 32 * 1024 * 1024)),
+        max_send_message_bytes=int(service.get("max_receive_message_bytes", 128 * 1024 * 1024)),
     )

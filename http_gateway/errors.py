@@ -70,8 +70,26 @@ def error_response(
     )
 
 
-def from_grpc_error(exc: grpc.aio.AioRpcError) -> web.Response:
-    """The HTTP answer for a failed gRPC call, by the ErrorInfo reason it carries."""
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A failed gRPC call in OpenAI's terms."""
+
+    error: HttpError
+    message: str
+    param: str | None = None
+    headers: dict[str, str] | None = None
+
+    def body(self) -> dict[str, object]:
+        return {
+            "message": self.message,
+            "type": self.error.type,
+            "param": self.param,
+            "code": self.error.code,
+        }
+
+
+def describe_grpc_error(exc: grpc.aio.AioRpcError) -> Failure:
+    """What a failed gRPC call means for the HTTP caller, by the ErrorInfo reason it carries."""
     info = _error_info(exc)
     if info is None:
         error = _BY_GRPC_CODE.get(exc.code(), _INTERNAL)
@@ -80,14 +98,22 @@ def from_grpc_error(exc: grpc.aio.AioRpcError) -> web.Response:
             if error.status in (503, 504)
             else "The server had an error processing your request."
         )
-        return error_response(error, message)
+        return Failure(error, message)
     error = _BY_REASON.get(info.reason, _INTERNAL)
     headers = {k: v for k, v in info.metadata.items() if k.startswith("x-ratelimit-")}
     retry_after = info.metadata.get("retry_after_seconds")
     if retry_after:
         headers["retry-after"] = retry_after
     message = exc.details() or "" if error is not _INTERNAL else "The server had an error."
-    return error_response(error, message, param=info.metadata.get("param"), headers=headers)
+    return Failure(error, message, info.metadata.get("param"), headers)
+
+
+def from_grpc_error(exc: grpc.aio.AioRpcError) -> web.Response:
+    """The HTTP answer for a failed gRPC call, by the ErrorInfo reason it carries."""
+    failure = describe_grpc_error(exc)
+    return error_response(
+        failure.error, failure.message, param=failure.param, headers=failure.headers
+    )
 
 
 def _error_info(exc: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:

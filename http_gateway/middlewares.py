@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from http_gateway import errors
 from http_gateway.metrics import METRICS, route_of
@@ -63,6 +64,13 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise
         return errors.error_response(
             errors.HttpError(exc.status, "invalid_request_error", "http_error", False), exc.reason
+        )
+    except (web.RequestPayloadError, HttpProcessingError) as exc:
+        # A body aiohttp cannot read (an undecodable Content-Encoding, broken chunking, a
+        # multipart part with a malformed header): the caller's fault, not a bug of ours.
+        reason = str(getattr(exc, "message", "") or getattr(exc.__cause__, "message", "") or exc)
+        return errors.error_response(
+            errors.BAD_REQUEST, f"The request body could not be read: {reason}."
         )
     except Exception:
         log.exception("http.failed", request_id=request[REQUEST_ID], path=request.path)

@@ -24,6 +24,39 @@ def optional_str(body: dict[str, Any], name: str) -> str:
     return value
 
 
+def optional_bool(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise BodyError(f"'{name}' must be a boolean; got {_json_type(value)}.", name)
+    return value
+
+
+def form_int(fields: dict[str, str], name: str, maximum: int) -> int | None:
+    """A multipart text field holding an integer; empty or absent is None."""
+    raw = fields.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BodyError(f"'{name}' must be an integer; got {raw[:40]!r}.", name) from None
+    if not -maximum - 1 <= value <= maximum:
+        raise BodyError(f"'{name}' is out of range.", name)
+    return value
+
+
+def form_bool(fields: dict[str, str], name: str) -> bool:
+    """A multipart text field holding true/false (as the SDKs send booleans)."""
+    raw = fields.get(name, "").strip().lower()
+    if raw in ("", "false", "0"):
+        return False
+    if raw in ("true", "1"):
+        return True
+    raise BodyError(f"'{name}' must be true or false; got {raw[:40]!r}.", name)
+
+
 def optional_int(body: dict[str, Any], name: str, maximum: int) -> int | None:
     value = body.get(name)
     if value is None:

@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import base64
+import time
 from typing import TYPE_CHECKING, Any
 
 import grpc
 import orjson
 from aiohttp import web
 
-from http_gateway import errors
+from http_gateway import errors, uploads
 from http_gateway.config import GatewayConfig
 from http_gateway.middlewares import REQUEST_ID
-from http_gateway.validation import INT32_MAX, INT64_MAX, BodyError, optional_int, optional_str
+from http_gateway.validation import (
+    INT32_MAX,
+    INT64_MAX,
+    BodyError,
+    form_bool,
+    form_int,
+    optional_bool,
+    optional_int,
+    optional_str,
+)
 from imagegen_service.gen import images_pb2
 
 if TYPE_CHECKING:
@@ -76,6 +86,10 @@ def _generation_request(body: dict[str, Any]) -> images_pb2.GenerateImagesReques
         response_format=optional_str(body, "response_format"),
         style=optional_str(body, "style"),
         user=optional_str(body, "user"),
+        background=optional_str(body, "background"),
+        output_format=optional_str(body, "output_format"),
+        moderation=optional_str(body, "moderation"),
+        stream=optional_bool(body, "stream"),
     )
     n = optional_int(body, "n", INT32_MAX)
     if n is not None:
@@ -83,22 +97,134 @@ def _generation_request(body: dict[str, Any]) -> images_pb2.GenerateImagesReques
     seed = optional_int(body, "seed", INT64_MAX)
     if seed is not None:
         message.seed = seed
+    compression = optional_int(body, "output_compression", INT32_MAX)
+    if compression is not None:
+        message.output_compression = compression
+    partial_images = optional_int(body, "partial_images", INT32_MAX)
+    if partial_images is not None:
+        message.partial_images = partial_images
     return message
 
 
-async def create_images(request: web.Request) -> web.Response:
+async def create_images(request: web.Request) -> web.StreamResponse:
     try:
         message = _generation_request(await _read_json_object(request))
         metadata = _metadata(request) + _idempotency_metadata(request)
     except BodyError as exc:
         return errors.error_response(errors.BAD_REQUEST, exc.message, param=exc.param)
     config = request.app[CONFIG]
+    call = request.app[STUB].GenerateImages(
+        message, metadata=metadata, timeout=config.request_timeout_seconds
+    )
+    if message.stream:
+        return await _stream_answer(request, call, "image_generation")
+    return await _json_answer(request, call)
+
+
+async def create_edits(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/images/edits``: multipart with ``image`` or repeated ``image[]``, ``mask``."""
+    config = request.app[CONFIG]
+    try:
+        form = await uploads.read_form(
+            request, limit=config.max_upload_bytes, file_fields=_EDIT_FILES
+        )
+        message = _edit_request(form)
+        metadata = _metadata(request) + _idempotency_metadata(request)
+    except uploads.UploadTooLarge as exc:
+        return errors.error_response(errors.TOO_LARGE, exc.message)
+    except BodyError as exc:
+        return errors.error_response(errors.BAD_REQUEST, exc.message, param=exc.param)
+    call = request.app[STUB].EditImages(
+        message, metadata=metadata, timeout=config.request_timeout_seconds
+    )
+    if message.stream:
+        return await _stream_answer(request, call, "image_edit")
+    return await _json_answer(request, call)
+
+
+async def create_variations(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/images/variations``: multipart with one ``image``."""
+    config = request.app[CONFIG]
+    try:
+        form = await uploads.read_form(
+            request, limit=config.max_upload_bytes, file_fields=_VARIATION_FILES
+        )
+        message = _variation_request(form)
+        metadata = _metadata(request) + _idempotency_metadata(request)
+    except uploads.UploadTooLarge as exc:
+        return errors.error_response(errors.TOO_LARGE, exc.message)
+    except BodyError as exc:
+        return errors.error_response(errors.BAD_REQUEST, exc.message, param=exc.param)
+    call = request.app[STUB].CreateImageVariations(
+        message, metadata=metadata, timeout=config.request_timeout_seconds
+    )
+    return await _json_answer(request, call)
+
+
+_EDIT_FILES = frozenset({"image", "image[]", "mask"})
+_VARIATION_FILES = frozenset({"image"})
+
+
+def _edit_request(form: uploads.Form) -> images_pb2.EditImagesRequest:
+    fields = form.fields
+    masks = form.file_list("mask")
+    if len(masks) > 1:
+        raise BodyError("Send at most one mask.", "mask")
+    message = images_pb2.EditImagesRequest(
+        model=fields.get("model", ""),
+        prompt=fields.get("prompt", ""),
+        images=form.file_list("image", "image[]"),
+        size=fields.get("size", ""),
+        quality=fields.get("quality", ""),
+        response_format=fields.get("response_format", ""),
+        user=fields.get("user", ""),
+        background=fields.get("background", ""),
+        output_format=fields.get("output_format", ""),
+        stream=form_bool(fields, "stream"),
+    )
+    if masks:
+        message.mask = masks[0]
+    for name in ("n", "output_compression", "partial_images"):
+        value = form_int(fields, name, INT32_MAX)
+        if value is not None:
+            setattr(message, name, value)
+    seed = form_int(fields, "seed", INT64_MAX)
+    if seed is not None:
+        message.seed = seed
+    return message
+
+
+def _variation_request(form: uploads.Form) -> images_pb2.CreateImageVariationsRequest:
+    fields = form.fields
+    images = form.file_list("image")
+    if len(images) > 1:
+        raise BodyError("A variation takes exactly one image.", "image")
+    message = images_pb2.CreateImageVariationsRequest(
+        model=fields.get("model", ""),
+        image=images[0] if images else b"",
+        size=fields.get("size", ""),
+        response_format=fields.get("response_format", ""),
+        user=fields.get("user", ""),
+    )
+    n = form_int(fields, "n", INT32_MAX)
+    if n is not None:
+        message.n = n
+    seed = form_int(fields, "seed", INT64_MAX)
+    if seed is not None:
+        message.seed = seed
+    return message
+
+
+ImagesCall = grpc.aio.UnaryStreamCall[Any, images_pb2.GenerateImagesResponse]
+_INCOMPLETE = errors.HttpError(502, "api_error", "upstream_error", True)
+
+
+async def _json_answer(request: web.Request, call: ImagesCall) -> web.Response:
+    """The whole stream gathered into OpenAI's ImagesResponse."""
+    config = request.app[CONFIG]
     images: list[images_pb2.GeneratedImage] = []
     summary: images_pb2.GenerationSummary | None = None
     try:
-        call = request.app[STUB].GenerateImages(
-            message, metadata=metadata, timeout=config.request_timeout_seconds
-        )
         async for event in call:
             if event.HasField("image"):
                 images.append(event.image)
@@ -108,10 +234,7 @@ async def create_images(request: web.Request) -> web.Response:
     except grpc.aio.AioRpcError as exc:
         return errors.from_grpc_error(exc)
     if summary is None:
-        return errors.error_response(
-            errors.HttpError(502, "api_error", "upstream_error", True),
-            "The generation did not complete.",
-        )
+        return errors.error_response(_INCOMPLETE, "The generation did not complete.")
     base_url = config.public_base_url or str(request.url.origin())
     data = []
     for image in sorted(images, key=lambda i: i.index):
@@ -122,19 +245,113 @@ async def create_images(request: web.Request) -> web.Response:
             item["b64_json"] = base64.b64encode(image.data).decode("ascii")
         item["revised_prompt"] = image.revised_prompt
         data.append(item)
-    response = _json(
-        {
-            "created": summary.created,
-            "data": data,
-            "usage": {
-                "prompt_tokens": summary.usage.input_tokens,
-                "completion_tokens": summary.usage.output_tokens,
-                "total_tokens": summary.usage.total_tokens,
-            },
-        }
-    )
+    answer: dict[str, Any] = {"created": summary.created, "data": data}
+    if summary.output_format:
+        # gpt-image models echo the settings the images were made with.
+        answer.update(
+            background=summary.background,
+            output_format=summary.output_format,
+            quality=summary.quality,
+            size=summary.size,
+        )
+    usage: dict[str, Any] = {
+        "prompt_tokens": summary.usage.input_tokens,
+        "completion_tokens": summary.usage.output_tokens,
+        "total_tokens": summary.usage.total_tokens,
+    }
+    if summary.output_format or summary.usage.total_tokens:
+        usage.update(_openai_usage(summary.usage))
+    answer["usage"] = usage
+    response = _json(answer)
     response.headers.update(headers)
     return response
+
+
+def _openai_usage(usage: images_pb2.Usage) -> dict[str, Any]:
+    """OpenAI's gpt-image usage object."""
+    return {
+        "input_tokens": usage.input_tokens,
+        "input_tokens_details": {
+            "text_tokens": usage.input_text_tokens,
+            "image_tokens": usage.input_image_tokens,
+        },
+        "output_tokens": usage.output_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+async def _stream_answer(request: web.Request, call: ImagesCall, prefix: str) -> web.StreamResponse:
+    """Server-sent events as OpenAI streams images: ``{prefix}.partial_image`` per partial
+    render, ``{prefix}.completed`` per image, ``error`` if the stream fails midway. A
+    refusal before the first image is an ordinary HTTP error."""
+    try:
+        first = await call.read()
+    except grpc.aio.AioRpcError as exc:
+        return errors.from_grpc_error(exc)
+    if not isinstance(first, images_pb2.GenerateImagesResponse):
+        return errors.error_response(_INCOMPLETE, "The generation did not complete.")
+    headers = _passed_headers(await call.initial_metadata())
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "x-request-id": request[REQUEST_ID],
+            **headers,
+        }
+    )
+    await response.prepare(request)
+    try:
+        failure = await _relay(call, first, response, prefix)
+        if failure is not None:
+            await response.write(_sse({"type": "error", "error": failure.body()}))
+        await response.write_eof()
+    except ConnectionResetError:
+        # The caller left: stop the generation; images it already took stay charged.
+        call.cancel()
+    return response
+
+
+async def _relay(
+    call: ImagesCall,
+    first: images_pb2.GenerateImagesResponse,
+    response: web.StreamResponse,
+    prefix: str,
+) -> errors.Failure | None:
+    """Writes each image and partial as an event; returns why the stream did not finish."""
+    message: object = first
+    finished = False
+    try:
+        while isinstance(message, images_pb2.GenerateImagesResponse):
+            if message.HasField("summary"):
+                finished = True
+            else:
+                await response.write(_sse(_stream_event(message, prefix)))
+            message = await call.read()
+    except grpc.aio.AioRpcError as exc:
+        return errors.describe_grpc_error(exc)
+    return None if finished else errors.Failure(_INCOMPLETE, "The generation did not complete.")
+
+
+def _stream_event(message: images_pb2.GenerateImagesResponse, prefix: str) -> dict[str, Any]:
+    image = message.partial if message.HasField("partial") else message.image
+    event: dict[str, Any] = {
+        "type": f"{prefix}.partial_image" if message.HasField("partial") else f"{prefix}.completed",
+        "b64_json": base64.b64encode(image.data).decode("ascii"),
+        "created_at": int(time.time()),
+        "size": f"{image.width}x{image.height}",
+        "quality": image.quality,
+        "background": image.background,
+        "output_format": image.output_format,
+    }
+    if message.HasField("partial"):
+        event["partial_image_index"] = message.partial.partial_image_index
+    else:
+        event["usage"] = _openai_usage(message.image.usage)
+    return event
+
+
+def _sse(event: dict[str, Any]) -> bytes:
+    return b"event: " + str(event["type"]).encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -155,6 +372,32 @@ async def list_models(request: web.Request) -> web.Response:
                 for m in answer.models
             ],
         }
+    )
+
+
+MODEL_NOT_FOUND = errors.HttpError(404, "invalid_request_error", "model_not_found", False)
+
+
+async def retrieve_model(request: web.Request) -> web.Response:
+    """``GET /v1/models/{model}``: one entry of ListModels, so only models that can serve now;
+    any other id is 404 as OpenAI answers it."""
+    model_id = request.match_info["model"]
+    config = request.app[CONFIG]
+    try:
+        answer = await request.app[STUB].ListModels(
+            images_pb2.ListModelsRequest(),
+            metadata=_metadata(request),
+            timeout=min(config.request_timeout_seconds, 30.0),
+        )
+    except grpc.aio.AioRpcError as exc:
+        return errors.from_grpc_error(exc)
+    for m in answer.models:
+        if m.id == model_id:
+            return _json(
+                {"id": m.id, "object": "model", "created": m.created, "owned_by": m.owned_by}
+            )
+    return errors.error_response(
+        MODEL_NOT_FOUND, f"The model '{model_id}' does not exist", param="model"
     )
 
 
@@ -181,7 +424,8 @@ async def download_image(request: web.Request) -> web.StreamResponse:
     response.headers["x-request-id"] = request[REQUEST_ID]
     await response.prepare(request)
     await response.write(first.chunk)
-    async for part in call:
+    # read() until EOF: grpc.aio refuses `async for` on a call that read() was used on.
+    while isinstance(part := await call.read(), images_pb2.GetImageResponse):
         await response.write(part.chunk)
     await response.write_eof()
     return response

@@ -6,6 +6,7 @@ import asyncio
 import sys
 
 from imagegen_service.config import ConfigError, load_config
+from imagegen_service.eventloop import loop_factory
 from imagegen_service.logging_setup import configure_logging
 from imagegen_service.server import serve_forever
 from imagegen_service.stores.ledger_sql import SchemaOutOfDate
@@ -18,7 +19,8 @@ def main() -> None:
     except ConfigError as exc:
         sys.exit(f"imagegen-service: {exc}")
     try:
-        asyncio.run(serve_forever(config))
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            runner.run(serve_forever(config))
     except SchemaOutOfDate as exc:
         sys.exit(f"imagegen-service: {exc}")
 

@@ -11,11 +11,21 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from imagegen_service import errors
+from imagegen_service import errors, inputs
 from imagegen_service.money import parse_usd
+from imagegen_service.providers.base import OPERATIONS, InputImage, Operation
 
 _SIZE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
 RESPONSE_FORMATS = ("url", "b64_json")
+# The gpt-image parameters a model may declare in ``parameters``; a request that sets one
+# its model does not declare is refused. ``partial_images`` also admits ``stream``.
+PARAMETERS = ("background", "output_format", "output_compression", "moderation", "partial_images")
+BACKGROUNDS = ("transparent", "opaque", "auto")
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+MODERATIONS = ("low", "auto")
+MAX_PARTIAL_IMAGES = 3
+INPUT_FORMATS = ("png", "jpeg", "webp")
+_OPERATION_NAMES = {"generate": "generation", "edit": "edits", "variation": "variations"}
 
 
 class CatalogError(ValueError):
@@ -64,10 +74,22 @@ class ImageModel:
     # When set, a deployment that reports token usage is charged by tokens, never more
     # than the per-image price that was held.
     token_prices: TokenPrices | None = None
+    # The gpt-image parameters this model takes (a subset of PARAMETERS).
+    parameters: frozenset[str] = frozenset()
+    operations: tuple[Operation, ...] = ("generate",)
+    # Edits and variations: accepted input formats, bytes per file, images per edit.
+    input_formats: tuple[str, ...] = INPUT_FORMATS
+    max_input_image_bytes: int = 50 * 1024 * 1024
+    max_input_images: int = 16
 
     @property
     def provider(self) -> str:
         return self.deployments[0].provider
+
+    @property
+    def echoes_settings(self) -> bool:
+        """Whether answers echo background, output_format, quality and size (gpt-image)."""
+        return bool(self.parameters & {"background", "output_format"})
 
     def unit_price(self, size: str, quality: str, deployment: Deployment | None = None) -> int:
         prices = self.prices
@@ -92,6 +114,39 @@ class ValidatedRequest:
     response_format: str
     seed: int | None = None
     user: str = ""
+    operation: Operation = "generate"
+    background: str = "auto"
+    output_format: str = "png"
+    output_compression: int | None = None
+    moderation: str | None = None
+    stream: bool = False
+    partial_images: int = 0
+    images: tuple[InputImage, ...] = ()
+    mask: InputImage | None = None
+
+    @property
+    def echo_background(self) -> str:
+        """The background an answer reports: what the images have, never "auto"."""
+        return "transparent" if self.background == "transparent" else "opaque"
+
+    @property
+    def echo_quality(self) -> str:
+        """The quality an answer reports; "auto" is priced and made as "high"."""
+        return "high" if self.quality == "auto" else self.quality
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """The optional parameters beyond OpenAI's original five; empty / None: not given."""
+
+    background: str = ""
+    output_format: str = ""
+    output_compression: int | None = None
+    moderation: str = ""
+    stream: bool = False
+    partial_images: int | None = None
+    images: tuple[bytes, ...] = ()
+    mask: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -128,10 +183,21 @@ class Catalog:
         response_format: str,
         seed: int | None = None,
         user: str = "",
+        operation: Operation = "generate",
+        options: Options | None = None,
     ) -> ValidatedRequest:
         """Checks every parameter against the model; raises InvalidParameter naming the field."""
         m = self.resolve(model)
-        if not prompt or not prompt.strip():
+        opts = options or Options()
+        if operation not in m.operations:
+            raise errors.ModelNotSupported(
+                f"The model '{m.id}' does not support image {_OPERATION_NAMES[operation]}.",
+                param="model",
+            )
+        if operation == "variation":
+            # Variations take no prompt (OpenAI ignores none: there is no such field).
+            prompt = ""
+        elif not prompt or not prompt.strip():
             raise errors.InvalidParameter("The prompt must not be empty.", param="prompt")
         if len(prompt) > m.max_prompt_chars:
             raise errors.InvalidParameter(
@@ -140,6 +206,7 @@ class Catalog:
                 param="prompt",
             )
         count = 1 if n is None else n
+        size_given = bool(size)
         if not 1 <= count <= m.max_images:
             raise errors.InvalidParameter(
                 f"n must be between 1 and {m.max_images} for model '{m.id}'; got {count}.",
@@ -164,7 +231,7 @@ class Catalog:
                 f"Invalid style '{style}' for model '{m.id}'. Supported: {supported}.",
                 param="style",
             )
-        response_format = response_format or "url"
+        response_format = response_format or ("b64_json" if opts.stream else "url")
         if response_format not in RESPONSE_FORMATS:
             raise errors.InvalidParameter(
                 f"Invalid response_format '{response_format}'. Supported: url, b64_json.",
@@ -172,6 +239,10 @@ class Catalog:
             )
         if seed is not None and not 0 <= seed < 2**32:
             raise errors.InvalidParameter("seed must be between 0 and 4294967295.", param="seed")
+        gpt = _gpt_image_options(m, opts, response_format)
+        images, mask = _input_images(m, operation, opts)
+        if not size_given and images and f"{images[0].width}x{images[0].height}" in m.sizes:
+            size = f"{images[0].width}x{images[0].height}"
         width, height = parse_size(size)
         return ValidatedRequest(
             model=m,
@@ -185,7 +256,127 @@ class Catalog:
             response_format=response_format,
             seed=seed,
             user=user,
+            operation=operation,
+            images=images,
+            mask=mask,
+            **gpt,
         )
+
+
+def _gpt_image_options(m: ImageModel, opts: Options, response_format: str) -> dict[str, Any]:
+    """The gpt-image parameters, each refused by a model that does not declare it."""
+    given: dict[str, object] = {
+        "background": opts.background or None,
+        "output_format": opts.output_format or None,
+        "output_compression": opts.output_compression,
+        "moderation": opts.moderation or None,
+        "partial_images": opts.partial_images,
+    }
+    for name, value in given.items():
+        if value is not None and name not in m.parameters:
+            raise errors.InvalidParameter(
+                f"The model '{m.id}' does not support the '{name}' parameter.", param=name
+            )
+    if opts.stream and "partial_images" not in m.parameters:
+        raise errors.InvalidParameter(
+            f"The model '{m.id}' does not support streaming.", param="stream"
+        )
+    background = opts.background or "auto"
+    _one_of(background, BACKGROUNDS, "background")
+    output_format = opts.output_format or "png"
+    _one_of(output_format, OUTPUT_FORMATS, "output_format")
+    _one_of(opts.moderation or "auto", MODERATIONS, "moderation")
+    if opts.output_compression is not None:
+        if not 0 <= opts.output_compression <= 100:
+            raise errors.InvalidParameter(
+                "output_compression must be between 0 and 100.", param="output_compression"
+            )
+        if output_format == "png":
+            raise errors.InvalidParameter(
+                "output_compression applies only to the jpeg and webp output formats.",
+                param="output_compression",
+            )
+    if background == "transparent" and output_format == "jpeg":
+        raise errors.InvalidParameter(
+            "A transparent background needs output_format png or webp.", param="background"
+        )
+    partial_images = 0 if opts.partial_images is None else opts.partial_images
+    if not 0 <= partial_images <= MAX_PARTIAL_IMAGES:
+        raise errors.InvalidParameter(
+            f"partial_images must be between 0 and {MAX_PARTIAL_IMAGES}.", param="partial_images"
+        )
+    if opts.stream and response_format == "url":
+        raise errors.InvalidParameter(
+            "A streamed answer carries the images as base64: response_format must be "
+            "b64_json or left out.",
+            param="response_format",
+        )
+    return {
+        "background": background,
+        "output_format": output_format,
+        "output_compression": opts.output_compression,
+        "moderation": opts.moderation or None,
+        "stream": opts.stream,
+        "partial_images": partial_images if opts.stream else 0,
+    }
+
+
+def _one_of(value: str, allowed: tuple[str, ...], param: str) -> None:
+    if value not in allowed:
+        raise errors.InvalidParameter(
+            f"Invalid {param} '{value}'. Supported: {', '.join(allowed)}.", param=param
+        )
+
+
+def _input_images(
+    m: ImageModel, operation: Operation, opts: Options
+) -> tuple[tuple[InputImage, ...], InputImage | None]:
+    """Edits: 1 … max_input_images images and an optional mask; variations: one image."""
+    if operation == "generate":
+        return (), None
+    limit = 1 if operation == "variation" else m.max_input_images
+    if not opts.images:
+        raise errors.InvalidParameter("You must provide an image.", param="image")
+    if len(opts.images) > limit:
+        raise errors.InvalidParameter(
+            f"The model '{m.id}' takes at most {limit} input image(s); got {len(opts.images)}.",
+            param="image",
+        )
+    images = []
+    for data in opts.images:
+        if len(data) > m.max_input_image_bytes:
+            raise errors.InvalidParameter(
+                f"Each image must be at most {m.max_input_image_bytes} bytes for model "
+                f"'{m.id}'; got {len(data)}.",
+                param="image",
+            )
+        image = inputs.inspect(data, param="image")
+        if image.format not in m.input_formats:
+            raise errors.InvalidParameter(
+                f"The model '{m.id}' accepts {', '.join(m.input_formats)} images; got "
+                f"{image.format}.",
+                param="image",
+            )
+        images.append(image)
+    if opts.mask is None:
+        return tuple(images), None
+    if operation != "edit":
+        raise errors.InvalidParameter("Only edits take a mask.", param="mask")
+    if len(opts.mask) > m.max_input_image_bytes:
+        raise errors.InvalidParameter(
+            f"The mask must be at most {m.max_input_image_bytes} bytes.", param="mask"
+        )
+    mask = inputs.inspect(opts.mask, param="mask", what="mask")
+    if mask.format != "png" or not mask.has_alpha:
+        raise errors.InvalidParameter("The mask must be a PNG with an alpha channel.", param="mask")
+    first = images[0]
+    if (mask.width, mask.height) != (first.width, first.height):
+        raise errors.InvalidParameter(
+            f"The mask is {mask.width}x{mask.height} but the image is "
+            f"{first.width}x{first.height}; they must be the same size.",
+            param="mask",
+        )
+    return tuple(images), mask
 
 
 def parse_size(size: str) -> tuple[int, int]:
@@ -244,6 +435,19 @@ def load_catalog(
             owned_by=str(raw.get("owned_by", "imagegen")),
             created=int(raw.get("created", 0)),
             token_prices=_token_prices(raw.get("token_price_usd"), f"{where}.token_price_usd"),
+            parameters=frozenset(
+                _subset(raw.get("parameters", []), PARAMETERS, f"{where}.parameters")
+            ),
+            operations=_operations(raw.get("operations", ["generate"]), f"{where}.operations"),
+            input_formats=_subset(
+                raw.get("input_formats", list(INPUT_FORMATS)),
+                INPUT_FORMATS,
+                f"{where}.input_formats",
+            ),
+            max_input_image_bytes=_int(
+                raw.get("max_input_image_bytes"), f"{where}.max_input_image_bytes", 50 * 1024 * 1024
+            ),
+            max_input_images=_int(raw.get("max_input_images"), f"{where}.max_input_images", 16),
         )
         for size in sizes:
             for quality in qualities:
@@ -251,6 +455,21 @@ def load_catalog(
                     model.unit_price(size, quality, deployment)
         catalog.models[model_id] = model
     return catalog
+
+
+def _subset(raw: Any, allowed: tuple[str, ...], where: str) -> tuple[str, ...]:
+    values = _str_list(raw, where)
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise CatalogError(f"{where}: unknown {', '.join(unknown)}; known: {', '.join(allowed)}")
+    return values
+
+
+def _operations(raw: Any, where: str) -> tuple[Operation, ...]:
+    values = _subset(raw, OPERATIONS, where)
+    if not values:
+        raise CatalogError(f"{where} must name at least one operation")
+    return tuple(op for op in OPERATIONS if op in values)
 
 
 def _prices(raw: Any, where: str) -> dict[str, int]:

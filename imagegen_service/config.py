@@ -123,6 +123,8 @@ class ServiceConfig:
     admin_token: str | None = None
     signing_key_env: str | None = None
     max_message_bytes: int = 32 * 1024 * 1024
+    # What the service accepts: an edit carries up to 16 images in one message.
+    max_receive_message_bytes: int = 128 * 1024 * 1024
     # GET /metrics on this port (0: not served); characters of a prompt logged (0: none).
     metrics_port: int = 0
     log_prompt_chars: int = 0
@@ -285,6 +287,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> ServiceConfig:
         admin_token=env.get("IMAGEGEN_ADMIN_TOKEN") or None,
         signing_key_env=env.get("IMAGEGEN_SIGNING_KEY") or None,
         max_message_bytes=int(service.get("max_message_bytes", 32 * 1024 * 1024)),
+        max_receive_message_bytes=int(service.get("max_receive_message_bytes", 128 * 1024 * 1024)),
         metrics_port=env_int(env, "IMAGEGEN_METRICS_PORT", service.get("metrics_port", 9090)),
         log_prompt_chars=env_int(env, "IMAGEGEN_LOG_PROMPT_CHARS", 0),
         environ=env,

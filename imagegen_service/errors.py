@@ -14,10 +14,12 @@ class ImagegenError(Exception):
         super().__init__(message)
         self.message = message
         self.param = param
+        # Facts learnt on the way out, e.g. what a failed stream still charged.
+        self.details: dict[str, str] = {}
 
     def metadata(self) -> dict[str, str]:
         """Extra facts for the caller; never secrets."""
-        return {"param": self.param} if self.param else {}
+        return {**({"param": self.param} if self.param else {}), **self.details}
 
 
 class InvalidParameter(ImagegenError):

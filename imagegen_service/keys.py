@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
 
 PREFIX = "sk-ig-"
 
@@ -28,3 +31,32 @@ def bearer_token(authorization: str | None) -> str | None:
     if scheme.lower() != "bearer" or not token.strip():
         return None
     return token.strip()
+
+
+class KeyCache(Generic[T]):
+    """Recently authenticated keys, by hash, for ``ttl_seconds``.
+
+    Only safe where the key is checked again by the write that matters: the hold is placed
+    with the key's id and fails for a revoked key, so revocation still stops the very next
+    generation. Rate-limit overrides read from a cached key may lag by ``ttl_seconds``.
+    """
+
+    def __init__(self, ttl_seconds: float = 30.0, max_entries: int = 10_000) -> None:
+        self.ttl_seconds = ttl_seconds
+        self.max_entries = max_entries
+        self._entries: dict[str, tuple[float, T]] = {}
+
+    def get(self, key_hash: str, now: float) -> T | None:
+        entry = self._entries.get(key_hash)
+        if entry is None or entry[0] < now:
+            return None
+        return entry[1]
+
+    def put(self, key_hash: str, value: T, now: float) -> None:
+        if len(self._entries) >= self.max_entries:
+            # Dropping everything is crude but bounded, and refills at one lookup per key.
+            self._entries.clear()
+        self._entries[key_hash] = (now + self.ttl_seconds, value)
+
+    def clear(self) -> None:
+        self._entries.clear()

@@ -185,8 +185,9 @@ class ProviderCall:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if isinstance(exc, asyncio.CancelledError):
-            # The caller went away: that says nothing about the provider.
+        if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+            # The caller went away (or stopped reading a stream): that says nothing about
+            # the provider.
             return
         self._metrics.provider_request_seconds.labels(self._provider).observe(
             time.perf_counter() - self._started

@@ -4,6 +4,8 @@ provider, store, capture what was delivered, release the rest.
 The pipeline is the domain core; the gRPC servicer is a thin plug around it. Its rule
 about money: a hold is settled exactly once. Images are captured only after the caller
 has taken every one of them; any failure or cancellation before that releases the hold.
+A streamed request is the one exception: the images the caller has already taken when it
+fails are charged, and only the rest is released.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from typing import Any, TypeVar
 import structlog
 
 from imagegen_service import errors
-from imagegen_service.catalog import Catalog, Deployment, ImageModel, ValidatedRequest
-from imagegen_service.keys import bearer_token, hash_secret
+from imagegen_service.catalog import Catalog, Deployment, ImageModel, Options, ValidatedRequest
+from imagegen_service.keys import KeyCache, bearer_token, hash_secret
 from imagegen_service.providers.base import (
+    Operation,
+    PartialImage,
     Provider,
     ProviderImage,
     ProviderRequest,
@@ -46,6 +50,9 @@ class GenerationParams:
     response_format: str = ""
     user: str = ""
     seed: int | None = None
+    operation: Operation = "generate"
+    # The gpt-image parameters, streaming, and the input images of edits and variations.
+    options: Options = field(default_factory=Options)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +78,26 @@ class DeliveredImage:
     # Exactly one of these is set, by response_format.
     data: bytes = b""
     url: str = ""
+    # Streamed requests: this image's token usage and the settings it was made with.
+    usage: TokenUsage = field(default_factory=TokenUsage)
+    quality: str = ""
+    background: str = ""
+    output_format: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveredPartial:
+    """A progressive render of image ``index`` (streamed requests only; never charged)."""
+
+    index: int
+    partial_image_index: int
+    data: bytes
+    mime_type: str
+    width: int
+    height: int
+    quality: str
+    background: str
+    output_format: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +110,12 @@ class Summary:
     size: str
     quality: str
     usage: TokenUsage = field(default_factory=TokenUsage)
+    # Set for models that take the gpt-image parameters: their answers echo these.
+    background: str = ""
+    output_format: str = ""
+
+
+Event = DeliveredImage | DeliveredPartial | Summary
 
 
 class ImagePipeline:
@@ -105,20 +138,28 @@ class ImagePipeline:
         # One set of instruments per service: the router reports provider calls into it.
         self.metrics = self.router.metrics
         self.rate_limiter = rate_limiter
+        self.key_cache: KeyCache[ApiKey] = KeyCache()
         self.hold_ttl_seconds = hold_ttl_seconds
 
     def models(self) -> list[ImageModel]:
         return sorted(self.catalog.models.values(), key=lambda m: m.id)
 
-    async def authenticate(self, authorization: str | None) -> ApiKey:
+    async def authenticate(self, authorization: str | None, *, cached: bool = False) -> ApiKey:
+        """The active key behind ``authorization``. ``cached`` answers from a short cache:
+        only for requests that go on to place a hold, which checks revocation again."""
         token = bearer_token(authorization)
         if token is None:
             raise errors.InvalidApiKey(
                 "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'."
             )
-        key = await self.ledger.find_active_key(hash_secret(token))
+        key_hash = hash_secret(token)
+        now = time.monotonic()
+        key = self.key_cache.get(key_hash, now) if cached else None
         if key is None:
-            raise errors.InvalidApiKey("Incorrect API key provided.")
+            key = await self.ledger.find_active_key(key_hash)
+            if key is None:
+                raise errors.InvalidApiKey("Incorrect API key provided.")
+            self.key_cache.put(key_hash, key, now)
         return key
 
     async def prepare(self, key: ApiKey, params: GenerationParams, *, request_id: str) -> Prepared:
@@ -134,9 +175,11 @@ class ImagePipeline:
             response_format=params.response_format,
             seed=params.seed,
             user=params.user,
+            operation=params.operation,
+            options=params.options,
         )
         provider_request = _provider_request(request, request_id)
-        deployments = self.router.check(request.model, provider_request)
+        deployments = self.router.check(request.model, provider_request, request.operation)
         # Hold the most that any deployment able to serve this request could charge.
         unit = max(request.model.unit_price(request.size, request.quality, d) for d in deployments)
         decision = None
@@ -148,18 +191,21 @@ class ImagePipeline:
 
     async def generate(
         self, key: ApiKey, params: GenerationParams, *, request_id: str
-    ) -> AsyncGenerator[DeliveredImage | Summary]:
+    ) -> AsyncGenerator[Event]:
         """``prepare`` then ``run``."""
         prepared = await self.prepare(key, params, request_id=request_id)
         async with contextlib.aclosing(self.run(prepared)) as events:
             async for event in events:
                 yield event
 
-    async def run(self, prepared: Prepared) -> AsyncGenerator[DeliveredImage | Summary]:
+    async def run(self, prepared: Prepared) -> AsyncGenerator[Event]:
         """Yields one DeliveredImage per image, then the Summary once the charge is made.
 
         The caller must consume the stream to the Summary for the images to be charged;
-        closing it earlier releases the hold.
+        closing it earlier releases the hold. A streamed request also yields DeliveredPartial
+        renders and each image as soon as it is made, and is charged per image the caller
+        took: a failure or cancellation midway captures the images already taken and
+        releases the rest (docs/architecture.md, "Streaming and money").
         """
         key, request, request_id = prepared.key, prepared.request, prepared.request_id
         provider_request, deployments = prepared.provider_request, prepared.deployments
@@ -168,19 +214,48 @@ class ImagePipeline:
             prepared.quote_micros,
             request_id=request_id,
             ttl_seconds=self.hold_ttl_seconds,
+            key_id=key.id,
         )
         self.metrics.hold_placed()
         settled = False
+        # Streamed images the caller has taken (the yield returned), and who made them.
+        taken: list[DeliveredImage] = []
+        serving: Deployment | None = None
         try:
-            routed = await self.router.generate(deployments, provider_request)
-            result = routed.result
-            images = result.images[: request.n]
-            if not images:
-                raise errors.UpstreamError(f"Provider '{routed.provider}' returned no images.")
-            delivered = [await self._deliver(i, img, request) for i, img in enumerate(images)]
-            for image in delivered:
-                yield image
-            cost = _cost(request, routed.deployment, result.usage, len(delivered))
+            if request.stream:
+                reported: TokenUsage | None = None
+                async with contextlib.aclosing(
+                    self.router.stream(deployments, provider_request, request.operation)
+                ) as events:
+                    async for served, event in events:
+                        serving = served
+                        if isinstance(event, TokenUsage):
+                            reported = event
+                        elif isinstance(event, PartialImage):
+                            if event.index < request.n:
+                                yield _partial(event, request)
+                        elif len(taken) < request.n:
+                            image = _streamed(len(taken), event, request)
+                            yield image
+                            taken.append(image)
+                if serving is None or not taken:
+                    raise errors.UpstreamError("The provider returned no images.")
+                deployment, provider, count = serving, serving.provider, len(taken)
+                usage = reported if reported and reported.total_tokens else _sum(taken)
+            else:
+                routed = await self.router.generate(
+                    deployments, provider_request, request.operation
+                )
+                result = routed.result
+                images = result.images[: request.n]
+                if not images:
+                    raise errors.UpstreamError(f"Provider '{routed.provider}' returned no images.")
+                delivered = [await self._deliver(i, img, request) for i, img in enumerate(images)]
+                for image in delivered:
+                    yield image
+                deployment, provider, usage = routed.deployment, routed.provider, result.usage
+                count = len(delivered)
+            cost = _cost(request, deployment, usage, count)
             settled = True
             self.metrics.hold_settled(hold.amount_micros, captured_micros=cost)
             if not await _shielded(self.ledger.settle_hold(hold, cost, request_id=request_id)):
@@ -193,21 +268,43 @@ class ImagePipeline:
                     uncharged_micros=cost,
                     hold_ttl_seconds=self.hold_ttl_seconds,
                 )
+            echo = request.model.echoes_settings
             # The servicer's GenerationRecord writes the generation's log line.
             yield Summary(
                 created=int(time.time()),
                 model=request.model.id,
-                provider=routed.provider,
-                images=len(delivered),
+                provider=provider,
+                images=count,
                 cost_micros=cost,
                 size=request.size,
-                quality=request.quality,
-                usage=result.usage,
+                quality=request.echo_quality if echo else request.quality,
+                usage=usage,
+                background=request.echo_background if echo else "",
+                output_format=request.output_format if echo else "",
             )
-        finally:
+        except BaseException as exc:
             if not settled:
-                self.metrics.hold_settled(hold.amount_micros, captured_micros=0)
-                await _shielded(self.ledger.settle_hold(hold, 0, request_id=request_id))
+                settled = True
+                # Only a stream can have delivered images before failing: those were taken
+                # and are charged; the rest of the hold goes back.
+                captured = 0
+                if taken and serving is not None:
+                    captured = _cost(request, serving, _sum(taken), len(taken))
+                self.metrics.hold_settled(hold.amount_micros, captured_micros=captured)
+                await _shielded(self.ledger.settle_hold(hold, captured, request_id=request_id))
+                if captured:
+                    log.info(
+                        "generation.partially_delivered",
+                        request_id=request_id,
+                        account_id=key.account_id,
+                        images=len(taken),
+                        cost_micros=captured,
+                    )
+                    if isinstance(exc, errors.ImagegenError):
+                        exc.details.update(
+                            images_charged=str(len(taken)), cost_micros=str(captured)
+                        )
+            raise
 
     async def _deliver(
         self, index: int, image: ProviderImage, request: ValidatedRequest
@@ -233,6 +330,45 @@ def _cost(
     return cost
 
 
+def _partial(event: PartialImage, request: ValidatedRequest) -> DeliveredPartial:
+    return DeliveredPartial(
+        index=event.index,
+        partial_image_index=event.partial_image_index,
+        data=event.data,
+        mime_type=event.mime_type,
+        width=event.width,
+        height=event.height,
+        quality=request.echo_quality,
+        background=request.echo_background,
+        output_format=request.output_format,
+    )
+
+
+def _streamed(index: int, image: ProviderImage, request: ValidatedRequest) -> DeliveredImage:
+    """A streamed image: always raw bytes (streams carry base64), with its settings."""
+    return DeliveredImage(
+        index,
+        image.mime_type,
+        image.width,
+        image.height,
+        image.revised_prompt,
+        data=image.data,
+        usage=image.usage or TokenUsage(),
+        quality=request.echo_quality,
+        background=request.echo_background,
+        output_format=request.output_format,
+    )
+
+
+def _sum(images: list[DeliveredImage]) -> TokenUsage:
+    return TokenUsage(
+        input_tokens=sum(i.usage.input_tokens for i in images),
+        output_tokens=sum(i.usage.output_tokens for i in images),
+        input_text_tokens=sum(i.usage.input_text_tokens for i in images),
+        input_image_tokens=sum(i.usage.input_image_tokens for i in images),
+    )
+
+
 def _provider_request(request: ValidatedRequest, request_id: str) -> ProviderRequest:
     return ProviderRequest(
         upstream_model=request.model.deployments[0].upstream_model,
@@ -245,6 +381,13 @@ def _provider_request(request: ValidatedRequest, request_id: str) -> ProviderReq
         seed=request.seed,
         user=request.user or None,
         request_id=request_id,
+        output_format=request.output_format,
+        background=request.background,
+        output_compression=request.output_compression,
+        moderation=request.moderation,
+        partial_images=request.partial_images,
+        images=request.images,
+        mask=request.mask,
     )
 
 

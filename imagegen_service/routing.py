@@ -11,9 +11,10 @@ retried or failed over. When every deployment has failed, the caller gets Upstre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 import structlog
@@ -21,7 +22,16 @@ import structlog
 from imagegen_service import errors
 from imagegen_service.catalog import Deployment, ImageModel
 from imagegen_service.metrics import ServiceMetrics
-from imagegen_service.providers.base import Provider, ProviderRequest, ProviderResult
+from imagegen_service.providers.base import (
+    Operation,
+    Provider,
+    ProviderRequest,
+    ProviderResult,
+    StreamEvent,
+    call,
+    stream_events,
+    supports,
+)
 
 log = structlog.get_logger("imagegen.routing")
 
@@ -72,12 +82,21 @@ class Router:
     _semaphores: dict[str, asyncio.Semaphore] = field(default_factory=dict)
     metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
 
-    def check(self, model: ImageModel, request: ProviderRequest) -> list[Deployment]:
+    def check(
+        self, model: ImageModel, request: ProviderRequest, operation: Operation = "generate"
+    ) -> list[Deployment]:
         """The deployments that can serve ``request`` at all; raises the first one's
-        InvalidParameter when none can. No I/O: runs before money moves."""
+        InvalidParameter when none can, ModelNotSupported when no deployment's provider can
+        do ``operation``. No I/O: runs before money moves."""
         usable: list[Deployment] = []
         first_error: errors.InvalidParameter | None = None
-        for deployment in model.deployments:
+        capable = [d for d in model.deployments if supports(self.providers[d.provider], operation)]
+        if not capable:
+            raise errors.ModelNotSupported(
+                f"The model '{model.id}' cannot serve the '{operation}' operation here.",
+                param="model",
+            )
+        for deployment in capable:
             try:
                 self.providers[deployment.provider].check(
                     replace(request, upstream_model=deployment.upstream_model)
@@ -91,7 +110,12 @@ class Router:
             raise first_error
         return usable
 
-    async def generate(self, deployments: list[Deployment], request: ProviderRequest) -> Routed:
+    async def generate(
+        self,
+        deployments: list[Deployment],
+        request: ProviderRequest,
+        operation: Operation = "generate",
+    ) -> Routed:
         last_error: errors.UpstreamError | None = None
         tried = 0
         for deployment in deployments:
@@ -101,7 +125,10 @@ class Router:
                 continue
             try:
                 result = await self._with_retries(
-                    deployment, replace(request, upstream_model=deployment.upstream_model), key
+                    deployment,
+                    replace(request, upstream_model=deployment.upstream_model),
+                    key,
+                    operation,
                 )
             except errors.UpstreamError as exc:
                 last_error = exc
@@ -123,8 +150,84 @@ class Router:
             )
         raise errors.UpstreamError(f"The upstream provider failed: {last_error.message}")
 
+    async def stream(
+        self,
+        deployments: list[Deployment],
+        request: ProviderRequest,
+        operation: Operation = "generate",
+    ) -> AsyncGenerator[tuple[Deployment, StreamEvent]]:
+        """``operation`` streamed, each event with the deployment serving it. Retries and
+        failover work as for ``generate`` until the first event; after that the stream is
+        committed to its deployment and a failure ends it (the caller has partial output)."""
+        last_error: errors.UpstreamError | None = None
+        for deployment in deployments:
+            key = (deployment.provider, deployment.upstream_model)
+            if not self._admit(key):
+                log.info("routing.skipped_open_circuit", provider=key[0], upstream_model=key[1])
+                continue
+            provider = self.providers[deployment.provider]
+            limits = self.limits.get(deployment.provider, ProviderLimits())
+            semaphore = self._semaphores.setdefault(
+                deployment.provider, asyncio.Semaphore(limits.max_concurrency)
+            )
+            routed = replace(request, upstream_model=deployment.upstream_model)
+            attempt = 0
+            while True:
+                started = False
+                try:
+                    async with (
+                        semaphore,
+                        self.metrics.provider_call(deployment.provider),
+                        contextlib.aclosing(stream_events(provider, operation, routed)) as events,
+                    ):
+                        async for event in events:
+                            started = True
+                            yield deployment, event
+                except errors.UpstreamError as exc:
+                    self._failed(key)
+                    if started:
+                        raise
+                    delay = self._retry_delay(attempt, exc)
+                    if attempt < limits.max_retries and delay is not None and self._admit(key):
+                        attempt += 1
+                        self.metrics.retried(deployment.provider)
+                        log.info(
+                            "routing.retry",
+                            request_id=request.request_id,
+                            provider=deployment.provider,
+                            attempt=attempt,
+                            delay_seconds=round(delay, 3),
+                        )
+                        await self.sleep(delay)
+                        continue
+                    last_error = exc
+                    self.metrics.failed_over(deployment.provider)
+                    log.warning(
+                        "routing.failover",
+                        request_id=request.request_id,
+                        provider=deployment.provider,
+                        upstream_model=deployment.upstream_model,
+                        error=exc.message,
+                    )
+                    break
+                except BaseException:
+                    self._release_trial(key)
+                    raise
+                self._succeeded(key)
+                return
+        if last_error is None:
+            raise errors.UpstreamError(
+                "Every provider for this model is failing and temporarily skipped; "
+                "retry in a minute."
+            )
+        raise errors.UpstreamError(f"The upstream provider failed: {last_error.message}")
+
     async def _with_retries(
-        self, deployment: Deployment, request: ProviderRequest, key: tuple[str, str]
+        self,
+        deployment: Deployment,
+        request: ProviderRequest,
+        key: tuple[str, str],
+        operation: Operation = "generate",
     ) -> ProviderResult:
         provider = self.providers[deployment.provider]
         limits = self.limits.get(deployment.provider, ProviderLimits())
@@ -135,7 +238,7 @@ class Router:
         while True:
             try:
                 async with semaphore, self.metrics.provider_call(deployment.provider):
-                    result = await provider.generate(request)
+                    result = await call(provider, operation, request)
             except errors.UpstreamError as exc:
                 self._failed(key)
                 delay = self._retry_delay(attempt, exc)

@@ -9,17 +9,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import grpc
 import structlog
 
 from imagegen_service import errors, keys
+from imagegen_service.catalog import Options
 from imagegen_service.gen import admin_pb2, admin_pb2_grpc, images_pb2, images_pb2_grpc
 from imagegen_service.grpc_errors import internal_status, to_status
 from imagegen_service.idempotency import IdempotencyKeys, fingerprint
-from imagegen_service.pipeline import DeliveredImage, GenerationParams, ImagePipeline, Summary
+from imagegen_service.pipeline import (
+    DeliveredImage,
+    DeliveredPartial,
+    GenerationParams,
+    ImagePipeline,
+    Summary,
+)
+from imagegen_service.providers.base import TokenUsage
 from imagegen_service.stores.ledger_sql import Account, ApiKey, LedgerStore
 
 log = structlog.get_logger("imagegen.servicer")
@@ -76,31 +84,72 @@ class ImageGenerationServicer(images_pb2_grpc.ImageGenerationServicer):
         request: images_pb2.GenerateImagesRequest,
         context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     ) -> AsyncIterator[images_pb2.GenerateImagesResponse]:
+        # Fingerprinted as before edits existed, so stored idempotency records stay valid.
+        def canonical() -> bytes:
+            return request.SerializeToString(deterministic=True)
+
+        async with contextlib.aclosing(
+            self._serve(context, "GenerateImages", canonical, lambda: _generation_params(request))
+        ) as messages:
+            async for message in messages:
+                yield message
+
+    async def EditImages(
+        self,
+        request: images_pb2.EditImagesRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> AsyncIterator[images_pb2.GenerateImagesResponse]:
+        def canonical() -> bytes:
+            return b"EditImages\0" + request.SerializeToString(deterministic=True)
+
+        async with contextlib.aclosing(
+            self._serve(context, "EditImages", canonical, lambda: _edit_params(request))
+        ) as messages:
+            async for message in messages:
+                yield message
+
+    async def CreateImageVariations(
+        self,
+        request: images_pb2.CreateImageVariationsRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> AsyncIterator[images_pb2.GenerateImagesResponse]:
+        def canonical() -> bytes:
+            return b"CreateImageVariations\0" + request.SerializeToString(deterministic=True)
+
+        async with contextlib.aclosing(
+            self._serve(
+                context, "CreateImageVariations", canonical, lambda: _variation_params(request)
+            )
+        ) as messages:
+            async for message in messages:
+                yield message
+
+    async def _serve(
+        self,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+        method: str,
+        # The request's canonical bytes for Idempotency-Key, made only when a key is given:
+        # an edit can be a hundred megabytes.
+        canonical_request: Callable[[], bytes],
+        params_of: Callable[[], GenerationParams],
+    ) -> AsyncGenerator[images_pb2.GenerateImagesResponse]:
+        """One image-making RPC: authenticate, honour Idempotency-Key, run the pipeline."""
         request_id = request_id_of(context)
         idempotency_key = metadata_value(context, "idempotency-key")
         try:
-            key = await self.pipeline.authenticate(metadata_value(context, "authorization"))
-            params = GenerationParams(
-                model=request.model,
-                prompt=request.prompt,
-                n=request.n if request.HasField("n") else None,
-                size=request.size,
-                quality=request.quality,
-                style=request.style,
-                response_format=request.response_format,
-                user=request.user,
-                seed=request.seed if request.HasField("seed") else None,
-            )
+            authorization = metadata_value(context, "authorization")
+            # From the cache: the hold checks revocation again, as does a replay below.
+            key = await self.pipeline.authenticate(authorization, cached=True)
+            params = params_of()
             if idempotency_key is None or self.idempotency is None:
                 async for message in self._generate(key, params, request_id, context):
                     yield message
                 return
             claim = await self.idempotency.claim(
-                key.account_id,
-                idempotency_key,
-                fingerprint(request.SerializeToString(deterministic=True)),
+                key.account_id, idempotency_key, fingerprint(canonical_request())
             )
             if claim.state == "done":
+                await self.pipeline.authenticate(authorization)
                 log.info("generation.replayed", request_id=request_id, account_id=key.account_id)
                 for frame in await self.idempotency.replay(claim):
                     yield images_pb2.GenerateImagesResponse.FromString(frame)
@@ -116,7 +165,7 @@ class ImageGenerationServicer(images_pb2_grpc.ImageGenerationServicer):
             await asyncio.shield(self._remember(key.account_id, idempotency_key, frames))
             return
         except Exception as exc:
-            status = _status_of(exc, context, "GenerateImages")
+            status = _status_of(exc, context, method)
         await context.abort(status.code, status.details, status.trailing_metadata)
 
     async def _generate(
@@ -194,17 +243,110 @@ class ImageGenerationServicer(images_pb2_grpc.ImageGenerationServicer):
             yield images_pb2.GetImageResponse(chunk=bytes(view[start : start + IMAGE_CHUNK_BYTES]))
 
 
-def _to_message(event: DeliveredImage | Summary) -> images_pb2.GenerateImagesResponse:
+def _generation_params(request: images_pb2.GenerateImagesRequest) -> GenerationParams:
+    return GenerationParams(
+        model=request.model,
+        prompt=request.prompt,
+        n=request.n if request.HasField("n") else None,
+        size=request.size,
+        quality=request.quality,
+        style=request.style,
+        response_format=request.response_format,
+        user=request.user,
+        seed=request.seed if request.HasField("seed") else None,
+        options=Options(
+            background=request.background,
+            output_format=request.output_format,
+            output_compression=(
+                request.output_compression if request.HasField("output_compression") else None
+            ),
+            moderation=request.moderation,
+            stream=request.stream,
+            partial_images=request.partial_images if request.HasField("partial_images") else None,
+        ),
+    )
+
+
+def _edit_params(request: images_pb2.EditImagesRequest) -> GenerationParams:
+    return GenerationParams(
+        model=request.model,
+        prompt=request.prompt,
+        n=request.n if request.HasField("n") else None,
+        size=request.size,
+        quality=request.quality,
+        response_format=request.response_format,
+        user=request.user,
+        seed=request.seed if request.HasField("seed") else None,
+        operation="edit",
+        options=Options(
+            background=request.background,
+            output_format=request.output_format,
+            output_compression=(
+                request.output_compression if request.HasField("output_compression") else None
+            ),
+            stream=request.stream,
+            partial_images=request.partial_images if request.HasField("partial_images") else None,
+            images=tuple(request.images),
+            mask=request.mask if request.HasField("mask") else None,
+        ),
+    )
+
+
+def _variation_params(request: images_pb2.CreateImageVariationsRequest) -> GenerationParams:
+    return GenerationParams(
+        model=request.model,
+        prompt="",
+        n=request.n if request.HasField("n") else None,
+        size=request.size,
+        response_format=request.response_format,
+        user=request.user,
+        seed=request.seed if request.HasField("seed") else None,
+        operation="variation",
+        options=Options(images=(request.image,) if request.image else ()),
+    )
+
+
+def _usage(usage: TokenUsage) -> images_pb2.Usage:
+    return images_pb2.Usage(
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        total_tokens=usage.total_tokens,
+        input_text_tokens=usage.input_text_tokens,
+        input_image_tokens=usage.input_image_tokens,
+    )
+
+
+def _to_message(
+    event: DeliveredImage | DeliveredPartial | Summary,
+) -> images_pb2.GenerateImagesResponse:
     if isinstance(event, DeliveredImage):
+        image = images_pb2.GeneratedImage(
+            index=event.index,
+            data=event.data,
+            url=event.url,
+            revised_prompt=event.revised_prompt,
+            mime_type=event.mime_type,
+            width=event.width,
+            height=event.height,
+            quality=event.quality,
+            background=event.background,
+            output_format=event.output_format,
+        )
+        if event.output_format:
+            image.usage.CopyFrom(_usage(event.usage))
+        return images_pb2.GenerateImagesResponse(image=image)
+    if isinstance(event, DeliveredPartial):
         return images_pb2.GenerateImagesResponse(
-            image=images_pb2.GeneratedImage(
+            partial=images_pb2.PartialImage(
                 index=event.index,
+                partial_image_index=event.partial_image_index,
                 data=event.data,
-                url=event.url,
-                revised_prompt=event.revised_prompt,
                 mime_type=event.mime_type,
                 width=event.width,
                 height=event.height,
+                quality=event.quality,
+                background=event.background,
+                output_format=event.output_format,
             )
         )
     return images_pb2.GenerateImagesResponse(
@@ -216,11 +358,9 @@ def _to_message(event: DeliveredImage | Summary) -> images_pb2.GenerateImagesRes
             cost_micros=event.cost_micros,
             size=event.size,
             quality=event.quality,
-            usage=images_pb2.Usage(
-                input_tokens=event.usage.input_tokens,
-                output_tokens=event.usage.output_tokens,
-                total_tokens=event.usage.total_tokens,
-            ),
+            usage=_usage(event.usage),
+            background=event.background,
+            output_format=event.output_format,
         )
     )
 

@@ -8,7 +8,6 @@ files make (OpenAI error shape, untouched balances, image sizes) live here too.
 from __future__ import annotations
 
 import io
-import socket
 import textwrap
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -20,7 +19,11 @@ import pytest
 from PIL import Image
 
 from tests import stack as stack_module
+from tests.fakes.loopback import free_port
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
+
+# The second session stack (gpt-image parameters, streaming, edits, variations).
+from tests.images_stack import images_fake, images_stack  # noqa: F401
 from tests.stack import ADMIN_METADATA, ADMIN_TOKEN, SIGNING_KEY, start_stack
 
 # Re-exported: test modules import these from here.
@@ -35,14 +38,6 @@ LOCAL_DEFAULT = 2_000
 LOCAL_HD = 4_000
 FAKE_DALLE = 20_000
 DEADEND_DALLE = 30_000
-
-
-def free_closed_port() -> int:
-    """A loopback port that nothing listens on (bound once, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def _config_toml(data_dir: Path, upstream_url: str, dead_port: int) -> str:
@@ -179,7 +174,7 @@ class Stack(stack_module.Stack):
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
     async with FakeOpenAIUpstream(api_key=UPSTREAM_KEY) as fake:
         root = tmp_path_factory.mktemp("stack")
-        config = _config_toml(root / "data", fake.base_url, free_closed_port())
+        config = _config_toml(root / "data", fake.base_url, free_port())
         async with start_stack(
             config,
             root,

@@ -19,7 +19,7 @@ from imagegen_service.providers.openai_compat import (
     AzureOpenAIProvider,
     azure_from_config,
 )
-from tests.fakes.loopback import image_bytes
+from tests.fakes.loopback import free_port, image_bytes
 from tests.fakes.openai_upstream import (
     Behaviour,
     FakeOpenAIUpstream,
@@ -33,7 +33,7 @@ from tests.fakes.openai_upstream import (
     service_unavailable,
     slow,
 )
-from tests.test_openai_compat_adapter import closed_port, error_texts
+from tests.test_openai_compat_adapter import error_texts
 
 AZURE_KEY = "0123456789abcdef0123456789abcdef"
 DEPLOYMENTS = {
@@ -295,7 +295,7 @@ async def test_a_slow_upstream_times_out_as_an_upstream_error(fake: FakeOpenAIUp
 
 async def test_a_refused_connection_is_an_upstream_error() -> None:
     adapter = AzureOpenAIProvider(
-        "azure", base_url=f"http://127.0.0.1:{closed_port()}", api_key=AZURE_KEY
+        "azure", base_url=f"http://127.0.0.1:{free_port()}", api_key=AZURE_KEY
     )
     try:
         with pytest.raises(UpstreamError, match="could not be reached"):

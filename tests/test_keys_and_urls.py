@@ -200,3 +200,20 @@ async def test_models_answer_in_openai_shape(stack: Stack, http: aiohttp.ClientS
         "owned_by": "imagegen",
     }
     assert by_id["fake-dalle"]["owned_by"] == "openai"
+
+
+async def test_revocation_straight_in_the_database_stops_the_next_generation_and_listing(
+    stack: Stack, http: aiohttp.ClientSession
+) -> None:
+    # As `imagegen-admin keys revoke` does from another process: the service learns of it
+    # only through the database, while its key cache still holds the key.
+    account, key, key_id = await stack.new_account(100_000)
+    body = {"model": "local-sketch", "prompt": "p", "size": "256x256"}
+    url = stack.http_url + "/v1/images/generations"
+    assert (await http.post(url, json=body, headers=bearer(key))).status == 200
+    await stack.running.ledger.revoke_key(key_id)
+    refused = await http.post(url, json=body, headers=bearer(key))
+    await assert_openai_error(refused, 401, "invalid_api_key", should_retry=False)
+    listing = await http.get(stack.http_url + "/v1/models", headers=bearer(key))
+    await assert_openai_error(listing, 401, "invalid_api_key")
+    await stack.assert_balance(account, 100_000 - 1_000)

@@ -172,7 +172,7 @@ async def test_a_pillow_failure_propagates(monkeypatch: pytest.MonkeyPatch) -> N
     def broken(*args: object, **kwargs: object) -> Image.Image:
         raise OSError("encoder exploded")
 
-    monkeypatch.setattr("imagegen_service.providers.local._draw", broken)
+    monkeypatch.setattr("imagegen_service.providers.local._draw_frames", broken)
     with pytest.raises(OSError, match="encoder exploded"):
         await LocalRenderer().generate(_request())
 

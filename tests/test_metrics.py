@@ -24,7 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from imagegen_service.config import load_config
 from imagegen_service.gen import images_pb2, images_pb2_grpc
 from imagegen_service.server import start_service
-from tests.conftest import UPSTREAM_KEY, bearer, free_closed_port
+from tests.conftest import UPSTREAM_KEY, bearer
+from tests.fakes.loopback import free_port
 from tests.fakes.openai_upstream import (
     FakeOpenAIUpstream,
     content_policy_violation,
@@ -182,11 +183,11 @@ async def metered(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Met
     async with FakeOpenAIUpstream(api_key=UPSTREAM_KEY) as fake:
         root = tmp_path_factory.mktemp("metered")
         async with start_stack(
-            _config_toml(fake.base_url, free_closed_port()),
+            _config_toml(fake.base_url, free_port()),
             root,
             environ={
                 "IMAGEGEN_TEST_UPSTREAM_KEY": UPSTREAM_KEY,
-                "IMAGEGEN_METRICS_PORT": str(free_closed_port()),
+                "IMAGEGEN_METRICS_PORT": str(free_port()),
             },
             stack_class=MeteredStack,
             fake=fake,
@@ -429,7 +430,7 @@ async def test_the_metrics_port_closes_with_the_service(
         environ={
             "IMAGEGEN_CONFIG": str(metered.config.config_path),
             "IMAGEGEN_DATA_DIR": str(tmp_path),
-            "IMAGEGEN_METRICS_PORT": str(free_closed_port()),
+            "IMAGEGEN_METRICS_PORT": str(free_port()),
         }
     )
     running = await start_service(config, port=0)

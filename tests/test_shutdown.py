@@ -27,7 +27,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from http_gateway.app import create_app
 from http_gateway.config import GatewayConfig
 from imagegen_service.gen import admin_pb2, admin_pb2_grpc, images_pb2, images_pb2_grpc
-from tests.conftest import UPSTREAM_KEY, Stack, bearer, free_closed_port
+from tests.conftest import UPSTREAM_KEY, Stack, bearer
+from tests.fakes.loopback import free_port
 from tests.fakes.openai_upstream import FakeOpenAIUpstream, slow
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,7 +111,7 @@ async def _generate(http: aiohttp.ClientSession, url: str, key: str, model: str)
 async def test_service_drains_in_flight_generations_on_sigterm_and_exits_0(
     tmp_path: Path,
 ) -> None:
-    grpc_port, metrics_port = free_closed_port(), free_closed_port()
+    grpc_port, metrics_port = free_port(), free_port()
     address = f"127.0.0.1:{grpc_port}"
     async with FakeOpenAIUpstream(api_key=UPSTREAM_KEY, default=slow(UPSTREAM_DELAY)) as fake:
         config_path = tmp_path / "imagegen.toml"
@@ -213,7 +214,7 @@ async def test_gateway_finishes_in_flight_requests_on_sigterm_and_exits_0(
 ) -> None:
     _, key, _ = await stack.new_account(1_000_000)
     fake.script(slow(1.0))
-    http_port = free_closed_port()
+    http_port = free_port()
     url = f"http://127.0.0.1:{http_port}"
     environ = {"IMAGEGEN_HTTP_PORT": str(http_port), "IMAGEGEN_SERVICE_ADDRESS": stack.grpc_address}
     log_path = tmp_path / "gateway.log"

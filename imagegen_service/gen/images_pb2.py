@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18imagegen/v1/images.proto\x12\x0bimagegen.v1\x1a\x1cgoogle/api/annotations.proto\"\xbd\x01\n\x15GenerateImagesRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x0e\n\x01n\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x0c\n\x04size\x18\x04 \x01(\t\x12\x0f\n\x07quality\x18\x05 \x01(\t\x12\x17\n\x0fresponse_format\x18\x06 \x01(\t\x12\r\n\x05style\x18\x07 \x01(\t\x12\x0c\n\x04user\x18\x08 \x01(\t\x12\x11\n\x04seed\x18\t \x01(\x03H\x01\x88\x01\x01\x42\x04\n\x02_nB\x07\n\x05_seed\"\x82\x01\n\x16GenerateImagesResponse\x12,\n\x05image\x18\x01 \x01(\x0b\x32\x1b.imagegen.v1.GeneratedImageH\x00\x12\x31\n\x07summary\x18\x02 \x01(\x0b\x32\x1e.imagegen.v1.GenerationSummaryH\x00\x42\x07\n\x05\x65vent\"\x84\x01\n\x0eGeneratedImage\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0b\n\x03url\x18\x03 \x01(\t\x12\x16\n\x0erevised_prompt\x18\x04 \x01(\t\x12\x11\n\tmime_type\x18\x05 \x01(\t\x12\r\n\x05width\x18\x06 \x01(\r\x12\x0e\n\x06height\x18\x07 \x01(\r\"J\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x03\"\xac\x01\n\x11GenerationSummary\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x03\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08provider\x18\x03 \x01(\t\x12\x0e\n\x06images\x18\x04 \x01(\r\x12\x13\n\x0b\x63ost_micros\x18\x05 \x01(\x03\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.imagegen.v1.Usage\x12\x0c\n\x04size\x18\x07 \x01(\t\x12\x0f\n\x07quality\x18\x08 \x01(\t\"\x13\n\x11ListModelsRequest\"l\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x03\x12\x10\n\x08owned_by\x18\x03 \x01(\t\x12\r\n\x05sizes\x18\x04 \x03(\t\x12\x11\n\tqualities\x18\x05 \x03(\t\x12\x12\n\nmax_images\x18\x06 \x01(\r\"8\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.imagegen.v1.Model\" \n\x0fGetImageRequest\x12\r\n\x05token\x18\x01 \x01(\t\"H\n\x10GetImageResponse\x12\x11\n\tmime_type\x18\x01 \x01(\t\x12\x12\n\ntotal_size\x18\x02 \x01(\x03\x12\r\n\x05\x63hunk\x18\x03 \x01(\x0c\x32\xe1\x02\n\x0fImageGeneration\x12~\n\x0eGenerateImages\x12\".imagegen.v1.GenerateImagesRequest\x1a#.imagegen.v1.GenerateImagesResponse\"!\x82\xd3\xe4\x93\x02\x1b\"\x16/v1/images/generations:\x01*0\x01\x12\x61\n\nListModels\x12\x1e.imagegen.v1.ListModelsRequest\x1a\x1f.imagegen.v1.ListModelsResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/models\x12k\n\x08GetImage\x12\x1c.imagegen.v1.GetImageRequest\x1a\x1d.imagegen.v1.GetImageResponse\" \x82\xd3\xe4\x93\x02\x1a\x12\x18/v1/files/images/{token}0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18imagegen/v1/images.proto\x12\x0bimagegen.v1\x1a\x1cgoogle/api/annotations.proto\"\xf4\x02\n\x15GenerateImagesRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x0e\n\x01n\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x0c\n\x04size\x18\x04 \x01(\t\x12\x0f\n\x07quality\x18\x05 \x01(\t\x12\x17\n\x0fresponse_format\x18\x06 \x01(\t\x12\r\n\x05style\x18\x07 \x01(\t\x12\x0c\n\x04user\x18\x08 \x01(\t\x12\x11\n\x04seed\x18\t \x01(\x03H\x01\x88\x01\x01\x12\x12\n\nbackground\x18\n \x01(\t\x12\x15\n\routput_format\x18\x0b \x01(\t\x12\x1f\n\x12output_compression\x18\x0c \x01(\x05H\x02\x88\x01\x01\x12\x12\n\nmoderation\x18\r \x01(\t\x12\x0e\n\x06stream\x18\x0e \x01(\x08\x12\x1b\n\x0epartial_images\x18\x0f \x01(\x05H\x03\x88\x01\x01\x42\x04\n\x02_nB\x07\n\x05_seedB\x15\n\x13_output_compressionB\x11\n\x0f_partial_images\"\xf9\x02\n\x11\x45\x64itImagesRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x0e\n\x06images\x18\x03 \x03(\x0c\x12\x11\n\x04mask\x18\x04 \x01(\x0cH\x00\x88\x01\x01\x12\x0e\n\x01n\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x0c\n\x04size\x18\x06 \x01(\t\x12\x0f\n\x07quality\x18\x07 \x01(\t\x12\x17\n\x0fresponse_format\x18\x08 \x01(\t\x12\x0c\n\x04user\x18\t \x01(\t\x12\x11\n\x04seed\x18\n \x01(\x03H\x02\x88\x01\x01\x12\x12\n\nbackground\x18\x0b \x01(\t\x12\x15\n\routput_format\x18\x0c \x01(\t\x12\x1f\n\x12output_compression\x18\r \x01(\x05H\x03\x88\x01\x01\x12\x0e\n\x06stream\x18\x0e \x01(\x08\x12\x1b\n\x0epartial_images\x18\x0f \x01(\x05H\x04\x88\x01\x01\x42\x07\n\x05_maskB\x04\n\x02_nB\x07\n\x05_seedB\x15\n\x13_output_compressionB\x11\n\x0f_partial_images\"\xa3\x01\n\x1c\x43reateImageVariationsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x0e\n\x01n\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x0c\n\x04size\x18\x04 \x01(\t\x12\x17\n\x0fresponse_format\x18\x05 \x01(\t\x12\x0c\n\x04user\x18\x06 \x01(\t\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x01\x88\x01\x01\x42\x04\n\x02_nB\x07\n\x05_seed\"\xb0\x01\n\x16GenerateImagesResponse\x12,\n\x05image\x18\x01 \x01(\x0b\x32\x1b.imagegen.v1.GeneratedImageH\x00\x12\x31\n\x07summary\x18\x02 \x01(\x0b\x32\x1e.imagegen.v1.GenerationSummaryH\x00\x12,\n\x07partial\x18\x03 \x01(\x0b\x32\x19.imagegen.v1.PartialImageH\x00\x42\x07\n\x05\x65vent\"\xb6\x01\n\x0cPartialImage\x12\r\n\x05index\x18\x01 \x01(\r\x12\x1b\n\x13partial_image_index\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x11\n\tmime_type\x18\x04 \x01(\t\x12\r\n\x05width\x18\x05 \x01(\r\x12\x0e\n\x06height\x18\x06 \x01(\r\x12\x0f\n\x07quality\x18\x07 \x01(\t\x12\x12\n\nbackground\x18\x08 \x01(\t\x12\x15\n\routput_format\x18\t \x01(\t\"\xe3\x01\n\x0eGeneratedImage\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0b\n\x03url\x18\x03 \x01(\t\x12\x16\n\x0erevised_prompt\x18\x04 \x01(\t\x12\x11\n\tmime_type\x18\x05 \x01(\t\x12\r\n\x05width\x18\x06 \x01(\r\x12\x0e\n\x06height\x18\x07 \x01(\r\x12!\n\x05usage\x18\x08 \x01(\x0b\x32\x12.imagegen.v1.Usage\x12\x0f\n\x07quality\x18\t \x01(\t\x12\x12\n\nbackground\x18\n \x01(\t\x12\x15\n\routput_format\x18\x0b \x01(\t\"\x81\x01\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x03\x12\x19\n\x11input_text_tokens\x18\x04 \x01(\x03\x12\x1a\n\x12input_image_tokens\x18\x05 \x01(\x03\"\xd7\x01\n\x11GenerationSummary\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x03\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08provider\x18\x03 \x01(\t\x12\x0e\n\x06images\x18\x04 \x01(\r\x12\x13\n\x0b\x63ost_micros\x18\x05 \x01(\x03\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.imagegen.v1.Usage\x12\x0c\n\x04size\x18\x07 \x01(\t\x12\x0f\n\x07quality\x18\x08 \x01(\t\x12\x12\n\nbackground\x18\t \x01(\t\x12\x15\n\routput_format\x18\n \x01(\t\"\x13\n\x11ListModelsRequest\"l\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x03\x12\x10\n\x08owned_by\x18\x03 \x01(\t\x12\r\n\x05sizes\x18\x04 \x03(\t\x12\x11\n\tqualities\x18\x05 \x03(\t\x12\x12\n\nmax_images\x18\x06 \x01(\r\"8\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.imagegen.v1.Model\" \n\x0fGetImageRequest\x12\r\n\x05token\x18\x01 \x01(\t\"H\n\x10GetImageResponse\x12\x11\n\tmime_type\x18\x01 \x01(\t\x12\x12\n\ntotal_size\x18\x02 \x01(\x03\x12\r\n\x05\x63hunk\x18\x03 \x01(\x0c\x32\xe1\x04\n\x0fImageGeneration\x12~\n\x0eGenerateImages\x12\".imagegen.v1.GenerateImagesRequest\x1a#.imagegen.v1.GenerateImagesResponse\"!\x82\xd3\xe4\x93\x02\x1b\"\x16/v1/images/generations:\x01*0\x01\x12p\n\nEditImages\x12\x1e.imagegen.v1.EditImagesRequest\x1a#.imagegen.v1.GenerateImagesResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\"\x10/v1/images/edits:\x01*0\x01\x12\x8b\x01\n\x15\x43reateImageVariations\x12).imagegen.v1.CreateImageVariationsRequest\x1a#.imagegen.v1.GenerateImagesResponse\" \x82\xd3\xe4\x93\x02\x1a\"\x15/v1/images/variations:\x01*0\x01\x12\x61\n\nListModels\x12\x1e.imagegen.v1.ListModelsRequest\x1a\x1f.imagegen.v1.ListModelsResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/models\x12k\n\x08GetImage\x12\x1c.imagegen.v1.GetImageRequest\x1a\x1d.imagegen.v1.GetImageResponse\" \x82\xd3\xe4\x93\x02\x1a\x12\x18/v1/files/images/{token}0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,30 +34,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_IMAGEGENERATION'].methods_by_name['GenerateImages']._loaded_options = None
   _globals['_IMAGEGENERATION'].methods_by_name['GenerateImages']._serialized_options = b'\202\323\344\223\002\033\"\026/v1/images/generations:\001*'
+  _globals['_IMAGEGENERATION'].methods_by_name['EditImages']._loaded_options = None
+  _globals['_IMAGEGENERATION'].methods_by_name['EditImages']._serialized_options = b'\202\323\344\223\002\025\"\020/v1/images/edits:\001*'
+  _globals['_IMAGEGENERATION'].methods_by_name['CreateImageVariations']._loaded_options = None
+  _globals['_IMAGEGENERATION'].methods_by_name['CreateImageVariations']._serialized_options = b'\202\323\344\223\002\032\"\025/v1/images/variations:\001*'
   _globals['_IMAGEGENERATION'].methods_by_name['ListModels']._loaded_options = None
   _globals['_IMAGEGENERATION'].methods_by_name['ListModels']._serialized_options = b'\202\323\344\223\002\014\022\n/v1/models'
   _globals['_IMAGEGENERATION'].methods_by_name['GetImage']._loaded_options = None
   _globals['_IMAGEGENERATION'].methods_by_name['GetImage']._serialized_options = b'\202\323\344\223\002\032\022\030/v1/files/images/{token}'
   _globals['_GENERATEIMAGESREQUEST']._serialized_start=72
-  _globals['_GENERATEIMAGESREQUEST']._serialized_end=261
-  _globals['_GENERATEIMAGESRESPONSE']._serialized_start=264
-  _globals['_GENERATEIMAGESRESPONSE']._serialized_end=394
-  _globals['_GENERATEDIMAGE']._serialized_start=397
-  _globals['_GENERATEDIMAGE']._serialized_end=529
-  _globals['_USAGE']._serialized_start=531
-  _globals['_USAGE']._serialized_end=605
-  _globals['_GENERATIONSUMMARY']._serialized_start=608
-  _globals['_GENERATIONSUMMARY']._serialized_end=780
-  _globals['_LISTMODELSREQUEST']._serialized_start=782
-  _globals['_LISTMODELSREQUEST']._serialized_end=801
-  _globals['_MODEL']._serialized_start=803
-  _globals['_MODEL']._serialized_end=911
-  _globals['_LISTMODELSRESPONSE']._serialized_start=913
-  _globals['_LISTMODELSRESPONSE']._serialized_end=969
-  _globals['_GETIMAGEREQUEST']._serialized_start=971
-  _globals['_GETIMAGEREQUEST']._serialized_end=1003
-  _globals['_GETIMAGERESPONSE']._serialized_start=1005
-  _globals['_GETIMAGERESPONSE']._serialized_end=1077
-  _globals['_IMAGEGENERATION']._serialized_start=1080
-  _globals['_IMAGEGENERATION']._serialized_end=1433
+  _globals['_GENERATEIMAGESREQUEST']._serialized_end=444
+  _globals['_EDITIMAGESREQUEST']._serialized_start=447
+  _globals['_EDITIMAGESREQUEST']._serialized_end=824
+  _globals['_CREATEIMAGEVARIATIONSREQUEST']._serialized_start=827
+  _globals['_CREATEIMAGEVARIATIONSREQUEST']._serialized_end=990
+  _globals['_GENERATEIMAGESRESPONSE']._serialized_start=993
+  _globals['_GENERATEIMAGESRESPONSE']._serialized_end=1169
+  _globals['_PARTIALIMAGE']._serialized_start=1172
+  _globals['_PARTIALIMAGE']._serialized_end=1354
+  _globals['_GENERATEDIMAGE']._serialized_start=1357
+  _globals['_GENERATEDIMAGE']._serialized_end=1584
+  _globals['_USAGE']._serialized_start=1587
+  _globals['_USAGE']._serialized_end=1716
+  _globals['_GENERATIONSUMMARY']._serialized_start=1719
+  _globals['_GENERATIONSUMMARY']._serialized_end=1934
+  _globals['_LISTMODELSREQUEST']._serialized_start=1936
+  _globals['_LISTMODELSREQUEST']._serialized_end=1955
+  _globals['_MODEL']._serialized_start=1957
+  _globals['_MODEL']._serialized_end=2065
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2067
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2123
+  _globals['_GETIMAGEREQUEST']._serialized_start=2125
+  _globals['_GETIMAGEREQUEST']._serialized_end=2157
+  _globals['_GETIMAGERESPONSE']._serialized_start=2159
+  _globals['_GETIMAGERESPONSE']._serialized_end=2231
+  _globals['_IMAGEGENERATION']._serialized_start=2234
+  _globals['_IMAGEGENERATION']._serialized_end=2843
 # @@protoc_insertion_point(module_scope)

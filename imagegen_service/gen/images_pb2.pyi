@@ -37,6 +37,12 @@ class GenerateImagesRequest(_message.Message):
     STYLE_FIELD_NUMBER: _builtins.int
     USER_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    BACKGROUND_FIELD_NUMBER: _builtins.int
+    OUTPUT_FORMAT_FIELD_NUMBER: _builtins.int
+    OUTPUT_COMPRESSION_FIELD_NUMBER: _builtins.int
+    MODERATION_FIELD_NUMBER: _builtins.int
+    STREAM_FIELD_NUMBER: _builtins.int
+    PARTIAL_IMAGES_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     prompt: _builtins.str
     n: _builtins.int
@@ -53,6 +59,23 @@ class GenerateImagesRequest(_message.Message):
     """Opaque end-user id: logged, never interpreted."""
     seed: _builtins.int
     """Extension: makes the built-in renderer reproducible. Ignored by providers without seeds."""
+    background: _builtins.str
+    """The gpt-image parameters; each is refused (INVALID_PARAMETER) by a model that does
+    not declare it. Empty / unset means not given.
+    "transparent", "opaque" or "auto".
+    """
+    output_format: _builtins.str
+    """"png", "jpeg" or "webp"."""
+    output_compression: _builtins.int
+    """0-100; only with output_format "jpeg" or "webp"."""
+    moderation: _builtins.str
+    """"low" or "auto"."""
+    stream: _builtins.bool
+    """Streams PartialImage messages (0-3 per image, partial_images) before each image;
+    images are always raw bytes then, and each delivered image is charged even if the
+    stream fails later.
+    """
+    partial_images: _builtins.int
     def __init__(
         self,
         *,
@@ -65,10 +88,156 @@ class GenerateImagesRequest(_message.Message):
         style: _builtins.str = ...,
         user: _builtins.str = ...,
         seed: _builtins.int | None = ...,
+        background: _builtins.str = ...,
+        output_format: _builtins.str = ...,
+        output_compression: _builtins.int | None = ...,
+        moderation: _builtins.str = ...,
+        stream: _builtins.bool = ...,
+        partial_images: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_n", b"_n", "_output_compression", b"_output_compression", "_partial_images", b"_partial_images", "_seed", b"_seed", "n", b"n", "output_compression", b"output_compression", "partial_images", b"partial_images", "seed", b"seed"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_n", b"_n", "_output_compression", b"_output_compression", "_partial_images", b"_partial_images", "_seed", b"_seed", "background", b"background", "model", b"model", "moderation", b"moderation", "n", b"n", "output_compression", b"output_compression", "output_format", b"output_format", "partial_images", b"partial_images", "prompt", b"prompt", "quality", b"quality", "response_format", b"response_format", "seed", b"seed", "size", b"size", "stream", b"stream", "style", b"style", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__n: _TypeAlias = _typing.Literal["n"]  # noqa: Y015
+    _WhichOneofArgType__n: _TypeAlias = _typing.Literal["_n", b"_n"]  # noqa: Y015
+    _WhichOneofReturnType__output_compression: _TypeAlias = _typing.Literal["output_compression"]  # noqa: Y015
+    _WhichOneofArgType__output_compression: _TypeAlias = _typing.Literal["_output_compression", b"_output_compression"]  # noqa: Y015
+    _WhichOneofReturnType__partial_images: _TypeAlias = _typing.Literal["partial_images"]  # noqa: Y015
+    _WhichOneofArgType__partial_images: _TypeAlias = _typing.Literal["_partial_images", b"_partial_images"]  # noqa: Y015
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__n) -> _WhichOneofReturnType__n | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__output_compression) -> _WhichOneofReturnType__output_compression | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__partial_images) -> _WhichOneofReturnType__partial_images | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+
+Global___GenerateImagesRequest: _TypeAlias = GenerateImagesRequest  # noqa: Y015
+
+@_typing.final
+class EditImagesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
+    IMAGES_FIELD_NUMBER: _builtins.int
+    MASK_FIELD_NUMBER: _builtins.int
+    N_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    QUALITY_FIELD_NUMBER: _builtins.int
+    RESPONSE_FORMAT_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    BACKGROUND_FIELD_NUMBER: _builtins.int
+    OUTPUT_FORMAT_FIELD_NUMBER: _builtins.int
+    OUTPUT_COMPRESSION_FIELD_NUMBER: _builtins.int
+    STREAM_FIELD_NUMBER: _builtins.int
+    PARTIAL_IMAGES_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    prompt: _builtins.str
+    mask: _builtins.bytes
+    """A PNG with an alpha channel, the size of the first image: alpha 0 marks where to edit."""
+    n: _builtins.int
+    size: _builtins.str
+    """"WxH"; empty means the first image's size when the model offers it, else the model's default."""
+    quality: _builtins.str
+    response_format: _builtins.str
+    user: _builtins.str
+    seed: _builtins.int
+    background: _builtins.str
+    output_format: _builtins.str
+    output_compression: _builtins.int
+    stream: _builtins.bool
+    partial_images: _builtins.int
+    @_builtins.property
+    def images(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """One or more images (PNG, JPEG or WEBP; sniffed, never trusted by name). The first is
+        the one edited; the others are references.
+        """
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        prompt: _builtins.str = ...,
+        images: _abc.Iterable[_builtins.bytes] | None = ...,
+        mask: _builtins.bytes | None = ...,
+        n: _builtins.int | None = ...,
+        size: _builtins.str = ...,
+        quality: _builtins.str = ...,
+        response_format: _builtins.str = ...,
+        user: _builtins.str = ...,
+        seed: _builtins.int | None = ...,
+        background: _builtins.str = ...,
+        output_format: _builtins.str = ...,
+        output_compression: _builtins.int | None = ...,
+        stream: _builtins.bool = ...,
+        partial_images: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_mask", b"_mask", "_n", b"_n", "_output_compression", b"_output_compression", "_partial_images", b"_partial_images", "_seed", b"_seed", "mask", b"mask", "n", b"n", "output_compression", b"output_compression", "partial_images", b"partial_images", "seed", b"seed"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_mask", b"_mask", "_n", b"_n", "_output_compression", b"_output_compression", "_partial_images", b"_partial_images", "_seed", b"_seed", "background", b"background", "images", b"images", "mask", b"mask", "model", b"model", "n", b"n", "output_compression", b"output_compression", "output_format", b"output_format", "partial_images", b"partial_images", "prompt", b"prompt", "quality", b"quality", "response_format", b"response_format", "seed", b"seed", "size", b"size", "stream", b"stream", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__mask: _TypeAlias = _typing.Literal["mask"]  # noqa: Y015
+    _WhichOneofArgType__mask: _TypeAlias = _typing.Literal["_mask", b"_mask"]  # noqa: Y015
+    _WhichOneofReturnType__n: _TypeAlias = _typing.Literal["n"]  # noqa: Y015
+    _WhichOneofArgType__n: _TypeAlias = _typing.Literal["_n", b"_n"]  # noqa: Y015
+    _WhichOneofReturnType__output_compression: _TypeAlias = _typing.Literal["output_compression"]  # noqa: Y015
+    _WhichOneofArgType__output_compression: _TypeAlias = _typing.Literal["_output_compression", b"_output_compression"]  # noqa: Y015
+    _WhichOneofReturnType__partial_images: _TypeAlias = _typing.Literal["partial_images"]  # noqa: Y015
+    _WhichOneofArgType__partial_images: _TypeAlias = _typing.Literal["_partial_images", b"_partial_images"]  # noqa: Y015
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__mask) -> _WhichOneofReturnType__mask | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__n) -> _WhichOneofReturnType__n | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__output_compression) -> _WhichOneofReturnType__output_compression | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__partial_images) -> _WhichOneofReturnType__partial_images | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+
+Global___EditImagesRequest: _TypeAlias = EditImagesRequest  # noqa: Y015
+
+@_typing.final
+class CreateImageVariationsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    N_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    RESPONSE_FORMAT_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    image: _builtins.bytes
+    """PNG, JPEG or WEBP, as the model accepts."""
+    n: _builtins.int
+    size: _builtins.str
+    response_format: _builtins.str
+    user: _builtins.str
+    seed: _builtins.int
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        image: _builtins.bytes = ...,
+        n: _builtins.int | None = ...,
+        size: _builtins.str = ...,
+        response_format: _builtins.str = ...,
+        user: _builtins.str = ...,
+        seed: _builtins.int | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_n", b"_n", "_seed", b"_seed", "n", b"n", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_n", b"_n", "_seed", b"_seed", "model", b"model", "n", b"n", "prompt", b"prompt", "quality", b"quality", "response_format", b"response_format", "seed", b"seed", "size", b"size", "style", b"style", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_n", b"_n", "_seed", b"_seed", "image", b"image", "model", b"model", "n", b"n", "response_format", b"response_format", "seed", b"seed", "size", b"size", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__n: _TypeAlias = _typing.Literal["n"]  # noqa: Y015
     _WhichOneofArgType__n: _TypeAlias = _typing.Literal["_n", b"_n"]  # noqa: Y015
@@ -79,7 +248,7 @@ class GenerateImagesRequest(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
 
-Global___GenerateImagesRequest: _TypeAlias = GenerateImagesRequest  # noqa: Y015
+Global___CreateImageVariationsRequest: _TypeAlias = CreateImageVariationsRequest  # noqa: Y015
 
 @_typing.final
 class GenerateImagesResponse(_message.Message):
@@ -87,25 +256,76 @@ class GenerateImagesResponse(_message.Message):
 
     IMAGE_FIELD_NUMBER: _builtins.int
     SUMMARY_FIELD_NUMBER: _builtins.int
+    PARTIAL_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def image(self) -> Global___GeneratedImage: ...
     @_builtins.property
     def summary(self) -> Global___GenerationSummary: ...
+    @_builtins.property
+    def partial(self) -> Global___PartialImage:
+        """Only when the request asked to stream: a progressive render of image `index`."""
+
     def __init__(
         self,
         *,
         image: Global___GeneratedImage | None = ...,
         summary: Global___GenerationSummary | None = ...,
+        partial: Global___PartialImage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "image", b"image", "summary", b"summary"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "image", b"image", "partial", b"partial", "summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "image", b"image", "summary", b"summary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "image", b"image", "partial", b"partial", "summary", b"summary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["image", "summary"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["image", "summary", "partial"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
 Global___GenerateImagesResponse: _TypeAlias = GenerateImagesResponse  # noqa: Y015
+
+@_typing.final
+class PartialImage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    PARTIAL_IMAGE_INDEX_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    MIME_TYPE_FIELD_NUMBER: _builtins.int
+    WIDTH_FIELD_NUMBER: _builtins.int
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    QUALITY_FIELD_NUMBER: _builtins.int
+    BACKGROUND_FIELD_NUMBER: _builtins.int
+    OUTPUT_FORMAT_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """The image this is a partial render of (its position in the data array)."""
+    partial_image_index: _builtins.int
+    """0-based, per image."""
+    data: _builtins.bytes
+    mime_type: _builtins.str
+    width: _builtins.int
+    height: _builtins.int
+    quality: _builtins.str
+    background: _builtins.str
+    output_format: _builtins.str
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        partial_image_index: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+        mime_type: _builtins.str = ...,
+        width: _builtins.int = ...,
+        height: _builtins.int = ...,
+        quality: _builtins.str = ...,
+        background: _builtins.str = ...,
+        output_format: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["background", b"background", "data", b"data", "height", b"height", "index", b"index", "mime_type", b"mime_type", "output_format", b"output_format", "partial_image_index", b"partial_image_index", "quality", b"quality", "width", b"width"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PartialImage: _TypeAlias = PartialImage  # noqa: Y015
 
 @_typing.final
 class GeneratedImage(_message.Message):
@@ -118,6 +338,10 @@ class GeneratedImage(_message.Message):
     MIME_TYPE_FIELD_NUMBER: _builtins.int
     WIDTH_FIELD_NUMBER: _builtins.int
     HEIGHT_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    QUALITY_FIELD_NUMBER: _builtins.int
+    BACKGROUND_FIELD_NUMBER: _builtins.int
+    OUTPUT_FORMAT_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Position in the response's data array, from 0."""
     data: _builtins.bytes
@@ -130,6 +354,14 @@ class GeneratedImage(_message.Message):
     mime_type: _builtins.str
     width: _builtins.int
     height: _builtins.int
+    quality: _builtins.str
+    """The settings the image was made with, as OpenAI's streaming events echo them."""
+    background: _builtins.str
+    output_format: _builtins.str
+    @_builtins.property
+    def usage(self) -> Global___Usage:
+        """This image's share of the token usage (streamed requests; zero where not reported)."""
+
     def __init__(
         self,
         *,
@@ -140,10 +372,14 @@ class GeneratedImage(_message.Message):
         mime_type: _builtins.str = ...,
         width: _builtins.int = ...,
         height: _builtins.int = ...,
+        usage: Global___Usage | None = ...,
+        quality: _builtins.str = ...,
+        background: _builtins.str = ...,
+        output_format: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "height", b"height", "index", b"index", "mime_type", b"mime_type", "revised_prompt", b"revised_prompt", "url", b"url", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["background", b"background", "data", b"data", "height", b"height", "index", b"index", "mime_type", b"mime_type", "output_format", b"output_format", "quality", b"quality", "revised_prompt", b"revised_prompt", "url", b"url", "usage", b"usage", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -156,19 +392,26 @@ class Usage(_message.Message):
     INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     TOTAL_TOKENS_FIELD_NUMBER: _builtins.int
+    INPUT_TEXT_TOKENS_FIELD_NUMBER: _builtins.int
+    INPUT_IMAGE_TOKENS_FIELD_NUMBER: _builtins.int
     input_tokens: _builtins.int
     output_tokens: _builtins.int
     total_tokens: _builtins.int
+    input_text_tokens: _builtins.int
+    """The input tokens split into text and image tokens, where the provider says."""
+    input_image_tokens: _builtins.int
     def __init__(
         self,
         *,
         input_tokens: _builtins.int = ...,
         output_tokens: _builtins.int = ...,
         total_tokens: _builtins.int = ...,
+        input_text_tokens: _builtins.int = ...,
+        input_image_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "total_tokens", b"total_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_image_tokens", b"input_image_tokens", "input_text_tokens", b"input_text_tokens", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "total_tokens", b"total_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -186,6 +429,8 @@ class GenerationSummary(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
     QUALITY_FIELD_NUMBER: _builtins.int
+    BACKGROUND_FIELD_NUMBER: _builtins.int
+    OUTPUT_FORMAT_FIELD_NUMBER: _builtins.int
     created: _builtins.int
     """Unix seconds."""
     model: _builtins.str
@@ -196,6 +441,9 @@ class GenerationSummary(_message.Message):
     """Amount captured from the account, in micro-dollars (1 USD = 1,000,000)."""
     size: _builtins.str
     quality: _builtins.str
+    background: _builtins.str
+    """Set only for models that take the gpt-image parameters: the response echoes them."""
+    output_format: _builtins.str
     @_builtins.property
     def usage(self) -> Global___Usage: ...
     def __init__(
@@ -209,10 +457,12 @@ class GenerationSummary(_message.Message):
         usage: Global___Usage | None = ...,
         size: _builtins.str = ...,
         quality: _builtins.str = ...,
+        background: _builtins.str = ...,
+        output_format: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_micros", b"cost_micros", "created", b"created", "images", b"images", "model", b"model", "provider", b"provider", "quality", b"quality", "size", b"size", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["background", b"background", "cost_micros", b"cost_micros", "created", b"created", "images", b"images", "model", b"model", "output_format", b"output_format", "provider", b"provider", "quality", b"quality", "size", b"size", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -39,6 +39,16 @@ class ImageGenerationStub:
                 request_serializer=imagegen_dot_v1_dot_images__pb2.GenerateImagesRequest.SerializeToString,
                 response_deserializer=imagegen_dot_v1_dot_images__pb2.GenerateImagesResponse.FromString,
                 _registered_method=True)
+        self.EditImages = channel.unary_stream(
+                '/imagegen.v1.ImageGeneration/EditImages',
+                request_serializer=imagegen_dot_v1_dot_images__pb2.EditImagesRequest.SerializeToString,
+                response_deserializer=imagegen_dot_v1_dot_images__pb2.GenerateImagesResponse.FromString,
+                _registered_method=True)
+        self.CreateImageVariations = channel.unary_stream(
+                '/imagegen.v1.ImageGeneration/CreateImageVariations',
+                request_serializer=imagegen_dot_v1_dot_images__pb2.CreateImageVariationsRequest.SerializeToString,
+                response_deserializer=imagegen_dot_v1_dot_images__pb2.GenerateImagesResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/imagegen.v1.ImageGeneration/ListModels',
                 request_serializer=imagegen_dot_v1_dot_images__pb2.ListModelsRequest.SerializeToString,
@@ -57,7 +67,25 @@ class ImageGenerationServicer:
     def GenerateImages(self, request, context):
         """Generates images. The stream carries one GeneratedImage message per image
         (raw bytes, never base64), then exactly one GenerationSummary. A stream that
-        ends without a summary did not complete and was not charged.
+        ends without a summary did not complete and was not charged, unless the request
+        set `stream`: then PartialImage messages come before each image, and the images
+        delivered before a failure are charged (the status's ErrorInfo says how many).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EditImages(self, request, context):
+        """Edits images: the prompt's picture painted into the first image where the mask
+        is transparent (alpha 0), or over the whole image without a mask. Input images
+        travel as raw bytes. Answers exactly like GenerateImages.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateImageVariations(self, request, context):
+        """Variations of one input image. Answers exactly like GenerateImages.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -84,6 +112,16 @@ def add_ImageGenerationServicer_to_server(servicer, server):
             'GenerateImages': grpc.unary_stream_rpc_method_handler(
                     servicer.GenerateImages,
                     request_deserializer=imagegen_dot_v1_dot_images__pb2.GenerateImagesRequest.FromString,
+                    response_serializer=imagegen_dot_v1_dot_images__pb2.GenerateImagesResponse.SerializeToString,
+            ),
+            'EditImages': grpc.unary_stream_rpc_method_handler(
+                    servicer.EditImages,
+                    request_deserializer=imagegen_dot_v1_dot_images__pb2.EditImagesRequest.FromString,
+                    response_serializer=imagegen_dot_v1_dot_images__pb2.GenerateImagesResponse.SerializeToString,
+            ),
+            'CreateImageVariations': grpc.unary_stream_rpc_method_handler(
+                    servicer.CreateImageVariations,
+                    request_deserializer=imagegen_dot_v1_dot_images__pb2.CreateImageVariationsRequest.FromString,
                     response_serializer=imagegen_dot_v1_dot_images__pb2.GenerateImagesResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
@@ -123,6 +161,60 @@ class ImageGeneration:
             target,
             '/imagegen.v1.ImageGeneration/GenerateImages',
             imagegen_dot_v1_dot_images__pb2.GenerateImagesRequest.SerializeToString,
+            imagegen_dot_v1_dot_images__pb2.GenerateImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EditImages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/imagegen.v1.ImageGeneration/EditImages',
+            imagegen_dot_v1_dot_images__pb2.EditImagesRequest.SerializeToString,
+            imagegen_dot_v1_dot_images__pb2.GenerateImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateImageVariations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/imagegen.v1.ImageGeneration/CreateImageVariations',
+            imagegen_dot_v1_dot_images__pb2.CreateImageVariationsRequest.SerializeToString,
             imagegen_dot_v1_dot_images__pb2.GenerateImagesResponse.FromString,
             options,
             channel_credentials,

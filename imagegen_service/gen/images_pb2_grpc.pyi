@@ -40,8 +40,17 @@ class ImageGenerationStub:
     GenerateImages: _grpc.UnaryStreamMultiCallable[_images_pb2.GenerateImagesRequest, _images_pb2.GenerateImagesResponse]
     """Generates images. The stream carries one GeneratedImage message per image
     (raw bytes, never base64), then exactly one GenerationSummary. A stream that
-    ends without a summary did not complete and was not charged.
+    ends without a summary did not complete and was not charged, unless the request
+    set `stream`: then PartialImage messages come before each image, and the images
+    delivered before a failure are charged (the status's ErrorInfo says how many).
     """
+    EditImages: _grpc.UnaryStreamMultiCallable[_images_pb2.EditImagesRequest, _images_pb2.GenerateImagesResponse]
+    """Edits images: the prompt's picture painted into the first image where the mask
+    is transparent (alpha 0), or over the whole image without a mask. Input images
+    travel as raw bytes. Answers exactly like GenerateImages.
+    """
+    CreateImageVariations: _grpc.UnaryStreamMultiCallable[_images_pb2.CreateImageVariationsRequest, _images_pb2.GenerateImagesResponse]
+    """Variations of one input image. Answers exactly like GenerateImages."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_images_pb2.ListModelsRequest, _images_pb2.ListModelsResponse]
     """Lists the models that can serve image generation right now."""
     GetImage: _grpc.UnaryStreamMultiCallable[_images_pb2.GetImageRequest, _images_pb2.GetImageResponse]
@@ -55,8 +64,17 @@ class ImageGenerationAsyncStub(ImageGenerationStub):
     GenerateImages: _aio.UnaryStreamMultiCallable[_images_pb2.GenerateImagesRequest, _images_pb2.GenerateImagesResponse]  # type: ignore[assignment]
     """Generates images. The stream carries one GeneratedImage message per image
     (raw bytes, never base64), then exactly one GenerationSummary. A stream that
-    ends without a summary did not complete and was not charged.
+    ends without a summary did not complete and was not charged, unless the request
+    set `stream`: then PartialImage messages come before each image, and the images
+    delivered before a failure are charged (the status's ErrorInfo says how many).
     """
+    EditImages: _aio.UnaryStreamMultiCallable[_images_pb2.EditImagesRequest, _images_pb2.GenerateImagesResponse]  # type: ignore[assignment]
+    """Edits images: the prompt's picture painted into the first image where the mask
+    is transparent (alpha 0), or over the whole image without a mask. Input images
+    travel as raw bytes. Answers exactly like GenerateImages.
+    """
+    CreateImageVariations: _aio.UnaryStreamMultiCallable[_images_pb2.CreateImageVariationsRequest, _images_pb2.GenerateImagesResponse]  # type: ignore[assignment]
+    """Variations of one input image. Answers exactly like GenerateImages."""
     ListModels: _aio.UnaryUnaryMultiCallable[_images_pb2.ListModelsRequest, _images_pb2.ListModelsResponse]  # type: ignore[assignment]
     """Lists the models that can serve image generation right now."""
     GetImage: _aio.UnaryStreamMultiCallable[_images_pb2.GetImageRequest, _images_pb2.GetImageResponse]  # type: ignore[assignment]
@@ -73,8 +91,29 @@ class ImageGenerationServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_images_pb2.GenerateImagesResponse], _abc.AsyncIterator[_images_pb2.GenerateImagesResponse]]:
         """Generates images. The stream carries one GeneratedImage message per image
         (raw bytes, never base64), then exactly one GenerationSummary. A stream that
-        ends without a summary did not complete and was not charged.
+        ends without a summary did not complete and was not charged, unless the request
+        set `stream`: then PartialImage messages come before each image, and the images
+        delivered before a failure are charged (the status's ErrorInfo says how many).
         """
+
+    @_abc_1.abstractmethod
+    def EditImages(
+        self,
+        request: _images_pb2.EditImagesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_images_pb2.GenerateImagesResponse], _abc.AsyncIterator[_images_pb2.GenerateImagesResponse]]:
+        """Edits images: the prompt's picture painted into the first image where the mask
+        is transparent (alpha 0), or over the whole image without a mask. Input images
+        travel as raw bytes. Answers exactly like GenerateImages.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateImageVariations(
+        self,
+        request: _images_pb2.CreateImageVariationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_images_pb2.GenerateImagesResponse], _abc.AsyncIterator[_images_pb2.GenerateImagesResponse]]:
+        """Variations of one input image. Answers exactly like GenerateImages."""
 
     @_abc_1.abstractmethod
     def ListModels(

@@ -14,20 +14,23 @@ visibly leans red.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from imagegen_service.config import ProviderConfig
 from imagegen_service.errors import InvalidParameter
 from imagegen_service.providers.base import (
+    PartialImage,
     ProviderImage,
     ProviderRequest,
     ProviderResult,
+    StreamEvent,
     TokenUsage,
 )
 
@@ -127,8 +130,23 @@ def _vary(colour: RGB, rng: random.Random) -> RGB:
     return _mix(colour, target, abs(shade))
 
 
-def _draw(words: list[str], width: int, height: int, seed: int) -> Image.Image:
-    palette = _palette(words)
+def _draw_frames(
+    words: list[str],
+    width: int,
+    height: int,
+    seed: int,
+    *,
+    frames: int = 1,
+    transparent: bool = False,
+    extra_palette: Sequence[RGB] = (),
+) -> Iterator[Image.Image]:
+    """The prompt's picture, drawn progressively: ``frames`` images at the final size, the
+    first ones with only a leading share of the shapes, the last one complete.
+
+    With ``transparent`` the sky is left out: the images are RGBA, opaque where a band or
+    shape was drawn and transparent behind them.
+    """
+    palette = _palette(words) + list(extra_palette)
     rng = random.Random(int.from_bytes(_digest("layout", str(seed), *words), "big"))
 
     w = max(1, -(-width // _DRAW_SCALE))
@@ -139,6 +157,9 @@ def _draw(words: list[str], width: int, height: int, seed: int) -> Image.Image:
     corners.putdata([_vary(rng.choice(palette), rng) for _ in range(6)])
     canvas = corners.resize((w, h), Image.Resampling.BILINEAR)
     draw = ImageDraw.Draw(canvas, "RGBA")
+    # Where something was drawn: the alpha channel of a transparent picture.
+    cover = Image.new("L", (w, h), 0) if transparent else None
+    cover_draw = ImageDraw.Draw(cover) if cover is not None else None
 
     # Horizontal bands read as hills or waves and anchor the composition.
     bands = 1 + rng.randrange(3)
@@ -149,78 +170,253 @@ def _draw(words: list[str], width: int, height: int, seed: int) -> Image.Image:
         ridge = [(w * i / steps, base_y + amp * rng.uniform(-1.0, 1.0)) for i in range(steps + 1)]
         fill = (*_vary(rng.choice(palette), rng), 150 + rng.randrange(100))
         draw.polygon([*ridge, (w, h), (0, h)], fill=fill)
+        if cover_draw is not None:
+            cover_draw.polygon([*ridge, (w, h), (0, h)], fill=255)
 
     # More words give a busier picture, but bounded so big prompts stay fast.
     shapes = min(40, 6 + 3 * len(words))
     short = min(w, h)
-    for _ in range(shapes):
-        kind = rng.randrange(4)
-        fill = (*_vary(rng.choice(palette), rng), 90 + rng.randrange(140))
-        cx, cy = rng.uniform(0, w), rng.uniform(0, h)
-        size = short * rng.uniform(0.04, 0.22)
-        if kind == 0:
-            draw.ellipse((cx - size, cy - size, cx + size, cy + size), fill=fill)
-        elif kind == 1:
-            aspect = rng.uniform(0.3, 2.5)
-            half_w, half_h = size * aspect, size / aspect
-            draw.rectangle((cx - half_w, cy - half_h, cx + half_w, cy + half_h), fill=fill)
-        elif kind == 2:
-            draw.regular_polygon(
-                (cx, cy, size), 3 + rng.randrange(5), rotation=rng.uniform(0, 360), fill=fill
-            )
-        else:
-            points = [
-                (cx + size * rng.uniform(-1.5, 1.5), cy + size * rng.uniform(-1.5, 1.5))
-                for _ in range(3 + rng.randrange(4))
-            ]
-            draw.polygon(points, fill=fill)
+    # Every shape's parameters come from the generator in the same order whatever the
+    # number of frames, so each partial frame is a true prefix of the final picture.
+    for frame in range(frames):
+        first = shapes * frame // frames
+        last = shapes * (frame + 1) // frames
+        for _ in range(first, last):
+            _draw_shape(draw, cover_draw, rng, palette, w, h, short)
+        picture: Image.Image = canvas.filter(ImageFilter.BoxBlur(1))
+        if cover is not None:
+            picture = picture.convert("RGBA")
+            picture.putalpha(cover.filter(ImageFilter.BoxBlur(1)))
+        if (w, h) != (width, height):
+            picture = picture.resize((width, height), Image.Resampling.BILINEAR)
+        yield picture
 
-    canvas = canvas.filter(ImageFilter.BoxBlur(1))
-    if (w, h) != (width, height):
-        canvas = canvas.resize((width, height), Image.Resampling.BILINEAR)
-    return canvas
+
+def _draw_shape(
+    draw: ImageDraw.ImageDraw,
+    cover: ImageDraw.ImageDraw | None,
+    rng: random.Random,
+    palette: Sequence[RGB],
+    w: int,
+    h: int,
+    short: int,
+) -> None:
+    kind = rng.randrange(4)
+    fill = (*_vary(rng.choice(palette), rng), 90 + rng.randrange(140))
+    cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+    size = short * rng.uniform(0.04, 0.22)
+    targets = [(draw, fill)] + ([(cover, 255)] if cover is not None else [])
+    if kind == 0:
+        for target, ink in targets:
+            target.ellipse((cx - size, cy - size, cx + size, cy + size), fill=ink)
+    elif kind == 1:
+        aspect = rng.uniform(0.3, 2.5)
+        half_w, half_h = size * aspect, size / aspect
+        for target, ink in targets:
+            target.rectangle((cx - half_w, cy - half_h, cx + half_w, cy + half_h), fill=ink)
+    elif kind == 2:
+        sides, rotation = 3 + rng.randrange(5), rng.uniform(0, 360)
+        for target, ink in targets:
+            target.regular_polygon((cx, cy, size), sides, rotation=rotation, fill=ink)
+    else:
+        points = [
+            (cx + size * rng.uniform(-1.5, 1.5), cy + size * rng.uniform(-1.5, 1.5))
+            for _ in range(3 + rng.randrange(4))
+        ]
+        for target, ink in targets:
+            target.polygon(points, fill=ink)
+
+
+def _encode(image: Image.Image, output_format: str, compression: int | None = None) -> bytes:
+    """``compression`` is OpenAI's output_compression (0-100, 100 the finest): the JPEG or
+    WEBP quality. None keeps the defaults below."""
+    pil_format = _PIL_FORMATS.get(output_format)
+    if pil_format is None:
+        raise ValueError(f"unsupported output format {output_format!r}")
+    out = io.BytesIO()
+    if pil_format == "PNG":
+        # Level 1 keeps encoding a 1536x1024 image in the tens of milliseconds.
+        image.save(out, "PNG", compress_level=1)
+    elif pil_format == "JPEG":
+        image.convert("RGB").save(out, "JPEG", quality=90 if compression is None else compression)
+    else:
+        # method=0 is libwebp's fastest; the default spends far longer for little gain here.
+        image.save(out, "WEBP", quality=85 if compression is None else compression, method=0)
+    return out.getvalue()
+
+
+def _check(width: int, height: int, output_format: str) -> None:
+    if output_format not in _PIL_FORMATS:
+        raise ValueError(f"unsupported output format {output_format!r}")
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
 
 
 def render_image(
-    prompt: str, width: int, height: int, seed: int = 0, output_format: str = "png"
+    prompt: str,
+    width: int,
+    height: int,
+    seed: int = 0,
+    output_format: str = "png",
+    *,
+    background: str = "auto",
+    compression: int | None = None,
 ) -> bytes:
     """Draw the prompt's procedural picture and encode it.
 
     Raises ``ValueError`` for a non-positive size or an ``output_format`` other than
     "png", "jpeg" or "webp".
     """
-    pil_format = _PIL_FORMATS.get(output_format)
-    if pil_format is None:
-        raise ValueError(f"unsupported output format {output_format!r}")
-    if width <= 0 or height <= 0:
-        raise ValueError(f"image size must be positive, got {width}x{height}")
+    return render_frames(
+        prompt,
+        width,
+        height,
+        seed,
+        output_format,
+        background=background,
+        compression=compression,
+    )[-1]
 
-    image = _draw(_WORD_RE.findall(prompt.lower()), width, height, seed)
-    out = io.BytesIO()
-    if pil_format == "PNG":
-        # Level 1 keeps encoding a 1536x1024 image in the tens of milliseconds.
-        image.save(out, "PNG", compress_level=1)
-    elif pil_format == "JPEG":
-        image.save(out, "JPEG", quality=90)
+
+def render_frames(
+    prompt: str,
+    width: int,
+    height: int,
+    seed: int = 0,
+    output_format: str = "png",
+    *,
+    partials: int = 0,
+    background: str = "auto",
+    compression: int | None = None,
+) -> list[bytes]:
+    """``partials`` progressive renders, then the finished picture (the same bytes as
+    :func:`render_image` gives), all encoded at the final size."""
+    _check(width, height, output_format)
+    frames = _draw_frames(
+        _WORD_RE.findall(prompt.lower()),
+        width,
+        height,
+        seed,
+        frames=partials + 1,
+        transparent=background == "transparent",
+    )
+    return [_encode(frame, output_format, compression) for frame in frames]
+
+
+def _open_rgba(data: bytes, size: tuple[int, int]) -> Image.Image:
+    """A caller's image, decoded, as RGBA at ``size``."""
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            image = ImageOps.exif_transpose(opened).convert("RGBA")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        raise InvalidParameter("The image could not be decoded.", param="image") from None
+    if image.size != size:
+        image = image.resize(size, Image.Resampling.BILINEAR)
+    return image
+
+
+def _average_colours(image: Image.Image) -> list[RGB]:
+    """The mean colours of the image's four quadrants: a palette taken from a picture."""
+    quads = image.convert("RGB").resize((2, 2), Image.Resampling.BOX)
+    return [quads.getpixel((x, y)) for y in range(2) for x in range(2)]  # type: ignore[misc]
+
+
+def edit_frames(
+    prompt: str,
+    images: Sequence[bytes],
+    mask: bytes | None,
+    width: int,
+    height: int,
+    seed: int = 0,
+    output_format: str = "png",
+    *,
+    partials: int = 0,
+    background: str = "auto",
+    compression: int | None = None,
+) -> list[bytes]:
+    """The prompt's picture painted into the first image where the mask is transparent
+    (alpha 0), every other pixel left as it was; without a mask, blended over the whole
+    image. Further images lend their colours to the palette. Progressive like
+    :func:`render_frames`."""
+    _check(width, height, output_format)
+    size = (width, height)
+    base = _open_rgba(images[0], size)
+    palette = [c for data in images[1:] for c in _average_colours(_open_rgba(data, size))]
+    if mask is None:
+        region = Image.new("L", size, 128)
     else:
-        # method=0 is libwebp's fastest; the default spends far longer for little gain here.
-        image.save(out, "WEBP", quality=85, method=0)
-    return out.getvalue()
+        alpha = _open_rgba(mask, size).getchannel("A")
+        region = alpha.point(lambda a: 255 if a == 0 else 0)
+    # Keep alpha only where the result can have it: asked for, or carried by the input.
+    keep_alpha = output_format != "jpeg" and (
+        background == "transparent"
+        or (background == "auto" and base.getchannel("A").getextrema()[0] != 255)
+    )
+    words = _WORD_RE.findall(prompt.lower())
+    frames = _draw_frames(
+        words,
+        width,
+        height,
+        int.from_bytes(_digest("edit", str(seed), hashlib.sha256(images[0]).hexdigest())[:4]),
+        frames=partials + 1,
+        transparent=background == "transparent",
+        extra_palette=palette,
+    )
+    out = []
+    for frame in frames:
+        edited = Image.composite(frame.convert("RGBA"), base, region)
+        out.append(
+            _encode(edited if keep_alpha else edited.convert("RGB"), output_format, compression)
+        )
+    return out
+
+
+def vary_image(
+    image: bytes,
+    width: int,
+    height: int,
+    seed: int = 0,
+    output_format: str = "png",
+    *,
+    compression: int | None = None,
+) -> bytes:
+    """A variation of ``image``: recoloured (a hue turn), sometimes mirrored, and overlaid
+    with a few translucent shapes in the picture's own colours. The same image and seed
+    always give the same bytes; another seed gives another variation."""
+    _check(width, height, output_format)
+    base = _open_rgba(image, (width, height)).convert("RGB")
+    rng = random.Random(
+        int.from_bytes(_digest("vary", str(seed), hashlib.sha256(image).hexdigest()), "big")
+    )
+    palette = _average_colours(base)
+    shift = round(rng.uniform(0.1, 0.9) * 256)
+    hue, sat, val = base.convert("HSV").split()
+    hue = hue.point(lambda x: (x + shift) % 256)
+    varied = Image.merge("HSV", (hue, sat, val)).convert("RGB")
+    if rng.random() < 0.5:
+        varied = ImageOps.mirror(varied)
+    draw = ImageDraw.Draw(varied, "RGBA")
+    short = min(width, height)
+    for _ in range(4 + rng.randrange(6)):
+        _draw_shape(draw, None, rng, palette, width, height, short)
+    return _encode(varied, output_format, compression)
 
 
 _PRECOMPUTED_PROMPT = "precomputed benchmark image: sky ocean gold"
 
 
 class LocalRenderer:
-    """A Provider that draws images locally with :func:`render_image`.
+    """A Provider that draws images locally with :func:`render_image`; it also edits
+    (:func:`edit_frames`), makes variations (:func:`vary_image`) and streams real
+    progressive renders (each partial shows a leading share of the final picture's shapes).
 
     Image ``i`` of a request uses seed ``(request.seed or 0) + i``. Drawing runs in worker
     threads so the event loop stays responsive.
 
     With ``precomputed=True`` (a benchmark mode) it draws one fixed picture per
     ``(width, height, output_format)``, caches the bytes, and returns that same bytes object
-    for every image of every request, ignoring prompt and seed; benchmarks then measure the
-    request path rather than drawing. ``revised_prompt`` is still the request's prompt.
+    for every image of every generation, ignoring prompt and seed; benchmarks then measure
+    the request path rather than drawing. ``revised_prompt`` is still the request's prompt.
     """
 
     def __init__(self, name: str = "local", *, precomputed: bool = False) -> None:
@@ -238,39 +434,119 @@ class LocalRenderer:
 
     async def generate(self, request: ProviderRequest) -> ProviderResult:
         self.check(request)
-        mime_type = MIME_TYPES[request.output_format]
-
         if self._precomputed:
             datas = [await self._precomputed_bytes(request)] * request.n
         else:
-            base_seed = request.seed or 0
-            datas = list(
-                await asyncio.gather(
-                    *(
-                        asyncio.to_thread(
-                            render_image,
-                            request.prompt,
-                            request.width,
-                            request.height,
-                            base_seed + i,
-                            request.output_format,
-                        )
-                        for i in range(request.n)
-                    )
-                )
+            datas = await self._each_image(
+                request, lambda seed: self._generate_frames(request, seed)
             )
+        return self._result(request, datas)
 
-        images = [
-            ProviderImage(
-                data=data,
-                mime_type=mime_type,
-                width=request.width,
-                height=request.height,
-                revised_prompt=request.prompt,
-            )
-            for data in datas
-        ]
-        return ProviderResult(images=images, usage=TokenUsage())
+    async def edit(self, request: ProviderRequest) -> ProviderResult:
+        self.check(request)
+        return self._result(
+            request, await self._each_image(request, lambda seed: self._edit_frames(request, seed))
+        )
+
+    async def vary(self, request: ProviderRequest) -> ProviderResult:
+        self.check(request)
+        if not request.images:
+            raise InvalidParameter("A variation needs an image.", param="image")
+
+        def one(seed: int) -> list[bytes]:
+            return [
+                vary_image(
+                    request.images[0].data,
+                    request.width,
+                    request.height,
+                    seed,
+                    request.output_format,
+                    compression=request.output_compression,
+                )
+            ]
+
+        return self._result(request, await self._each_image(request, one))
+
+    async def generate_stream(self, request: ProviderRequest) -> AsyncGenerator[StreamEvent]:
+        self.check(request)
+        async with contextlib.aclosing(
+            self._stream(request, lambda seed: self._generate_frames(request, seed))
+        ) as events:
+            async for event in events:
+                yield event
+
+    async def edit_stream(self, request: ProviderRequest) -> AsyncGenerator[StreamEvent]:
+        self.check(request)
+        async with contextlib.aclosing(
+            self._stream(request, lambda seed: self._edit_frames(request, seed))
+        ) as events:
+            async for event in events:
+                yield event
+
+    # -- drawing -----------------------------------------------------------------------------
+
+    def _generate_frames(self, request: ProviderRequest, seed: int) -> list[bytes]:
+        return render_frames(
+            request.prompt,
+            request.width,
+            request.height,
+            seed,
+            request.output_format,
+            partials=request.partial_images,
+            background=request.background,
+            compression=request.output_compression,
+        )
+
+    def _edit_frames(self, request: ProviderRequest, seed: int) -> list[bytes]:
+        if not request.images:
+            raise InvalidParameter("An edit needs an image.", param="image")
+        return edit_frames(
+            request.prompt,
+            [image.data for image in request.images],
+            request.mask.data if request.mask is not None else None,
+            request.width,
+            request.height,
+            seed,
+            request.output_format,
+            partials=request.partial_images,
+            background=request.background,
+            compression=request.output_compression,
+        )
+
+    async def _each_image(
+        self, request: ProviderRequest, frames: Callable[[int], list[bytes]]
+    ) -> list[bytes]:
+        """Every image's finished bytes, drawn concurrently in worker threads."""
+        base_seed = request.seed or 0
+        drawn = await asyncio.gather(
+            *(asyncio.to_thread(frames, base_seed + i) for i in range(request.n))
+        )
+        return [images[-1] for images in drawn]
+
+    async def _stream(
+        self, request: ProviderRequest, frames: Callable[[int], list[bytes]]
+    ) -> AsyncGenerator[StreamEvent]:
+        """Image by image, in order: its partial renders, then the image."""
+        mime_type = MIME_TYPES[request.output_format]
+        base_seed = request.seed or 0
+        for i in range(request.n):
+            drawn = await asyncio.to_thread(frames, base_seed + i)
+            for k, data in enumerate(drawn[:-1]):
+                yield PartialImage(i, k, data, mime_type, request.width, request.height)
+            yield self._image(request, drawn[-1])
+        yield TokenUsage()
+
+    def _image(self, request: ProviderRequest, data: bytes) -> ProviderImage:
+        return ProviderImage(
+            data=data,
+            mime_type=MIME_TYPES[request.output_format],
+            width=request.width,
+            height=request.height,
+            revised_prompt=request.prompt,
+        )
+
+    def _result(self, request: ProviderRequest, datas: list[bytes]) -> ProviderResult:
+        return ProviderResult(images=[self._image(request, d) for d in datas], usage=TokenUsage())
 
     async def _precomputed_bytes(self, request: ProviderRequest) -> bytes:
         key = (request.width, request.height, request.output_format)

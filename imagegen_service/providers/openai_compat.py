@@ -15,7 +15,13 @@ model family, recognised from the upstream model id (other ids are sent as they 
 * ``gpt-image-*``: sizes 1024x1024, 1536x1024, 1024x1536; up to 10 per call; never
   ``response_format`` (rejected; it always answers base64) nor ``style``; ``quality`` is
   low|medium|high|auto, so ``standard`` becomes ``medium`` and ``hd`` becomes ``high``;
-  ``output_format`` is sent when not png. It bills tokens, read from ``usage``.
+  ``output_format`` is sent when not png, ``background``, ``output_compression`` and
+  ``moderation`` when given. It bills tokens, read from ``usage``. Only gpt-image streams:
+  ``stream`` + ``partial_images`` answer server-sent events (``image_generation.partial_image``,
+  ``image_generation.completed``, ``error``), read as they come.
+
+Edits (``POST /images/edits``, multipart: ``image`` or ``image[]``, ``mask``) serve dall-e-2 and
+gpt-image; variations (``POST /images/variations``, multipart ``image``) serve dall-e-2.
 
 ``AzureOpenAIProvider`` is the same adapter with Azure's addressing: the resource endpoint,
 a deployment in the path, ``api-version`` in the query and the key in an ``api-key`` header.
@@ -24,8 +30,10 @@ a deployment in the path, ``api-version`` in the query and the key in an ``api-k
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
-from collections.abc import Mapping, Sequence
+import io
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from typing import Any, NoReturn
 from urllib.parse import quote, urlencode
 
@@ -35,12 +43,15 @@ import orjson
 from imagegen_service.config import ProviderConfig
 from imagegen_service.errors import ContentPolicy, InvalidParameter, UpstreamError
 from imagegen_service.providers.base import (
+    PartialImage,
     ProviderImage,
     ProviderRequest,
     ProviderResult,
+    StreamEvent,
     TokenUsage,
 )
 from imagegen_service.providers.http import (
+    MAX_ANSWER_BYTES,
     MAX_ERROR_BODY_BYTES,
     MAX_RETRY_AFTER_SECONDS,
     HttpUpstream,
@@ -144,13 +155,69 @@ class OpenAICompatibleProvider(HttpUpstream):
 
         return await self.within_deadline(call)
 
+    async def edit(self, request: ProviderRequest) -> ProviderResult:
+        family = self._family(request)
+
+        async def call(session: aiohttp.ClientSession) -> ProviderResult:
+            return await self._submit(
+                session, self._url(request, "edits"), request, form=self._edit_form(request, family)
+            )
+
+        return await self.within_deadline(call)
+
+    async def vary(self, request: ProviderRequest) -> ProviderResult:
+        async def call(session: aiohttp.ClientSession) -> ProviderResult:
+            return await self._submit(
+                session,
+                self._url(request, "variations"),
+                request,
+                form=self._variation_form(request),
+            )
+
+        return await self.within_deadline(call)
+
+    async def generate_stream(self, request: ProviderRequest) -> AsyncGenerator[StreamEvent]:
+        family = self._family(request)
+        if family != GPT_IMAGE:
+            # Only gpt-image streams: the others answer once, with every image.
+            result = await self.generate(request)
+            for image in result.images:
+                yield image
+            yield result.usage
+            return
+        payload = self._payload(request, family)
+        payload.update(stream=True, partial_images=request.partial_images)
+        async with contextlib.aclosing(
+            self._stream(self._url(request), request, body=orjson.dumps(payload))
+        ) as events:
+            async for event in events:
+                yield event
+
+    async def edit_stream(self, request: ProviderRequest) -> AsyncGenerator[StreamEvent]:
+        family = self._family(request)
+        if family != GPT_IMAGE:
+            result = await self.edit(request)
+            for image in result.images:
+                yield image
+            yield result.usage
+            return
+        form = self._edit_form(request, family)
+        form.add_field("stream", "true")
+        form.add_field("partial_images", str(request.partial_images))
+        async with contextlib.aclosing(
+            self._stream(self._url(request, "edits"), request, form=form)
+        ) as events:
+            async for event in events:
+                yield event
+
     # -- what differs between OpenAI and Azure ------------------------------------------------
 
     def _family(self, request: ProviderRequest) -> str | None:
         return model_family(request.upstream_model)
 
-    def _url(self, request: ProviderRequest) -> str:
-        return self._base_url + "/images/generations"
+    def _url(self, request: ProviderRequest, operation: str = "generations") -> str:
+        """``operation``: ``generations``, ``edits`` or ``variations``."""
+        return f"{self._base_url}/images/{operation}"
 
     def _auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
@@ -233,10 +300,7 @@ class OpenAICompatibleProvider(HttpUpstream):
         payload.update(prompt=request.prompt, n=request.n, size=request.size)
         if family == GPT_IMAGE:
             # gpt-image always answers base64 and rejects `response_format` outright.
-            if request.quality:
-                payload["quality"] = _GPT_IMAGE_QUALITY.get(request.quality, request.quality)
-            if request.output_format in self._output_formats:
-                payload["output_format"] = request.output_format
+            payload.update(self._gpt_image_fields(request))
         else:
             payload["response_format"] = "b64_json"
             # Optional fields are left out rather than sent empty: several compatible servers
@@ -250,8 +314,164 @@ class OpenAICompatibleProvider(HttpUpstream):
             payload["user"] = request.user
         return payload
 
-    def _headers(self, request: ProviderRequest) -> dict[str, str]:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    def _gpt_image_fields(self, request: ProviderRequest) -> dict[str, Any]:
+        fields: dict[str, Any] = {}
+        if request.quality:
+            fields["quality"] = _GPT_IMAGE_QUALITY.get(request.quality, request.quality)
+        if request.output_format in self._output_formats:
+            fields["output_format"] = request.output_format
+        if request.background != "auto":
+            fields["background"] = request.background
+        if request.output_compression is not None:
+            fields["output_compression"] = request.output_compression
+        if request.moderation is not None:
+            fields["moderation"] = request.moderation
+        return fields
+
+    def _edit_form(self, request: ProviderRequest, family: str | None) -> aiohttp.FormData:
+        form = aiohttp.FormData()
+        if self._names_model():
+            form.add_field("model", request.upstream_model)
+        form.add_field("prompt", request.prompt)
+        form.add_field("n", str(request.n))
+        form.add_field("size", request.size)
+        # One image is `image`; several are OpenAI's array form, `image[]`.
+        name = "image" if len(request.images) == 1 else "image[]"
+        for i, image in enumerate(request.images):
+            form.add_field(
+                name,
+                io.BytesIO(image.data),
+                filename=f"image{i}.{image.format}",
+                content_type=image.mime_type,
+            )
+        if request.mask is not None:
+            form.add_field(
+                "mask", io.BytesIO(request.mask.data), filename="mask.png", content_type="image/png"
+            )
+        if family == GPT_IMAGE:
+            for key, value in self._gpt_image_fields(request).items():
+                form.add_field(key, str(value))
+        else:
+            form.add_field("response_format", "b64_json")
+        if request.user:
+            form.add_field("user", request.user)
+        return form
+
+    def _variation_form(self, request: ProviderRequest) -> aiohttp.FormData:
+        form = aiohttp.FormData()
+        if self._names_model():
+            form.add_field("model", request.upstream_model)
+        image = request.images[0]
+        form.add_field(
+            "image",
+            io.BytesIO(image.data),
+            filename=f"image.{image.format}",
+            content_type=image.mime_type,
+        )
+        form.add_field("n", str(request.n))
+        form.add_field("size", request.size)
+        form.add_field("response_format", "b64_json")
+        if request.user:
+            form.add_field("user", request.user)
+        return form
+
+    async def _submit(
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        request: ProviderRequest,
+        *,
+        form: aiohttp.FormData,
+    ) -> ProviderResult:
+        """One multipart call (edits, variations) answered with an ImagesResponse."""
+        async with session.post(url, data=form, headers=self._headers(request, json=False)) as resp:
+            if not 200 <= resp.status < 300:
+                body = await read_capped(resp, MAX_ERROR_BODY_BYTES, truncate=True)
+                self._raise_for_status(resp.status, resp.headers, body)
+            answer = await self.read_json(resp)
+        return await self._read_result(session, answer, request.n)
+
+    async def _stream(
+        self,
+        url: str,
+        request: ProviderRequest,
+        *,
+        body: bytes | None = None,
+        form: aiohttp.FormData | None = None,
+    ) -> AsyncGenerator[StreamEvent]:
+        """A gpt-image call answered with server-sent events: partial renders and images as
+        they come. A failure before the first event may be retried by the caller; after it,
+        the stream ends with UpstreamError (or ContentPolicy) and the images already yielded
+        stand."""
+        headers = self._headers(request, json=form is None)
+        headers["Accept"] = "text/event-stream"
+        completed = 0
+        try:
+            async with self.session().post(
+                url, data=body if form is None else form, headers=headers
+            ) as resp:
+                if not 200 <= resp.status < 300:
+                    error_body = await read_capped(resp, MAX_ERROR_BODY_BYTES, truncate=True)
+                    self._raise_for_status(resp.status, resp.headers, error_body)
+                if resp.content_type == "application/json":
+                    # A compatible server that does not stream answers all at once.
+                    answer = await self.read_json(resp)
+                    result = await self._read_result(self.session(), answer, request.n)
+                    for image in result.images:
+                        yield image
+                    yield result.usage
+                    return
+                if resp.content_type != "text/event-stream":
+                    raise self.unreadable(f"content type {resp.content_type!r} for a stream")
+                async for event in _server_sent_events(resp, self.unreadable):
+                    kind = event.get("type")
+                    if kind == "error" or isinstance(event.get("error"), dict):
+                        self._raise_stream_error(event)
+                    if not isinstance(kind, str):
+                        raise self.unreadable("a stream event has no type")
+                    if completed >= request.n:
+                        continue
+                    if kind.endswith(".partial_image"):
+                        index = event.get("partial_image_index")
+                        image = self.inspect(
+                            self.decode_base64(event.get("b64_json"), completed), completed
+                        )
+                        yield PartialImage(
+                            completed,
+                            index if isinstance(index, int) else 0,
+                            image.data,
+                            image.mime_type,
+                            image.width,
+                            image.height,
+                        )
+                    elif kind.endswith(".completed"):
+                        image = self.inspect(
+                            self.decode_base64(event.get("b64_json"), completed), completed
+                        )
+                        yield dataclasses.replace(image, usage=_usage(event.get("usage")))
+                        completed += 1
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamError(
+                f"upstream {self.name!r} broke off the stream ({type(exc).__name__})"
+            ) from exc
+        if completed < request.n:
+            raise UpstreamError(
+                f"upstream {self.name!r} ended the stream after {completed} of {request.n} images"
+            )
+
+    def _raise_stream_error(self, event: Mapping[str, Any]) -> NoReturn:
+        error = event.get("error")
+        error = error if isinstance(error, dict) else dict(event)
+        if _is_content_policy(error):
+            raise ContentPolicy(_CONTENT_POLICY_MESSAGE)
+        code = short_identifier(error.get("code")) or short_identifier(error.get("type"))
+        detail = f" ({code})" if code else ""
+        raise UpstreamError(f"upstream {self.name!r} failed during the stream{detail}")
+
+    def _headers(self, request: ProviderRequest, *, json: bool = True) -> dict[str, str]:
+        # A multipart body sets its own Content-Type, with the boundary.
+        headers = {"Content-Type": "application/json"} if json else {}
+        headers["Accept"] = "application/json"
         headers.update(self._auth_headers())
         if request.request_id:
             headers["X-Request-ID"] = request.request_id
@@ -376,12 +596,12 @@ class AzureOpenAIProvider(OpenAICompatibleProvider):
             return model_family(self._deployment_model)
         return model_family(request.upstream_model) or model_family(self._deployment_for(request))
 
-    def _url(self, request: ProviderRequest) -> str:
+    def _url(self, request: ProviderRequest, operation: str = "generations") -> str:
         version = self._api_version or (
             AZURE_GPT_IMAGE_API_VERSION if self._family(request) == GPT_IMAGE else AZURE_API_VERSION
         )
         deployment = quote(self._deployment_for(request), safe="")
-        return f"{self._base_url}/openai/deployments/{deployment}/images/generations?" + urlencode(
+        return f"{self._base_url}/openai/deployments/{deployment}/images/{operation}?" + urlencode(
             {"api-version": version}
         )
 
@@ -463,6 +683,53 @@ def _has_image(item: Mapping[str, Any]) -> bool:
     return bool(item.get("b64_json")) or bool(item.get("url"))
 
 
+async def _server_sent_events(
+    resp: aiohttp.ClientResponse, unreadable: Callable[[str], UpstreamError]
+) -> AsyncGenerator[dict[str, Any]]:
+    """The JSON ``data`` of each server-sent event. Lines are found chunk by chunk, never by
+    readline: one event carries a whole base64 image, far past aiohttp's line limit."""
+    pending: list[bytes] = []
+    pending_size = 0
+    data: list[bytes] = []
+    async for chunk in resp.content.iter_any():
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            if end < 0:
+                pending.append(chunk[start:])
+                pending_size += len(chunk) - start
+                if pending_size > MAX_ANSWER_BYTES:
+                    raise unreadable("a stream event is too large")
+                break
+            line = (b"".join(pending) + chunk[start:end]).rstrip(b"\r")
+            pending, pending_size, start = [], 0, end + 1
+            if line.startswith(b"data:"):
+                data.append(line[5:].removeprefix(b" "))
+            elif not line and data:
+                event = _event_json(b"\n".join(data), unreadable)
+                data = []
+                if event is None:
+                    return
+                yield event
+    if data:
+        event = _event_json(b"\n".join(data), unreadable)
+        if event is not None:
+            yield event
+
+
+def _event_json(raw: bytes, unreadable: Callable[[str], UpstreamError]) -> dict[str, Any] | None:
+    """One event's data as an object; None for the ``[DONE]`` that some servers send last."""
+    if raw.strip() == b"[DONE]":
+        return None
+    try:
+        event = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise unreadable("a stream event is not JSON") from None
+    if not isinstance(event, dict):
+        raise unreadable("a stream event is not an object")
+    return event
+
+
 def _usage(raw: Any) -> TokenUsage:
     if not isinstance(raw, dict):
         return TokenUsage()
@@ -475,9 +742,18 @@ def _usage(raw: Any) -> TokenUsage:
                 return value
         return 0
 
+    details = raw.get("input_tokens_details")
+    split = details if isinstance(details, dict) else {}
+
+    def detail(key: str) -> int:
+        value = split.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
     return TokenUsage(
         input_tokens=count("input_tokens", "prompt_tokens"),
         output_tokens=count("output_tokens", "completion_tokens"),
+        input_text_tokens=detail("text_tokens"),
+        input_image_tokens=detail("image_tokens"),
     )
 
 

@@ -5,16 +5,24 @@ written in the same transaction as a ledger entry carrying exactly that change, 
 entries always sum to the balance. Holds are placed with one conditional UPDATE
 (``available >= amount``), which both backends serialise per account row, so concurrent
 requests can never overdraw an account.
+
+Every operation is one transaction written once, as a plain function of a SQLAlchemy
+``Connection``, and run by a backend runner: for SQLite on one writer thread with one
+connection (SQLite admits one writer at a time, so queueing writes here costs one thread
+hop per transaction instead of a hop per statement and lock back-off sleeps) and one
+reader thread; for PostgreSQL on the asyncpg pool through ``run_sync``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import sqlalchemy as sa
 from alembic import command
@@ -22,7 +30,7 @@ from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from imagegen_service import errors
 from imagegen_service.stores.schema import (
@@ -34,6 +42,44 @@ from imagegen_service.stores.schema import (
 )
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+T = TypeVar("T")
+
+# The per-request statements, as text built once: they run twice per generation, and
+# SQLAlchemy's expression construction and cache-key work cost more than SQLite itself.
+# The administrative operations below use the expression language.
+_HOLD = sa.text(
+    "UPDATE accounts SET available_micros = available_micros - :amount, "
+    "held_micros = held_micros + :amount "
+    "WHERE id = :account_id AND available_micros >= :amount"
+)
+_HOLD_FOR_ACTIVE_KEY = sa.text(
+    "UPDATE accounts SET available_micros = available_micros - :amount, "
+    "held_micros = held_micros + :amount "
+    "WHERE id = :account_id AND available_micros >= :amount AND EXISTS ("
+    "SELECT 1 FROM api_keys WHERE id = :key_id AND account_id = :account_id "
+    "AND revoked_at IS NULL)"
+)
+_INSERT_HOLD = sa.text(
+    "INSERT INTO holds (id, account_id, amount_micros, status, request_id, created_at, "
+    "expires_at) VALUES (:id, :account_id, :amount, 'open', :request_id, :now, :expires_at)"
+)
+_CLOSE_HOLD = sa.text(
+    "UPDATE holds SET status = 'settled', captured_micros = :capture "
+    "WHERE id = :id AND status = 'open'"
+)
+_SETTLE_ACCOUNT = sa.text(
+    "UPDATE accounts SET available_micros = available_micros + :release, "
+    "held_micros = held_micros - :amount WHERE id = :account_id"
+)
+_INSERT_ENTRY = sa.text(
+    "INSERT INTO ledger_entries (account_id, kind, available_delta_micros, held_delta_micros, "
+    "hold_id, request_id, note, created_at) "
+    "VALUES (:account_id, :kind, :available, :held, :hold_id, :request_id, :note, :now)"
+)
+_ACTIVE_KEY = sa.text(
+    "SELECT id, account_id, created_at, revoked_at, requests_per_minute, images_per_minute "
+    "FROM api_keys WHERE key_hash = :key_hash AND revoked_at IS NULL"
+)
 
 
 class SchemaOutOfDate(RuntimeError):
@@ -105,29 +151,93 @@ def async_url(database_url: str) -> str:
     raise ValueError("database URL must start with sqlite:/// or postgresql://")
 
 
-def _sqlite_engine(url: str, *, immediate: bool) -> AsyncEngine:
-    path = url.removeprefix("sqlite+aiosqlite:///")
-    if path and path != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_async_engine(url, pool_size=4, max_overflow=8)
+class _Runner(Protocol):
+    dialect: str
 
-    @event.listens_for(engine.sync_engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        # Let SQLAlchemy's "begin" event issue BEGIN itself, so writers can ask for
-        # IMMEDIATE and never hit a lock upgrade deadlock.
-        dbapi_conn.isolation_level = None
-        cursor = dbapi_conn.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA busy_timeout=30000")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.close()
+    async def write(self, fn: Callable[..., T], *args: Any) -> T: ...
 
-    @event.listens_for(engine.sync_engine, "begin")
-    def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+    async def read(self, fn: Callable[..., T], *args: Any) -> T: ...
 
-    return engine
+    async def close(self) -> None: ...
+
+
+class _SqliteRunner:
+    dialect = "sqlite"
+
+    def __init__(self, path: str) -> None:
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="ledger-write")
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="ledger-read")
+        self._write_engine = self._engine(path, immediate=True)
+        self._read_engine = self._engine(path, immediate=False)
+
+    @staticmethod
+    def _engine(path: str, *, immediate: bool) -> sa.Engine:
+        # One connection per engine, used only by its engine's thread.
+        engine = sa.create_engine(
+            f"sqlite:///{path}",
+            poolclass=sa.pool.StaticPool,
+            connect_args={"check_same_thread": False},
+        )
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            # Let the "begin" event issue BEGIN itself, so the writer can take the lock up
+            # front (IMMEDIATE) and never hit a lock upgrade deadlock with other processes.
+            dbapi_conn.isolation_level = None
+            cursor = dbapi_conn.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+        return engine
+
+    @staticmethod
+    def _transaction(engine: sa.Engine, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        with engine.begin() as conn:
+            return fn(conn, *args)
+
+    async def write(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._writer, self._transaction, self._write_engine, fn, args
+        )
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._reader, self._transaction, self._read_engine, fn, args
+        )
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._writer, self._write_engine.dispose)
+        await loop.run_in_executor(self._reader, self._read_engine.dispose)
+        self._writer.shutdown(wait=True)
+        self._reader.shutdown(wait=True)
+
+
+class _PostgresRunner:
+    dialect = "postgresql"
+
+    def __init__(self, url: str) -> None:
+        self._engine = create_async_engine(url, pool_size=10, max_overflow=10)
+
+    async def write(self, fn: Callable[..., T], *args: Any) -> T:
+        async with self._engine.begin() as conn:
+            return await conn.run_sync(fn, *args)
+
+    read = write
+
+    async def close(self) -> None:
+        await self._engine.dispose()
 
 
 class LedgerStore:
@@ -135,20 +245,15 @@ class LedgerStore:
 
     def __init__(self, database_url: str) -> None:
         url = async_url(database_url)
-        self.dialect = "sqlite" if url.startswith("sqlite") else "postgresql"
-        if self.dialect == "sqlite":
-            # WAL readers never block, so reads get a plain BEGIN; writers take the lock
-            # up front with BEGIN IMMEDIATE.
-            self._write = _sqlite_engine(url, immediate=True)
-            self._read = _sqlite_engine(url, immediate=False)
+        self._db: _Runner
+        if url.startswith("sqlite"):
+            self._db = _SqliteRunner(url.removeprefix("sqlite+aiosqlite:///"))
         else:
-            self._write = create_async_engine(url, pool_size=10, max_overflow=10)
-            self._read = self._write
+            self._db = _PostgresRunner(url)
+        self.dialect = self._db.dialect
 
     async def close(self) -> None:
-        await self._write.dispose()
-        if self._read is not self._write:
-            await self._read.dispose()
+        await self._db.close()
 
     # -- schema -------------------------------------------------------------------------
 
@@ -165,8 +270,7 @@ class LedgerStore:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
 
-        async with self._write.begin() as conn:
-            await conn.run_sync(run)
+        await self._db.write(run)
         return self.head_revision()
 
     def head_revision(self) -> str:
@@ -178,8 +282,7 @@ class LedgerStore:
         def read(conn: sa.Connection) -> str | None:
             return MigrationContext.configure(conn).get_current_revision()
 
-        async with self._read.connect() as conn:
-            return await conn.run_sync(read)
+        return await self._db.read(read)
 
     async def check_schema(self) -> None:
         current, head = await self.current_revision(), self.head_revision()
@@ -194,97 +297,96 @@ class LedgerStore:
     async def create_account(self, name: str, initial_micros: int = 0) -> Account:
         if initial_micros < 0:
             raise errors.InvalidParameter("The initial balance must not be negative.")
-        now = int(time.time())
-        account_id = new_id("acct")
-        async with self._write.begin() as conn:
-            await conn.execute(
+        account = Account(new_id("acct"), name, initial_micros, 0, int(time.time()))
+
+        def tx(conn: sa.Connection) -> None:
+            conn.execute(
                 accounts.insert().values(
-                    id=account_id,
+                    id=account.id,
                     name=name,
                     available_micros=initial_micros,
                     held_micros=0,
-                    created_at=now,
+                    created_at=account.created,
                 )
             )
             if initial_micros:
-                await self._entry(conn, account_id, "credit", initial_micros, 0, note="opening")
-        return Account(account_id, name, initial_micros, 0, now)
+                _entry(conn, account.id, "credit", initial_micros, 0, note="opening")
+
+        await self._db.write(tx)
+        return account
 
     async def get_account(self, account_id: str) -> Account:
-        async with self._read.connect() as conn:
-            row = (await conn.execute(accounts.select().where(accounts.c.id == account_id))).first()
-        if row is None:
-            raise errors.NotFound(f"No account '{account_id}'.")
-        return Account(row.id, row.name, row.available_micros, row.held_micros, row.created_at)
+        return await self._db.read(_get_account, account_id)
 
     async def credit(self, account_id: str, amount_micros: int, note: str = "") -> Account:
         if amount_micros <= 0:
             raise errors.InvalidParameter("A credit must be positive.", param="amount")
-        async with self._write.begin() as conn:
-            result = await conn.execute(
+
+        def tx(conn: sa.Connection) -> Account:
+            result = conn.execute(
                 accounts.update()
                 .where(accounts.c.id == account_id)
                 .values(available_micros=accounts.c.available_micros + amount_micros)
             )
             if result.rowcount != 1:
                 raise errors.NotFound(f"No account '{account_id}'.")
-            await self._entry(conn, account_id, "credit", amount_micros, 0, note=note)
-        return await self.get_account(account_id)
+            _entry(conn, account_id, "credit", amount_micros, 0, note=note)
+            return _get_account(conn, account_id)
+
+        return await self._db.write(tx)
 
     # -- keys ---------------------------------------------------------------------------
 
     async def create_key(self, account_id: str, key_hash: str) -> ApiKey:
-        await self.get_account(account_id)
-        now = int(time.time())
-        key_id = new_id("key")
-        async with self._write.begin() as conn:
-            await conn.execute(
+        key = ApiKey(new_id("key"), account_id, int(time.time()), None)
+
+        def tx(conn: sa.Connection) -> None:
+            _get_account(conn, account_id)
+            conn.execute(
                 api_keys.insert().values(
-                    id=key_id, account_id=account_id, key_hash=key_hash, created_at=now
+                    id=key.id, account_id=account_id, key_hash=key_hash, created_at=key.created
                 )
             )
-        return ApiKey(key_id, account_id, now, None)
+
+        await self._db.write(tx)
+        return key
 
     async def revoke_key(self, key_id: str) -> ApiKey:
         now = int(time.time())
-        async with self._write.begin() as conn:
-            await conn.execute(
+
+        def tx(conn: sa.Connection) -> ApiKey:
+            conn.execute(
                 api_keys.update()
                 .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
                 .values(revoked_at=now)
             )
-            row = (await conn.execute(api_keys.select().where(api_keys.c.id == key_id))).first()
-        if row is None:
-            raise errors.NotFound(f"No API key '{key_id}'.")
-        return _key(row)
+            return _get_key(conn, key_id)
+
+        return await self._db.write(tx)
 
     async def set_key_limits(
         self, key_id: str, requests_per_minute: int | None, images_per_minute: int | None
     ) -> ApiKey:
         """Sets (or with None clears) a key's own rate limits."""
-        async with self._write.begin() as conn:
-            result = await conn.execute(
+
+        def tx(conn: sa.Connection) -> ApiKey:
+            conn.execute(
                 api_keys.update()
                 .where(api_keys.c.id == key_id)
                 .values(
                     requests_per_minute=requests_per_minute, images_per_minute=images_per_minute
                 )
             )
-            if result.rowcount != 1:
-                raise errors.NotFound(f"No API key '{key_id}'.")
-            row = (await conn.execute(api_keys.select().where(api_keys.c.id == key_id))).one()
-        return _key(row)
+            return _get_key(conn, key_id)
+
+        return await self._db.write(tx)
 
     async def find_active_key(self, key_hash: str) -> ApiKey | None:
-        async with self._read.connect() as conn:
-            row = (
-                await conn.execute(
-                    api_keys.select().where(
-                        api_keys.c.key_hash == key_hash, api_keys.c.revoked_at.is_(None)
-                    )
-                )
-            ).first()
-        return None if row is None else _key(row)
+        def read(conn: sa.Connection) -> ApiKey | None:
+            row = conn.execute(_ACTIVE_KEY, {"key_hash": key_hash}).first()
+            return None if row is None else _key(row)
+
+        return await self._db.read(read)
 
     # -- idempotency ----------------------------------------------------------------------
 
@@ -304,43 +406,46 @@ class LedgerStore:
             idempotency_records.c.account_id == account_id,
             idempotency_records.c.idempotency_key == key,
         )
+
+        def tx(conn: sa.Connection) -> Claim:
+            row = conn.execute(idempotency_records.select().where(*where)).first()
+            reusable = (
+                row is None
+                or row.expires_at < now
+                or (row.status == "running" and row.created_at < now - stale_after_seconds)
+            )
+            if not reusable:
+                assert row is not None
+                if row.fingerprint != fingerprint:
+                    return Claim("conflict")
+                if row.status == "done":
+                    return Claim("done", row.result_ref)
+                return Claim("running")
+            if row is not None:
+                conn.execute(idempotency_records.delete().where(*where))
+            conn.execute(
+                idempotency_records.insert().values(
+                    account_id=account_id,
+                    idempotency_key=key,
+                    fingerprint=fingerprint,
+                    status="running",
+                    created_at=now,
+                    expires_at=now + ttl_seconds,
+                )
+            )
+            return Claim("new")
+
         for _ in range(2):
             try:
-                async with self._write.begin() as conn:
-                    row = (await conn.execute(idempotency_records.select().where(*where))).first()
-                    reusable = (
-                        row is None
-                        or row.expires_at < now
-                        or (row.status == "running" and row.created_at < now - stale_after_seconds)
-                    )
-                    if not reusable:
-                        assert row is not None
-                        if row.fingerprint != fingerprint:
-                            return Claim("conflict")
-                        if row.status == "done":
-                            return Claim("done", row.result_ref)
-                        return Claim("running")
-                    if row is not None:
-                        await conn.execute(idempotency_records.delete().where(*where))
-                    await conn.execute(
-                        idempotency_records.insert().values(
-                            account_id=account_id,
-                            idempotency_key=key,
-                            fingerprint=fingerprint,
-                            status="running",
-                            created_at=now,
-                            expires_at=now + ttl_seconds,
-                        )
-                    )
-                return Claim("new")
+                return await self._db.write(tx)
             except sa.exc.IntegrityError:
                 # A concurrent request with the same key inserted first: read again.
                 continue
         return Claim("running")
 
     async def finish_idempotency(self, account_id: str, key: str, result_ref: str) -> None:
-        async with self._write.begin() as conn:
-            await conn.execute(
+        def tx(conn: sa.Connection) -> None:
+            conn.execute(
                 idempotency_records.update()
                 .where(
                     idempotency_records.c.account_id == account_id,
@@ -349,10 +454,13 @@ class LedgerStore:
                 .values(status="done", result_ref=result_ref)
             )
 
+        await self._db.write(tx)
+
     async def release_idempotency(self, account_id: str, key: str) -> None:
         """Frees a key whose request failed, so that a retry runs again."""
-        async with self._write.begin() as conn:
-            await conn.execute(
+
+        def tx(conn: sa.Connection) -> None:
+            conn.execute(
                 idempotency_records.delete().where(
                     idempotency_records.c.account_id == account_id,
                     idempotency_records.c.idempotency_key == key,
@@ -360,62 +468,63 @@ class LedgerStore:
                 )
             )
 
+        await self._db.write(tx)
+
     async def purge_expired_idempotency(self, now: int | None = None) -> list[str]:
         """Deletes expired records; returns the result references to delete with them."""
         cutoff = int(time.time()) if now is None else now
-        async with self._write.begin() as conn:
-            refs = (
-                (
-                    await conn.execute(
-                        sa.select(idempotency_records.c.result_ref).where(
-                            idempotency_records.c.expires_at < cutoff
-                        )
-                    )
-                )
-                .scalars()
-                .all()
-            )
-            await conn.execute(
-                idempotency_records.delete().where(idempotency_records.c.expires_at < cutoff)
-            )
-        return [ref for ref in refs if ref]
+        expired = idempotency_records.c.expires_at < cutoff
+
+        def tx(conn: sa.Connection) -> list[str]:
+            refs = conn.execute(sa.select(idempotency_records.c.result_ref).where(expired))
+            found = [ref for ref in refs.scalars().all() if ref]
+            conn.execute(idempotency_records.delete().where(expired))
+            return found
+
+        return await self._db.write(tx)
 
     # -- holds --------------------------------------------------------------------------
 
     async def place_hold(
-        self, account_id: str, amount_micros: int, *, request_id: str, ttl_seconds: int
+        self,
+        account_id: str,
+        amount_micros: int,
+        *,
+        request_id: str,
+        ttl_seconds: int,
+        key_id: str | None = None,
     ) -> Hold:
-        """Moves ``amount_micros`` from available to held, or raises InsufficientBalance."""
+        """Moves ``amount_micros`` from available to held, or raises InsufficientBalance.
+
+        With ``key_id`` the same statement checks the key is still active, so a caller may
+        authenticate from a cache and a revocation still stops the very next request: it
+        raises InvalidApiKey.
+        """
         now = int(time.time())
-        hold_id = new_id("hold")
-        async with self._write.begin() as conn:
-            result = await conn.execute(
-                accounts.update()
-                .where(accounts.c.id == account_id, accounts.c.available_micros >= amount_micros)
-                .values(
-                    available_micros=accounts.c.available_micros - amount_micros,
-                    held_micros=accounts.c.held_micros + amount_micros,
-                )
-            )
-            if result.rowcount != 1:
+        hold = Hold(new_id("hold"), account_id, amount_micros)
+        params = {
+            "id": hold.id,
+            "account_id": account_id,
+            "key_id": key_id,
+            "amount": amount_micros,
+            "request_id": request_id[:128],
+            "now": now,
+            "expires_at": now + ttl_seconds,
+        }
+
+        def tx(conn: sa.Connection) -> None:
+            statement = _HOLD if key_id is None else _HOLD_FOR_ACTIVE_KEY
+            if conn.execute(statement, params).rowcount != 1:
+                if key_id is not None and not _key_is_active(conn, key_id):
+                    raise errors.InvalidApiKey("Incorrect API key provided.")
                 raise errors.InsufficientBalance(
                     "Your balance is too low for this request. Top up the account and retry."
                 )
-            await conn.execute(
-                holds.insert().values(
-                    id=hold_id,
-                    account_id=account_id,
-                    amount_micros=amount_micros,
-                    status="open",
-                    request_id=request_id,
-                    created_at=now,
-                    expires_at=now + ttl_seconds,
-                )
-            )
-            await self._entry(
-                conn, account_id, "hold", -amount_micros, amount_micros, hold_id, request_id
-            )
-        return Hold(hold_id, account_id, amount_micros)
+            conn.execute(_INSERT_HOLD, params)
+            _entry(conn, account_id, "hold", -amount_micros, amount_micros, hold.id, request_id)
+
+        await self._db.write(tx)
+        return hold
 
     async def settle_hold(self, hold: Hold, capture_micros: int, *, request_id: str) -> bool:
         """Captures ``capture_micros`` of the hold and releases the rest, once.
@@ -425,115 +534,130 @@ class LedgerStore:
         """
         if not 0 <= capture_micros <= hold.amount_micros:
             raise ValueError("capture must lie between 0 and the held amount")
-        release = hold.amount_micros - capture_micros
-        async with self._write.begin() as conn:
-            closed = await conn.execute(
-                holds.update()
-                .where(holds.c.id == hold.id, holds.c.status == "open")
-                .values(status="settled", captured_micros=capture_micros)
-            )
-            if closed.rowcount != 1:
-                return False
-            await conn.execute(
-                accounts.update()
-                .where(accounts.c.id == hold.account_id)
-                .values(
-                    available_micros=accounts.c.available_micros + release,
-                    held_micros=accounts.c.held_micros - hold.amount_micros,
-                )
-            )
-            if capture_micros:
-                await self._entry(
-                    conn, hold.account_id, "capture", 0, -capture_micros, hold.id, request_id
-                )
-            if release:
-                await self._entry(
-                    conn, hold.account_id, "release", release, -release, hold.id, request_id
-                )
-        return True
+        return await self._db.write(_settle, hold, capture_micros, request_id)
 
     async def release_expired_holds(self, now: int | None = None) -> int:
         """Releases every open hold past its expiry (a process died mid-request)."""
         cutoff = int(time.time()) if now is None else now
-        async with self._read.connect() as conn:
-            rows = (
-                await conn.execute(
-                    sa.select(
-                        holds.c.id, holds.c.account_id, holds.c.amount_micros, holds.c.request_id
-                    ).where(holds.c.status == "open", holds.c.expires_at < cutoff)
-                )
+
+        def tx(conn: sa.Connection) -> int:
+            rows = conn.execute(
+                sa.select(
+                    holds.c.id, holds.c.account_id, holds.c.amount_micros, holds.c.request_id
+                ).where(holds.c.status == "open", holds.c.expires_at < cutoff)
             ).all()
-        released = 0
-        for row in rows:
-            hold = Hold(row.id, row.account_id, row.amount_micros)
-            if await self.settle_hold(hold, 0, request_id=row.request_id):
-                released += 1
-        return released
+            return sum(
+                _settle(conn, Hold(r.id, r.account_id, r.amount_micros), 0, r.request_id)
+                for r in rows
+            )
+
+        return await self._db.write(tx)
 
     # -- ledger -------------------------------------------------------------------------
 
     async def ledger(self, account_id: str, limit: int = 100) -> Sequence[LedgerEntry]:
-        await self.get_account(account_id)
-        async with self._read.connect() as conn:
-            rows = (
-                await conn.execute(
-                    ledger_entries.select()
-                    .where(ledger_entries.c.account_id == account_id)
-                    .order_by(ledger_entries.c.id.desc())
-                    .limit(limit)
-                )
+        def read(conn: sa.Connection) -> list[LedgerEntry]:
+            _get_account(conn, account_id)
+            rows = conn.execute(
+                ledger_entries.select()
+                .where(ledger_entries.c.account_id == account_id)
+                .order_by(ledger_entries.c.id.desc())
+                .limit(limit)
             ).all()
-        return [
-            LedgerEntry(
-                r.id,
-                r.account_id,
-                r.kind,
-                r.available_delta_micros,
-                r.held_delta_micros,
-                r.hold_id,
-                r.request_id,
-                r.note,
-                r.created_at,
-            )
-            for r in rows
-        ]
+            return [
+                LedgerEntry(
+                    r.id,
+                    r.account_id,
+                    r.kind,
+                    r.available_delta_micros,
+                    r.held_delta_micros,
+                    r.hold_id,
+                    r.request_id,
+                    r.note,
+                    r.created_at,
+                )
+                for r in rows
+            ]
+
+        return await self._db.read(read)
 
     async def ledger_sums(self, account_id: str) -> tuple[int, int]:
         """Sums of the account's entries: (available, held). Equal to the balance, always."""
-        async with self._read.connect() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(
-                        sa.func.coalesce(sa.func.sum(ledger_entries.c.available_delta_micros), 0),
-                        sa.func.coalesce(sa.func.sum(ledger_entries.c.held_delta_micros), 0),
-                    ).where(ledger_entries.c.account_id == account_id)
-                )
-            ).one()
-        return int(row[0]), int(row[1])
 
-    async def _entry(
-        self,
-        conn: AsyncConnection,
-        account_id: str,
-        kind: str,
-        available_delta: int,
-        held_delta: int,
-        hold_id: str | None = None,
-        request_id: str = "",
-        note: str = "",
-    ) -> None:
-        await conn.execute(
-            ledger_entries.insert().values(
-                account_id=account_id,
-                kind=kind,
-                available_delta_micros=available_delta,
-                held_delta_micros=held_delta,
-                hold_id=hold_id,
-                request_id=request_id[:128],
-                note=note[:500],
-                created_at=int(time.time()),
-            )
-        )
+        def read(conn: sa.Connection) -> tuple[int, int]:
+            row = conn.execute(
+                sa.select(
+                    sa.func.coalesce(sa.func.sum(ledger_entries.c.available_delta_micros), 0),
+                    sa.func.coalesce(sa.func.sum(ledger_entries.c.held_delta_micros), 0),
+                ).where(ledger_entries.c.account_id == account_id)
+            ).one()
+            return int(row[0]), int(row[1])
+
+        return await self._db.read(read)
+
+
+# -- transaction pieces: plain functions of a Connection, shared by both backends ------------
+
+
+def _settle(conn: sa.Connection, hold: Hold, capture_micros: int, request_id: str) -> bool:
+    release = hold.amount_micros - capture_micros
+    if conn.execute(_CLOSE_HOLD, {"id": hold.id, "capture": capture_micros}).rowcount != 1:
+        return False
+    conn.execute(
+        _SETTLE_ACCOUNT,
+        {"account_id": hold.account_id, "release": release, "amount": hold.amount_micros},
+    )
+    if capture_micros:
+        _entry(conn, hold.account_id, "capture", 0, -capture_micros, hold.id, request_id)
+    if release:
+        _entry(conn, hold.account_id, "release", release, -release, hold.id, request_id)
+    return True
+
+
+def _entry(
+    conn: sa.Connection,
+    account_id: str,
+    kind: str,
+    available_delta: int,
+    held_delta: int,
+    hold_id: str | None = None,
+    request_id: str = "",
+    note: str = "",
+) -> None:
+    conn.execute(
+        _INSERT_ENTRY,
+        {
+            "account_id": account_id,
+            "kind": kind,
+            "available": available_delta,
+            "held": held_delta,
+            "hold_id": hold_id,
+            "request_id": request_id[:128],
+            "note": note[:500],
+            "now": int(time.time()),
+        },
+    )
+
+
+def _get_account(conn: sa.Connection, account_id: str) -> Account:
+    row = conn.execute(accounts.select().where(accounts.c.id == account_id)).first()
+    if row is None:
+        raise errors.NotFound(f"No account '{account_id}'.")
+    return Account(row.id, row.name, row.available_micros, row.held_micros, row.created_at)
+
+
+def _get_key(conn: sa.Connection, key_id: str) -> ApiKey:
+    row = conn.execute(api_keys.select().where(api_keys.c.id == key_id)).first()
+    if row is None:
+        raise errors.NotFound(f"No API key '{key_id}'.")
+    return _key(row)
+
+
+def _key_is_active(conn: sa.Connection, key_id: str) -> bool:
+    row = conn.execute(
+        sa.select(api_keys.c.id).where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+    ).first()
+    return row is not None
 
 
 def _key(row: Any) -> ApiKey:

@@ -69,6 +69,8 @@ PACKAGES = (
 TARGET_FLOOR_RPS_SHARE = 0.20
 TARGET_P50_ADDED_MS = 1.0
 TARGET_MEMORY_X_RESPONSE = 3.0
+# Cores used by other processes during a run above which its figures are flagged as noisy.
+NOISY_OTHER_CORES = 0.25
 
 
 class BenchError(RuntimeError):
@@ -1082,6 +1084,13 @@ def report(results: Sequence[CaseResult]) -> list[str]:
             for r in results
         ],
     )
+    for r in results:
+        noisy = max(r.load.other_cores, r.floor_load.other_cores)
+        if noisy > NOISY_OTHER_CORES:
+            lines.append(
+                f"NOTE case {r.case.number}: other processes used up to {noisy:.2f} cores "
+                "during its runs; its figures are noisy (rerun on a quiet machine)"
+            )
     lines += ["", "Targets (reported, not enforced; billing exactness is enforced)"]
     for v in verdicts(results):
         lines.append(f"  {'PASS' if v.passed else 'FAIL'}  case {v.case}: {v.target}: {v.detail}")
@@ -1344,30 +1353,26 @@ def run(
     print(flush=True)
     root = Path(tempfile.mkdtemp(prefix="imagegen-bench-"))
     results: list[CaseResult] = []
+    failed = True
     try:
         for case in cases:
             results.append(
                 run_case(case, wrk, root / f"case{case.number}", seconds, warmup, threads)
             )
-        profile_lines: list[str] = []
+        print("\n".join(report(results)), flush=True)
+        if json_path is not None:
+            json_path.write_text(json.dumps(results_json(results, header), indent=2) + "\n")
         if profile_dir is not None:
             case = selected_cases(os.environ.get("BENCH_PROFILE_CASE") or "2")[0]
-            profile_lines = profile_case(
-                case, wrk, root / "profile", seconds, warmup, threads, profile_dir
-            )
+            lines = profile_case(case, wrk, root / "profile", seconds, warmup, threads, profile_dir)
+            print("\n" + "\n".join(lines), flush=True)
+        failed = False
     finally:
-        if keep:
-            log(f"kept the working directory {root}")
+        if keep or failed:
+            log(f"kept the working directory (configs, logs): {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
-    print("\n".join(report(results)))
-    if profile_lines:
-        print()
-        print("\n".join(profile_lines))
-    if json_path is not None:
-        json_path.write_text(json.dumps(results_json(results, header), indent=2) + "\n")
-    billing_ok = all(r.billing.exact for r in results)
-    if not billing_ok:
+    if not all(r.billing.exact for r in results):
         print("\nbench: billing was NOT exact; see above", file=sys.stderr)
         return 1
     return 0

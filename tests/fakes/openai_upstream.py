@@ -16,6 +16,16 @@ OpenAI mode (the default) routes:
   ``api_key`` is None), records the request in ``fake.requests`` and answers with the next
   scripted behaviour, or with ``default`` (a normal answer) once the script is used up.
 * ``GET /files/<id>`` serves images handed out by ``url``-style answers.
+* ``POST /v1/images/edits`` and ``POST /v1/images/variations`` take multipart forms and check
+  them as OpenAI does (dall-e-2: one square PNG under 4 MB, variations only for dall-e-2;
+  gpt-image: up to 16 png/jpeg/webp images as ``image`` or ``image[]``; a ``mask`` must be
+  a PNG with alpha of the first image's size). The recorded body is then a ``Form``
+  (``fields`` by name, ``files`` by name as ``FilePart`` lists).
+
+A gpt-image request with ``stream: true`` is answered with server-sent events: per image
+``partial_images`` ``*.partial_image`` events, then ``*.completed`` with ``usage``
+(``image_generation.*`` or ``image_edit.*``). ``stream_cut(after_events=k)`` drops the
+connection after k events; ``stream_error(after_events=k)`` sends an ``error`` event after k.
 
 Azure mode (``azure_deployments={"deployment name": "model id", ...}``; ``base_url`` is then the
 resource endpoint) routes ``POST /openai/deployments/<deployment>/images/generations`` and
@@ -36,15 +46,19 @@ Behaviours are ``Behaviour`` values, built with the factory functions below (``o
 ``url``, ``filtered``, ``truncated``, ``garbage``, ``wrong_content_type``, ``http_error``,
 ``server_error``, ``service_unavailable``, ``rate_limited``, ``content_policy_violation``,
 ``moderation_blocked``, ``invalid_value``, ``refusal_in_200``, ``azure_content_policy_violation``,
-``azure_rate_limited``, ``raw``). ``script`` also takes these names as plain strings, with
-default arguments (``"slow"`` waits 2 s). A request refused for its address, version or key
-answers without using up a scripted behaviour.
+``azure_rate_limited``, ``raw``, ``stream_cut``, ``stream_error``). ``script`` also takes
+these names as plain strings, with default arguments (``"slow"`` waits 2 s). A request refused
+for its address, version or key answers without using up a scripted behaviour.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
+import email.parser
+import email.policy
 import functools
+import io
 import time
 import uuid
 from collections.abc import Callable, Collection, Mapping
@@ -54,6 +68,7 @@ from typing import Any, Literal
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
+from PIL import Image
 
 from tests.fakes.loopback import LoopbackServer, RecordedRequest, image_bytes
 
@@ -77,12 +92,14 @@ __all__ = [
     "server_error",
     "service_unavailable",
     "slow",
+    "stream_cut",
+    "stream_error",
     "truncated",
     "url",
     "wrong_content_type",
 ]
 
-BehaviourKind = Literal["ok", "url", "truncated", "error", "raw"]
+BehaviourKind = Literal["ok", "url", "truncated", "error", "raw", "stream_cut", "stream_error"]
 
 # Large enough for every size the real APIs accept, small enough that a typo in a test cannot
 # make the fake allocate gigabytes.
@@ -124,6 +141,8 @@ class Behaviour:
     content_type: str = "application/json"
     usage: Mapping[str, Any] | None = None
     filtered: int = 0
+    # stream_cut / stream_error: server-sent events written before the stream breaks.
+    after_events: int = 0
 
 
 def ok(*, usage: Mapping[str, Any] | None = None, delay: float = 0.0) -> Behaviour:
@@ -147,6 +166,16 @@ def filtered(count: int) -> Behaviour:
 
 def truncated() -> Behaviour:
     return Behaviour(kind="truncated")
+
+
+def stream_cut(after_events: int) -> Behaviour:
+    """A streamed answer whose connection drops after ``after_events`` events."""
+    return Behaviour(kind="stream_cut", after_events=after_events)
+
+
+def stream_error(after_events: int) -> Behaviour:
+    """A streamed answer that sends ``after_events`` events, then an ``error`` event."""
+    return Behaviour(kind="stream_error", after_events=after_events)
 
 
 def raw(
@@ -440,6 +469,8 @@ class FakeOpenAIUpstream(LoopbackServer[Behaviour]):
             )
         else:
             app.router.add_post("/v1/images/generations", self._openai_generations)
+            app.router.add_post("/v1/images/edits", self._openai_edits)
+            app.router.add_post("/v1/images/variations", self._openai_variations)
         app.router.add_get("/files/{name}", self._file)
         # Last, so it catches only what nothing above matched.
         app.router.add_route("*", "/{tail:.*}", self._no_route)
@@ -462,7 +493,48 @@ class FakeOpenAIUpstream(LoopbackServer[Behaviour]):
                 "https://platform.openai.com/account/api-keys.",
                 code="invalid_api_key",
             )
-        return await self._answer(seen.body, model=None)
+        return await self._answer(seen.body, model=None, request=request)
+
+    def _unauthorized(self, seen: RecordedRequest) -> web.Response | None:
+        if self.api_key is None or seen.headers.get("Authorization") == f"Bearer {self.api_key}":
+            return None
+        return _error_response(
+            401,
+            "Incorrect API key provided. You can find your API key at "
+            "https://platform.openai.com/account/api-keys.",
+            code="invalid_api_key",
+        )
+
+    async def _record_form(self, request: web.Request) -> tuple[RecordedRequest, Form | None]:
+        """Records the request with its parsed multipart form as the body."""
+        seen = await self.record(request)
+        form = _parse_form(request.headers.get("Content-Type", ""), seen.body)
+        if form is not None:
+            seen = dataclasses.replace(seen, body=form)
+            self.requests[-1] = seen
+        return seen, form
+
+    async def _openai_edits(self, request: web.Request) -> web.StreamResponse:
+        seen, form = await self._record_form(request)
+        if (denied := self._unauthorized(seen)) is not None:
+            return denied
+        if form is None:
+            return _error_response(400, "The request must be multipart/form-data.")
+        body, rejection = _edit_body(form)
+        if rejection is not None:
+            return rejection
+        return await self._answer(body, model=None, request=request, prefix="image_edit")
+
+    async def _openai_variations(self, request: web.Request) -> web.StreamResponse:
+        seen, form = await self._record_form(request)
+        if (denied := self._unauthorized(seen)) is not None:
+            return denied
+        if form is None:
+            return _error_response(400, "The request must be multipart/form-data.")
+        body, rejection = _variation_body(form)
+        if rejection is not None:
+            return rejection
+        return await self._answer(body, model=None, request=request)
 
     async def _azure_generations(self, request: web.Request) -> web.StreamResponse:
         seen = await self.record(request)
@@ -488,9 +560,16 @@ class FakeOpenAIUpstream(LoopbackServer[Behaviour]):
                 "The API deployment for this resource does not exist. If you created the "
                 "deployment within the last 5 minutes, please wait a moment and try again.",
             )
-        return await self._answer(seen.body, model=model)
+        return await self._answer(seen.body, model=model, request=request)
 
-    async def _answer(self, body: Any, *, model: str | None) -> web.StreamResponse:
+    async def _answer(
+        self,
+        body: Any,
+        *,
+        model: str | None,
+        request: web.Request,
+        prefix: str = "image_generation",
+    ) -> web.StreamResponse:
         if not isinstance(body, dict):
             return _error_response(
                 400,
@@ -519,7 +598,72 @@ class FakeOpenAIUpstream(LoopbackServer[Behaviour]):
                 body=behaviour.body,
                 headers={"Content-Type": behaviour.content_type, **behaviour.headers},
             )
+        if body.get("stream") is True:
+            return await self._stream_answer(request, body, behaviour, prefix)
         return self._images_answer(body, behaviour, family=_family(model))
+
+    async def _stream_answer(
+        self, request: web.Request, body: dict[str, Any], behaviour: Behaviour, prefix: str
+    ) -> web.StreamResponse:
+        """gpt-image's server-sent events: per image its partials, then its completed event."""
+        n: int = body.get("n", 1)
+        size = body.get("size", "1024x1024")
+        parsed = _parse_size(size)
+        assert parsed is not None, "validated by _request_error"
+        output_format = body.get("output_format", "png")
+        quality = body.get("quality", "auto")
+        partials: int = body.get("partial_images", 0)
+        settings = {
+            "size": size,
+            "quality": quality,
+            "background": body.get("background", "auto"),
+            "output_format": output_format,
+        }
+        b64 = base64.b64encode(_image(*parsed, output_format)).decode("ascii")
+        usage = _gpt_image_usage(body.get("prompt"), quality, parsed, 1)
+        events: list[dict[str, Any]] = []
+        for _ in range(n):
+            for k in range(partials):
+                events.append(
+                    {
+                        "type": f"{prefix}.partial_image",
+                        "b64_json": b64,
+                        "created_at": int(time.time()),
+                        "partial_image_index": k,
+                        **settings,
+                    }
+                )
+            events.append(
+                {
+                    "type": f"{prefix}.completed",
+                    "b64_json": b64,
+                    "created_at": int(time.time()),
+                    "usage": usage,
+                    **settings,
+                }
+            )
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        breaks = behaviour.kind in ("stream_cut", "stream_error")
+        for i, event in enumerate(events):
+            if breaks and i >= behaviour.after_events:
+                break
+            await response.write(_sse(event))
+        if behaviour.kind == "stream_error":
+            error = {
+                "type": "server_error",
+                "code": "server_error",
+                "message": "The server had an error while processing your request.",
+                "param": None,
+            }
+            await response.write(_sse({"type": "error", "error": error}))
+        elif behaviour.kind == "stream_cut":
+            # The connection drops mid-answer: no terminating chunk ever comes.
+            assert request.transport is not None
+            request.transport.close()
+            return response
+        await response.write_eof()
+        return response
 
     def _request_error(self, family: str | None, body: dict[str, Any]) -> web.Response | None:
         """The real 400 for a body this model does not take, else None."""
@@ -536,7 +680,46 @@ class FakeOpenAIUpstream(LoopbackServer[Behaviour]):
             output_format = body.get("output_format", "png")
             if output_format not in formats:
                 return _not_supported(output_format, "output_format", formats)
-        elif family == "dall-e-3":
+            background = body.get("background", "auto")
+            if background not in ("transparent", "opaque", "auto"):
+                return _not_supported(background, "background", ("transparent", "opaque", "auto"))
+            if background == "transparent" and output_format == "jpeg":
+                return _error_response(
+                    400,
+                    "Transparent background is not supported for jpeg output format.",
+                    code="invalid_value",
+                    param="background",
+                )
+            compression = body.get("output_compression")
+            if compression is not None and not (
+                isinstance(compression, int) and 0 <= compression <= 100
+            ):
+                return _error_response(
+                    400,
+                    "Invalid output_compression.",
+                    code="invalid_value",
+                    param="output_compression",
+                )
+            moderation = body.get("moderation", "auto")
+            if moderation not in ("low", "auto"):
+                return _not_supported(moderation, "moderation", ("low", "auto"))
+            partials = body.get("partial_images", 0)
+            if not (isinstance(partials, int) and 0 <= partials <= 3):
+                return _error_response(
+                    400, "Invalid partial_images.", code="invalid_value", param="partial_images"
+                )
+        else:
+            for name in (
+                "stream",
+                "partial_images",
+                "background",
+                "output_compression",
+                "moderation",
+                "output_format",
+            ):
+                if name in body:
+                    return _unknown_parameter(name)
+        if family == "dall-e-3":
             if body.get("n", 1) != 1:
                 return _error_response(400, "You must provide n=1 for this model.")
             if size not in _DALL_E_3_SIZES:
@@ -677,3 +860,144 @@ def _parse_size(size: Any) -> tuple[int, int] | None:
     if not (1 <= w <= _MAX_SIDE and 1 <= h <= _MAX_SIDE):
         return None
     return w, h
+
+
+# -- edits, variations, streams ---------------------------------------------------------
+
+_FOUR_MB = 4 * 1024 * 1024
+_FIFTY_MB = 50 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class FilePart:
+    filename: str
+    content_type: str
+    data: bytes
+
+
+@dataclass
+class Form:
+    """A recorded multipart body: text fields and files, each by name in arrival order."""
+
+    fields: dict[str, str] = field(default_factory=dict)
+    files: dict[str, list[FilePart]] = field(default_factory=dict)
+
+
+def _parse_form(content_type: str, raw: Any) -> Form | None:
+    if not content_type.startswith("multipart/form-data") or not isinstance(raw, bytes):
+        return None
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw
+    )
+    if not message.is_multipart():
+        return None
+    form = Form()
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not isinstance(name, str):
+            continue
+        payload = part.get_payload(decode=True)
+        data = payload if isinstance(payload, bytes) else b""
+        filename = part.get_filename()
+        if filename is None:
+            form.fields[name] = data.decode("utf-8")
+        else:
+            form.files.setdefault(name, []).append(
+                FilePart(filename, part.get_content_type(), data)
+            )
+    return form
+
+
+def _image_info(data: bytes) -> tuple[str, int, int, str] | None:
+    """(format, width, height, mode) of an uploaded image, or None."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.format or "", image.width, image.height, image.mode
+    except Exception:
+        return None
+
+
+def _invalid_image(message: str, param: str = "image") -> web.Response:
+    return _error_response(400, message, code="invalid_image", param=param)
+
+
+def _edit_body(form: Form) -> tuple[dict[str, Any], web.Response | None]:
+    """An edit form as the JSON body the shared checks and answers read, or the real 400."""
+    fields = form.fields
+    model = fields.get("model", "dall-e-2")
+    family = _family(model)
+    images = form.files.get("image", []) + form.files.get("image[]", [])
+    if family == "dall-e-3" or family is None:
+        return {}, _error_response(400, f"Image edits are not supported by {model}.", param="model")
+    if not fields.get("prompt"):
+        return {}, _error_response(400, "Missing required parameter: 'prompt'.", param="prompt")
+    if not images:
+        return {}, _error_response(400, "Missing required parameter: 'image'.", param="image")
+    limit = 1 if family == "dall-e-2" else 16
+    if len(images) > limit:
+        return {}, _invalid_image(f"At most {limit} images are accepted.")
+    first: tuple[str, int, int, str] | None = None
+    for part in images:
+        info = _image_info(part.data)
+        if family == "dall-e-2":
+            if info is None or info[0] != "PNG" or len(part.data) >= _FOUR_MB:
+                return {}, _invalid_image("Invalid input image - must be a PNG less than 4 MB.")
+            if info[1] != info[2]:
+                return {}, _invalid_image("Invalid input image - image must be square.")
+        elif info is None or info[0] not in ("PNG", "JPEG", "WEBP") or len(part.data) >= _FIFTY_MB:
+            return {}, _invalid_image("Invalid input image - must be png, jpeg or webp < 50 MB.")
+        first = first or info
+    masks = form.files.get("mask", [])
+    if masks:
+        info = _image_info(masks[0].data)
+        if info is None or info[0] != "PNG" or "A" not in info[3]:
+            return {}, _invalid_image("Invalid mask - must be a PNG with an alpha channel.", "mask")
+        assert first is not None
+        if info[1:3] != first[1:3]:
+            return {}, _invalid_image("Invalid mask - must be the size of the image.", "mask")
+    body: dict[str, Any] = {"model": model, "prompt": fields["prompt"]}
+    for name, value in fields.items():
+        if name in ("model", "prompt"):
+            continue
+        if name in ("n", "output_compression", "partial_images"):
+            try:
+                body[name] = int(value)
+            except ValueError:
+                return {}, _error_response(
+                    400, f"Invalid {name}.", code="invalid_value", param=name
+                )
+        elif name == "stream":
+            body[name] = value == "true"
+        else:
+            body[name] = value
+    return body, None
+
+
+def _variation_body(form: Form) -> tuple[dict[str, Any], web.Response | None]:
+    fields = form.fields
+    model = fields.get("model", "dall-e-2")
+    if _family(model) != "dall-e-2":
+        return {}, _error_response(400, f"Variations are not supported by {model}.", param="model")
+    images = form.files.get("image", [])
+    if len(images) != 1:
+        return {}, _error_response(400, "Missing required parameter: 'image'.", param="image")
+    info = _image_info(images[0].data)
+    if info is None or info[0] != "PNG" or len(images[0].data) >= _FOUR_MB or info[1] != info[2]:
+        return {}, _invalid_image("Invalid input image - must be a square PNG less than 4 MB.")
+    for name in ("prompt", "mask", "quality", "style"):
+        if name in fields:
+            return {}, _unknown_parameter(name)
+    body: dict[str, Any] = {"model": model}
+    for name, value in fields.items():
+        if name == "n":
+            try:
+                body["n"] = int(value)
+            except ValueError:
+                return {}, _error_response(400, "Invalid n.", code="invalid_value", param="n")
+        elif name != "model":
+            body[name] = value
+    return body, None
+
+
+def _sse(event: Mapping[str, Any]) -> bytes:
+    return f"event: {event['type']}\ndata: ".encode() + orjson.dumps(event) + b"\n\n"
