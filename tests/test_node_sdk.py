@@ -2,10 +2,11 @@
 stream and edit through the real stack, and must see OpenAI's error shapes.
 
 The package is pinned in ``tests/node/package.json`` and ``package-lock.json``; the module
-fixture installs it with ``npm ci`` when ``tests/node/node_modules`` is missing or older than
-the lock file. Each test runs a small script from ``tests/node`` with ``node``, passing the
-gateway's base URL, the API key and the request parameters in environment variables; the
-script prints JSON and the assertions (image sizes, pixels, money) are made here.
+fixture installs it with ``npm ci`` when ``tests/node/node_modules`` is missing or was
+installed from other manifests. Each test runs a small script from ``tests/node`` with
+``node``, passing the gateway's base URL, the API key and the request parameters in
+environment variables; the script prints JSON and the assertions (image sizes, pixels,
+money) are made here.
 
 Without ``node``/``npm`` the tests skip on a laptop and fail in CI (``CI=true``).
 """
@@ -29,7 +30,8 @@ import pytest
 from PIL import Image, ImageChops, ImageStat
 
 from tests.conftest import LOCAL_DEFAULT, Stack, image_size
-from tests.images_stack import LOCAL_IMAGE, ImagesStack
+from tests.fakes.openai_upstream import FakeOpenAIUpstream, stream_error
+from tests.images_stack import FAKE_GPT_IMAGE, LOCAL_IMAGE, ImagesStack
 from tests.services import IN_CI
 from tests.stack import Stack as BaseStack
 
@@ -70,6 +72,37 @@ def _manifest_digest() -> str:
     return digest.hexdigest()
 
 
+class _InstallFailed(Exception):
+    pass
+
+
+def _install(npm: str) -> None:
+    """Runs `npm ci` in tests/node unless node_modules was installed from these manifests."""
+    wanted = _manifest_digest()
+    if STAMP.is_file() and STAMP.read_text() == wanted:
+        return
+    try:
+        done = subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund"],
+            cwd=NODE_DIR,
+            capture_output=True,
+            text=True,
+            timeout=NPM_CI_TIMEOUT,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise _InstallFailed(f"`npm ci` in {NODE_DIR} took over {exc.timeout} s") from None
+    if done.returncode != 0:
+        raise _InstallFailed(
+            f"`npm ci` in {NODE_DIR} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+        )
+    STAMP.write_text(wanted)
+
+
+# `npm ci` is tried once per session: after a failure every test here fails with its output.
+_install_failure: list[str] = []
+
+
 @pytest.fixture(scope="module")
 def node_sdk() -> NodeSDK:
     node, npm = shutil.which("node"), shutil.which("npm")
@@ -81,24 +114,13 @@ def node_sdk() -> NodeSDK:
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
-    wanted = _manifest_digest()
-    if not STAMP.is_file() or STAMP.read_text() != wanted:
+    if not _install_failure:
         try:
-            done = subprocess.run(
-                [npm, "ci", "--no-audit", "--no-fund"],
-                cwd=NODE_DIR,
-                capture_output=True,
-                text=True,
-                timeout=NPM_CI_TIMEOUT,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as exc:
-            pytest.fail(f"`npm ci` in {NODE_DIR} took over {exc.timeout} s")
-        if done.returncode != 0:
-            pytest.fail(
-                f"`npm ci` in {NODE_DIR} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
-            )
-        STAMP.write_text(wanted)
+            _install(npm)
+        except _InstallFailed as exc:
+            _install_failure.append(str(exc))
+    if _install_failure:
+        pytest.fail(_install_failure[0])
     pinned = json.loads((NODE_DIR / "package.json").read_text())["dependencies"]["openai"]
     installed = json.loads((MODULES / "openai" / "package.json").read_text())["version"]
     assert installed == pinned, f"node_modules has openai {installed}, package.json pins {pinned}"
@@ -238,6 +260,7 @@ async def test_stream_yields_partials_then_the_completed_image(
             "partial_images": 2,
         },
     )
+    assert out["error"] is None
     events = out["events"]
     assert [e["type"] for e in events] == [
         "image_generation.partial_image",
@@ -267,6 +290,45 @@ async def test_stream_yields_partials_then_the_completed_image(
     assert len({e["b64_json"] for e in events}) == 3
     await images_stack.assert_balance(account_id, OPENING - LOCAL_IMAGE)
     assert await _ledger_kinds(images_stack, account_id) == ["credit", "hold", "capture"]
+
+
+async def test_an_error_event_midway_throws_after_the_delivered_events(
+    images_stack: ImagesStack, images_fake: FakeOpenAIUpstream, node_sdk: NodeSDK
+) -> None:
+    account_id, key, _ = await images_stack.new_account(OPENING)
+    # Image 0's partial and completed events, then the upstream sends an error event.
+    images_fake.script(stream_error(after_events=2))
+    out = await run_node(
+        node_sdk,
+        "stream.mjs",
+        images_stack,
+        key,
+        {
+            "model": "fake-gpt-image",
+            "prompt": "a glass fox",
+            "size": "1024x1024",
+            "n": 2,
+            "partial_images": 1,
+        },
+    )
+    assert [e["type"] for e in out["events"]] == [
+        "image_generation.partial_image",
+        "image_generation.completed",
+    ]
+    assert image_size(base64.b64decode(out["events"][1]["b64_json"])) == (1024, 1024)
+    error = out["error"]
+    assert error is not None
+    assert error["isAPIError"], error
+    assert (error["code"], error["type"]) == ("upstream_error", "api_error"), error
+    assert set(error["error"]) == _ERROR_FIELDS, error
+    # The delivered image is charged, the other one's share of the hold goes back.
+    await images_stack.assert_balance(account_id, OPENING - FAKE_GPT_IMAGE)
+    assert await _ledger_kinds(images_stack, account_id) == [
+        "credit",
+        "hold",
+        "capture",
+        "release",
+    ]
 
 
 # -- edit --------------------------------------------------------------------------------
@@ -330,9 +392,7 @@ async def test_errors_reach_the_sdk_in_openai_shape(stack: Stack, node_sdk: Node
         {"name": "bad_size", "params": {**sketch, "size": "13x13"}},
         {"name": "poor", "apiKey": poor_key, "params": sketch},
     ]
-    results = await run_node(
-        node_sdk, "errors.mjs", stack, key, IMAGEGEN_CASES=json.dumps(cases)
-    )
+    results = await run_node(node_sdk, "errors.mjs", stack, key, IMAGEGEN_CASES=json.dumps(cases))
     bad_key = results["bad_key"]
     _assert_openai_error(
         bad_key, 401, "AuthenticationError", "invalid_api_key", "invalid_request_error"
@@ -343,7 +403,9 @@ async def test_errors_reach_the_sdk_in_openai_shape(stack: Stack, node_sdk: Node
             results[name], 400, "BadRequestError", "invalid_value", "invalid_request_error", param
         )
         assert results[name]["isBadRequestError"]
-    _assert_openai_error(results["poor"], 402, "APIError", "insufficient_balance", "insufficient_quota")
+    _assert_openai_error(
+        results["poor"], 402, "APIError", "insufficient_balance", "insufficient_quota"
+    )
     await stack.assert_untouched(account_id, OPENING)
     await stack.assert_untouched(poor_id, LOCAL_DEFAULT - 1)
 
