@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import orjson
+import structlog
 from aiohttp import web
 
 from http_gateway import errors, uploads
@@ -28,6 +29,7 @@ from imagegen_service.gen import images_pb2
 if TYPE_CHECKING:
     from imagegen_service.gen.images_pb2_grpc import ImageGenerationAsyncStub
 
+log = structlog.get_logger("imagegen.gateway")
 CONFIG = web.AppKey("config", GatewayConfig)
 CHANNEL = web.AppKey("channel", grpc.aio.Channel)
 STUB: web.AppKey[ImageGenerationAsyncStub] = web.AppKey("stub")
@@ -219,7 +221,7 @@ ImagesCall = grpc.aio.UnaryStreamCall[Any, images_pb2.GenerateImagesResponse]
 _INCOMPLETE = errors.HttpError(502, "api_error", "upstream_error", True)
 
 
-async def _json_answer(request: web.Request, call: ImagesCall) -> web.Response:
+async def _json_answer(request: web.Request, call: ImagesCall) -> web.StreamResponse:
     """The whole stream gathered into OpenAI's ImagesResponse."""
     config = request.app[CONFIG]
     images: list[images_pb2.GeneratedImage] = []
@@ -235,20 +237,12 @@ async def _json_answer(request: web.Request, call: ImagesCall) -> web.Response:
         return errors.from_grpc_error(exc)
     if summary is None:
         return errors.error_response(_INCOMPLETE, "The generation did not complete.")
+    images.sort(key=lambda i: i.index)
     base_url = config.public_base_url or str(request.url.origin())
-    data = []
-    for image in sorted(images, key=lambda i: i.index):
-        item: dict[str, str] = {}
-        if image.url:
-            item["url"] = base_url + image.url if image.url.startswith("/") else image.url
-        else:
-            item["b64_json"] = base64.b64encode(image.data).decode("ascii")
-        item["revised_prompt"] = image.revised_prompt
-        data.append(item)
-    answer: dict[str, Any] = {"created": summary.created, "data": data}
+    rest: dict[str, Any] = {}
     if summary.output_format:
         # gpt-image models echo the settings the images were made with.
-        answer.update(
+        rest.update(
             background=summary.background,
             output_format=summary.output_format,
             quality=summary.quality,
@@ -261,9 +255,61 @@ async def _json_answer(request: web.Request, call: ImagesCall) -> web.Response:
     }
     if summary.output_format or summary.usage.total_tokens:
         usage.update(_openai_usage(summary.usage))
-    answer["usage"] = usage
-    response = _json(answer)
-    response.headers.update(headers)
+    rest["usage"] = usage
+    return await _write_images_response(request, summary.created, images, base_url, rest, headers)
+
+
+# Base64 is written in pieces of this many raw bytes (a multiple of 3, so pieces join up).
+_B64_PIECE = 3 * 64 * 1024
+
+
+async def _write_images_response(
+    request: web.Request,
+    created: int,
+    images: list[images_pb2.GeneratedImage],
+    base_url: str,
+    rest: dict[str, Any],
+    headers: dict[str, str],
+) -> web.StreamResponse:
+    """Writes ``{"created", "data": [...], **rest}`` without ever holding the whole JSON:
+    each image is base64-encoded piece by piece straight into the socket and dropped once
+    written, so a request holds about one copy of its images instead of four."""
+    head = b'{"created":' + str(created).encode() + b',"data":['
+    tail = b"]," + orjson.dumps(rest)[1:] if rest else b"]}"
+    parts: list[tuple[bytes, memoryview | None, bytes]] = []
+    for i, image in enumerate(images):
+        revised = b',"revised_prompt":' + orjson.dumps(image.revised_prompt) + b"}"
+        sep = b"," if i else b""
+        if image.url:
+            url = base_url + image.url if image.url.startswith("/") else image.url
+            parts.append((sep + b'{"url":' + orjson.dumps(url) + revised, None, b""))
+        else:
+            parts.append((sep + b'{"b64_json":"', memoryview(image.data), b'"' + revised))
+    length = len(head) + len(tail)
+    for before, data, after in parts:
+        length += len(before) + len(after) + (0 if data is None else 4 * -(-len(data) // 3))
+    response = web.StreamResponse(
+        headers={**headers, "Content-Type": "application/json", "x-request-id": request[REQUEST_ID]}
+    )
+    response.content_length = length
+    # The parts now hold the only references to the image bytes: each goes once written.
+    images.clear()
+    try:
+        await response.prepare(request)
+        await response.write(head)
+        for i, (before, data, after) in enumerate(parts):
+            await response.write(before)
+            if data is not None:
+                for start in range(0, len(data), _B64_PIECE):
+                    await response.write(base64.b64encode(data[start : start + _B64_PIECE]))
+                parts[i] = (b"", None, b"")
+            await response.write(after)
+        await response.write(tail)
+        await response.write_eof()
+    except ConnectionResetError:
+        # The client left while its (already charged) images were on their way: the 200
+        # stands as sent; there is nobody left to answer.
+        log.info("http.client_gone", request_id=request[REQUEST_ID])
     return response
 
 
