@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import base64
+import io
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
+from PIL import Image
 
 from imagegen_service.config import ProviderConfig
 from imagegen_service.errors import ContentPolicy, ImagegenError, InvalidParameter, UpstreamError
-from imagegen_service.providers.base import ProviderRequest
+from imagegen_service.providers.base import InputImage, ProviderRequest
 from imagegen_service.providers.openai_compat import (
     AZURE_API_VERSION,
     AZURE_GPT_IMAGE_API_VERSION,
@@ -23,6 +25,7 @@ from tests.fakes.loopback import free_port, image_bytes
 from tests.fakes.openai_upstream import (
     Behaviour,
     FakeOpenAIUpstream,
+    Form,
     azure_content_policy_violation,
     azure_rate_limited,
     filtered,
@@ -476,3 +479,115 @@ async def test_the_fake_answers_wrong_addresses_and_keys_as_azure_does(
         answer = await resp.json()
     assert resp.status == status
     assert answer["error"]["code"] == code
+
+
+# -- edits -------------------------------------------------------------------------------
+
+
+def png_input(width: int = 1024, height: int = 1024) -> InputImage:
+    return InputImage(image_bytes(width, height), "png", width, height)
+
+
+def alpha_mask(width: int = 1024, height: int = 1024) -> InputImage:
+    buffer = io.BytesIO()
+    Image.new("RGBA", (width, height), (0, 0, 0, 0)).save(buffer, "PNG")
+    return InputImage(buffer.getvalue(), "png", width, height, has_alpha=True)
+
+
+async def test_an_edit_posts_the_multipart_form_to_the_deployments_edits_route(
+    fake: FakeOpenAIUpstream, provider: AzureOpenAIProvider
+) -> None:
+    image, mask = png_input(), alpha_mask()
+    result = await provider.edit(
+        make_request(
+            prompt="add a red door",
+            n=2,
+            quality="hd",
+            request_id="req-e",
+            images=(image,),
+            mask=mask,
+        )
+    )
+
+    assert [(i.width, i.height) for i in result.images] == [(1024, 1024)] * 2
+    assert fake.hits == 1
+    seen = fake.requests[0]
+    assert seen.path == "/openai/deployments/gpt-image-1/images/edits"
+    assert seen.query == {"api-version": AZURE_GPT_IMAGE_API_VERSION}
+    assert seen.headers["api-key"] == AZURE_KEY
+    assert "Authorization" not in seen.headers
+    assert seen.headers["X-Request-ID"] == "req-e"
+    form = seen.body
+    assert isinstance(form, Form)
+    # No model: the deployment decides.
+    assert form.fields == {
+        "prompt": "add a red door",
+        "n": "2",
+        "size": "1024x1024",
+        "quality": "high",
+    }
+    assert [p.data for p in form.files["image"]] == [image.data]
+    assert [p.data for p in form.files["mask"]] == [mask.data]
+
+
+async def test_an_edit_of_several_images_sends_the_array_form(fake: FakeOpenAIUpstream) -> None:
+    images = (png_input(), png_input(512, 512))
+    adapter = azure(fake, deployment="painter", deployment_model="gpt-image-1")
+    try:
+        result = await adapter.edit(make_request(upstream_model="anything", images=images))
+    finally:
+        await adapter.aclose()
+
+    assert len(result.images) == 1
+    seen = fake.requests[0]
+    assert seen.path == "/openai/deployments/painter/images/edits"
+    assert isinstance(seen.body, Form)
+    assert [p.data for p in seen.body.files["image[]"]] == [i.data for i in images]
+
+
+async def test_an_edit_refusal_is_a_content_policy_error(
+    fake: FakeOpenAIUpstream, provider: AzureOpenAIProvider
+) -> None:
+    fake.script(azure_content_policy_violation())
+
+    with pytest.raises(ContentPolicy):
+        await provider.edit(make_request(images=(png_input(),)))
+
+
+async def test_an_edit_the_deployment_rejects_is_invalid_parameter(
+    fake: FakeOpenAIUpstream, provider: AzureOpenAIProvider
+) -> None:
+    # dall-e-3 deployments have no edits: Azure answers 400 naming the model.
+    with pytest.raises(InvalidParameter) as raised:
+        await provider.edit(make_request(upstream_model="team-dalle", images=(png_input(),)))
+    assert raised.value.param == "model"
+    assert fake.requests[0].path == "/openai/deployments/team-dalle/images/edits"
+
+
+async def test_an_edit_with_a_mask_of_another_size_is_invalid_parameter(
+    provider: AzureOpenAIProvider,
+) -> None:
+    with pytest.raises(InvalidParameter) as raised:
+        await provider.edit(make_request(images=(png_input(),), mask=alpha_mask(512, 512)))
+    assert raised.value.param == "mask"
+
+
+async def test_an_edit_server_error_is_an_upstream_error(
+    fake: FakeOpenAIUpstream, provider: AzureOpenAIProvider
+) -> None:
+    fake.script(server_error())
+
+    with pytest.raises(UpstreamError) as raised:
+        await provider.edit(make_request(images=(png_input(),)))
+    assert AZURE_KEY not in raised.value.message
+
+
+async def test_an_edit_with_a_wrong_key_is_an_upstream_error(fake: FakeOpenAIUpstream) -> None:
+    adapter = azure(fake, api_key="wrong-key-wrong-key")
+    try:
+        with pytest.raises(UpstreamError) as raised:
+            await adapter.edit(make_request(images=(png_input(),)))
+    finally:
+        await adapter.aclose()
+    assert "wrong-key-wrong-key" not in raised.value.message
+    assert fake.requests[0].path == "/openai/deployments/gpt-image-1/images/edits"

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import time
 from collections.abc import AsyncIterator
 
 import aiohttp
 import orjson
 import pytest
+from PIL import Image
 
 from imagegen_service.config import ConfigError, ProviderConfig
 from imagegen_service.errors import (
@@ -16,7 +19,7 @@ from imagegen_service.errors import (
     InvalidParameter,
     UpstreamError,
 )
-from imagegen_service.providers.base import ProviderRequest
+from imagegen_service.providers.base import InputImage, ProviderRequest
 from imagegen_service.providers.bfl import BFL_BASE_URL, BflProvider, from_config, pixel_size_for
 from tests.fakes.bfl_upstream import (
     Behaviour,
@@ -34,7 +37,7 @@ from tests.fakes.bfl_upstream import (
     slow,
     validation_error,
 )
-from tests.fakes.loopback import free_port
+from tests.fakes.loopback import free_port, image_bytes
 
 API_KEY = "bfl-test-key-7f3a"
 POLL = 0.01
@@ -570,6 +573,259 @@ async def test_the_fake_rejects_fields_the_real_schema_does_not_have(
         assert resp.status == 422
         problems = (await resp.json())["detail"]
     assert {tuple(p["loc"]) for p in problems} == {("body", "size"), ("body", "width")}
+
+
+# -- edits (Kontext) ---------------------------------------------------------------------------
+
+
+def input_image(width: int = 1536, height: int = 1024, fmt: str = "PNG") -> InputImage:
+    return InputImage(
+        data=image_bytes(width, height, fmt), format=fmt.lower(), width=width, height=height
+    )
+
+
+def edit_request(**overrides: object) -> ProviderRequest:
+    fields: dict[str, object] = {
+        "upstream_model": "flux-kontext-pro",
+        "prompt": "make the sky stormy",
+        "images": (input_image(),),
+    }
+    fields.update(overrides)
+    return make_request(**fields)
+
+
+async def test_an_edit_sends_the_image_as_base64_input_image_and_keeps_its_aspect_ratio(
+    fake: FakeBflUpstream, provider: BflProvider
+) -> None:
+    source = input_image(1536, 1024)
+
+    result = await provider.edit(
+        edit_request(images=(source,), n=2, seed=7, request_id="req-edit-1")
+    )
+
+    assert [submit.path for submit in fake.submits] == ["/v1/flux-kontext-pro"] * 2
+    bodies = sorted((submit.body for submit in fake.submits), key=lambda body: body["seed"])
+    encoded = base64.b64encode(source.data).decode("ascii")
+    assert bodies == [
+        {
+            "prompt": "make the sky stormy",
+            "input_image": encoded,
+            "output_format": "png",
+            "seed": seed,
+        }
+        for seed in (7, 8)
+    ]
+    assert base64.b64decode(bodies[0]["input_image"]) == source.data
+    assert all(submit.headers["X-Request-ID"] == "req-edit-1" for submit in fake.submits)
+    assert all(submit.headers["x-key"] == API_KEY for submit in fake.submits)
+    # About 1 MP in the input's 3:2, at its real size rather than the requested 1024x1024.
+    assert [(i.mime_type, i.width, i.height) for i in result.images] == [
+        ("image/png", 1248, 832),
+        ("image/png", 1248, 832),
+    ]
+    assert len(fake.polls) == 2 and len(fake.downloads) == 2
+
+
+async def test_further_images_go_to_kontexts_reference_fields(
+    fake: FakeBflUpstream, provider: BflProvider
+) -> None:
+    images = (input_image(512, 512), input_image(256, 256, "JPEG"), input_image(256, 512))
+
+    await provider.edit(
+        edit_request(upstream_model="flux-kontext-max", images=images, output_format="jpeg")
+    )
+
+    (submit,) = fake.submits
+    assert submit.path == "/v1/flux-kontext-max"
+    fields = ("input_image", "input_image_2", "input_image_3")
+    assert [base64.b64decode(submit.body[key]) for key in fields] == [i.data for i in images]
+    assert "input_image_4" not in submit.body and "aspect_ratio" not in submit.body
+    assert submit.body["output_format"] == "jpeg"
+
+
+async def test_a_masked_edit_is_refused_by_check_before_any_request(
+    fake: FakeBflUpstream, provider: BflProvider
+) -> None:
+    masked = edit_request(
+        mask=InputImage(
+            data=image_bytes(1536, 1024), format="png", width=1536, height=1024, has_alpha=True
+        )
+    )
+
+    with pytest.raises(InvalidParameter) as raised:
+        provider.check(masked)
+    assert raised.value.param == "mask"
+    assert raised.value.message == "this model edits by instruction and takes no mask"
+    with pytest.raises(InvalidParameter):
+        await provider.edit(masked)
+    assert fake.hits == 0
+
+
+async def test_an_edit_on_a_model_that_cannot_edit_or_with_too_many_images_is_refused(
+    fake: FakeBflUpstream, provider: BflProvider
+) -> None:
+    with pytest.raises(InvalidParameter) as raised:
+        provider.check(edit_request(upstream_model="flux-pro-1.1"))
+    assert raised.value.param == "model"
+    with pytest.raises(InvalidParameter) as raised:
+        provider.check(edit_request(images=(input_image(),) * 5))
+    assert raised.value.param == "image"
+    # An edit is not refused for a size Kontext could not generate: the image sets the shape.
+    provider.check(edit_request(width=4096, height=256))
+    assert fake.hits == 0
+
+
+@pytest.mark.parametrize("behaviour", [moderated("Request Moderated"), "moderation_refusal_400"])
+async def test_a_refused_edit_is_a_content_policy_refusal(
+    fake: FakeBflUpstream, provider: BflProvider, behaviour: Behaviour | str
+) -> None:
+    fake.script(behaviour)
+
+    with pytest.raises(ContentPolicy):
+        await provider.edit(edit_request())
+    assert fake.downloads == []
+
+
+async def test_an_edit_the_upstream_rejects_is_invalid_parameter_on_the_image(
+    fake: FakeBflUpstream, provider: BflProvider
+) -> None:
+    fake.script(validation_error("input_image", "Value error, image too large"))
+
+    with pytest.raises(InvalidParameter) as raised:
+        await provider.edit(edit_request())
+    assert raised.value.param == "image"
+    assert raised.value.message == "input_image: Value error, image too large"
+
+    fake.script(http_error(400, "Invalid input image"))
+    with pytest.raises(InvalidParameter, match="Invalid input image"):
+        await provider.edit(edit_request())
+
+
+@pytest.mark.parametrize("behaviour", [server_error(), service_unavailable(), failed("Error")])
+async def test_an_edit_failing_upstream_is_an_upstream_error(
+    fake: FakeBflUpstream, provider: BflProvider, behaviour: Behaviour
+) -> None:
+    fake.script(behaviour)
+
+    with pytest.raises(UpstreamError) as raised:
+        await provider.edit(edit_request())
+    assert API_KEY not in error_texts(raised.value)
+
+
+async def test_the_fake_rejects_an_edit_with_a_wrong_field_or_an_unreadable_image(
+    fake: FakeBflUpstream,
+) -> None:
+    encoded = base64.b64encode(image_bytes(64, 64)).decode("ascii")
+    async with aiohttp.ClientSession() as session:
+        for body, field in [
+            ({"prompt": "x", "image": encoded}, "image"),
+            ({"prompt": "x", "input_image": "bm90IGFuIGltYWdl"}, "input_image"),
+            ({"prompt": "x", "input_image": encoded, "mask": encoded}, "mask"),
+        ]:
+            async with session.post(
+                f"{fake.origin}/v1/flux-kontext-pro", json=body, headers={"x-key": API_KEY}
+            ) as resp:
+                assert resp.status == 422
+                problems = (await resp.json())["detail"]
+            assert [tuple(p["loc"]) for p in problems] == [("body", field)]
+
+
+# -- masked edits (flux-pro-1.0-fill) ----------------------------------------------------------
+
+HOLE = (64, 32, 192, 96)
+
+
+def openai_mask(size: tuple[int, int] = (256, 128)) -> InputImage:
+    """OpenAI's convention: alpha 0 inside HOLE (edit here), opaque elsewhere."""
+    image = Image.new("RGBA", size, (0, 0, 0, 255))
+    image.paste((0, 0, 0, 0), HOLE)
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return InputImage(
+        data=out.getvalue(), format="png", width=size[0], height=size[1], has_alpha=True
+    )
+
+
+def fill_request(**overrides: object) -> ProviderRequest:
+    fields: dict[str, object] = {
+        "upstream_model": "flux-pro-1.0-fill",
+        "prompt": "a red balloon",
+        "images": (input_image(256, 128),),
+        "mask": openai_mask(),
+    }
+    fields.update(overrides)
+    return make_request(**fields)
+
+
+async def test_a_masked_edit_sends_image_and_a_white_where_to_fill_mask_to_the_fill_model(
+    fake: FakeBflUpstream, provider: BflProvider
+) -> None:
+    request = fill_request(seed=3, request_id="req-fill")
+
+    result = await provider.edit(request)
+
+    (submit,) = fake.submits
+    assert submit.path == "/v1/flux-pro-1.0-fill"
+    assert submit.headers["X-Request-ID"] == "req-fill"
+    assert set(submit.body) == {"prompt", "image", "mask", "output_format", "seed"}
+    assert base64.b64decode(submit.body["image"]) == request.images[0].data
+    with Image.open(io.BytesIO(base64.b64decode(submit.body["mask"]))) as sent:
+        assert (sent.format, sent.mode, sent.size) == ("PNG", "L", (256, 128))
+        assert sent.getpixel((100, 50)) == 255  # inside the hole: fill
+        assert sent.getpixel((10, 10)) == 0 and sent.getpixel((250, 120)) == 0
+        assert sent.getextrema() == (0, 255)
+    (image,) = result.images
+    assert (image.width, image.height) == (256, 128)
+
+
+async def test_a_fill_without_a_mask_uses_the_images_own_transparency(
+    fake: FakeBflUpstream, provider: BflProvider
+) -> None:
+    transparent = openai_mask()
+
+    await provider.edit(fill_request(images=(transparent,), mask=None))
+
+    (submit,) = fake.submits
+    assert "mask" not in submit.body
+    assert base64.b64decode(submit.body["image"]) == transparent.data
+
+
+async def test_the_fill_model_refuses_what_it_cannot_do_before_any_request(
+    fake: FakeBflUpstream, provider: BflProvider
+) -> None:
+    cases = [
+        (fill_request(mask=None), "mask"),
+        (fill_request(images=(input_image(256, 128),) * 2), "image"),
+        (make_request(upstream_model="flux-pro-1.0-fill"), "model"),
+    ]
+    for request, param in cases:
+        with pytest.raises(InvalidParameter) as raised:
+            provider.check(request)
+        assert raised.value.param == param
+    with pytest.raises(InvalidParameter):
+        await provider.generate(make_request(upstream_model="flux-pro-1.0-fill"))
+    assert fake.hits == 0
+
+
+async def test_a_fill_the_upstream_rejects_names_the_mask(
+    fake: FakeBflUpstream, provider: BflProvider
+) -> None:
+    fake.script(validation_error("mask", "Value error, mask and image sizes differ"))
+
+    with pytest.raises(InvalidParameter) as raised:
+        await provider.edit(fill_request())
+    assert raised.value.param == "mask"
+
+
+async def test_a_refused_or_failed_fill_is_content_policy_or_upstream_error(
+    fake: FakeBflUpstream, provider: BflProvider
+) -> None:
+    fake.script(moderated("Content Moderated"), server_error())
+
+    with pytest.raises(ContentPolicy):
+        await provider.edit(fill_request())
+    with pytest.raises(UpstreamError, match="HTTP 500"):
+        await provider.edit(fill_request())
 
 
 # -- configuration ----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import base64
 import time
 from collections.abc import AsyncIterator
 
+import aiohttp
 import orjson
 import pytest
 
@@ -16,18 +17,20 @@ from imagegen_service.errors import (
     InvalidParameter,
     UpstreamError,
 )
-from imagegen_service.providers.base import ProviderRequest
+from imagegen_service.providers.base import InputImage, ProviderRequest
 from imagegen_service.providers.gemini_image import (
     GEMINI_BASE_URL,
     GeminiImageProvider,
     from_config,
 )
 from tests.fakes.gemini_upstream import (
+    INPUT_IMAGE_TOKENS,
     Behaviour,
     FakeGeminiUpstream,
     finish_refusal,
     garbage,
     google_error,
+    input_images,
     invalid_argument,
     ok,
     prompt_blocked,
@@ -680,3 +683,138 @@ def test_from_config_defaults_to_googles_public_endpoint() -> None:
 def test_from_config_rejects_bad_options(options: dict[str, object]) -> None:
     with pytest.raises(ConfigError):
         from_config(ProviderConfig(name="gemini", type="gemini", options=options), API_KEY)
+
+
+# -- edits -------------------------------------------------------------------------------
+
+
+def input_image(width: int = 512, height: int = 512, fmt: str = "PNG") -> InputImage:
+    return InputImage(image_bytes(width, height, fmt), fmt.lower(), width, height)
+
+
+async def test_an_edit_sends_the_images_as_inline_data_before_the_prompt(
+    fake: FakeGeminiUpstream, provider: GeminiImageProvider
+) -> None:
+    photo, style = input_image(), input_image(640, 480, "JPEG")
+    result = await provider.edit(
+        make_request(
+            prompt="put the cat on the pillow",
+            width=1536,
+            height=1024,
+            images=(photo, style),
+            request_id="req-edit",
+        )
+    )
+
+    assert [(i.width, i.height, i.mime_type) for i in result.images] == [(1248, 832, "image/png")]
+    prompt_tokens = len("put the cat on the pillow") // 4 + 2 * INPUT_IMAGE_TOKENS
+    assert result.usage.input_tokens == prompt_tokens
+    assert fake.hits == 1
+    seen = fake.requests[0]
+    assert seen.path == f"/v1beta/models/{MODEL}:generateContent"
+    assert seen.headers["x-goog-api-key"] == API_KEY
+    assert seen.headers["X-Request-ID"] == "req-edit"
+    parts = seen.body["contents"][0]["parts"]
+    assert [sorted(p) for p in parts] == [["inlineData"], ["inlineData"], ["text"]]
+    assert parts[2] == {"text": "put the cat on the pillow"}
+    assert input_images(seen.body) == [("image/png", photo.data), ("image/jpeg", style.data)]
+    assert seen.body["generationConfig"]["imageConfig"] == {"aspectRatio": "3:2"}
+
+
+async def test_an_edit_with_n_images_makes_n_concurrent_calls_each_with_the_image(
+    fake: FakeGeminiUpstream, provider: GeminiImageProvider
+) -> None:
+    photo = input_image()
+    result = await provider.edit(make_request(n=3, images=(photo,), seed=7))
+
+    assert len(result.images) == 3
+    assert fake.hits == 3
+    assert all(input_images(r.body) == [("image/png", photo.data)] for r in fake.requests)
+    assert sorted(r.body["generationConfig"]["seed"] for r in fake.requests) == [7, 8, 9]
+
+
+async def test_an_edit_with_a_mask_is_refused_before_any_call(
+    fake: FakeGeminiUpstream, provider: GeminiImageProvider
+) -> None:
+    request = make_request(images=(input_image(),), mask=input_image())
+    with pytest.raises(InvalidParameter) as raised:
+        provider.check(request)
+    assert raised.value.param == "mask"
+    with pytest.raises(InvalidParameter):
+        await provider.edit(request)
+    assert fake.hits == 0
+
+
+async def test_more_than_three_input_images_are_refused_before_any_call(
+    fake: FakeGeminiUpstream, provider: GeminiImageProvider
+) -> None:
+    request = make_request(images=(input_image(),) * 4)
+    with pytest.raises(InvalidParameter) as raised:
+        await provider.edit(request)
+    assert raised.value.param == "image"
+    with pytest.raises(InvalidParameter) as empty:
+        await provider.edit(make_request())
+    assert empty.value.param == "image"
+    assert fake.hits == 0
+    # Three is allowed.
+    provider.check(make_request(images=(input_image(),) * 3))
+
+
+@pytest.mark.parametrize("behaviour", [prompt_blocked(), finish_refusal(), refused_with_400()])
+async def test_a_refused_edit_is_content_policy(
+    fake: FakeGeminiUpstream, provider: GeminiImageProvider, behaviour: Behaviour
+) -> None:
+    fake.script(behaviour)
+    with pytest.raises(ContentPolicy):
+        await provider.edit(make_request(images=(input_image(),)))
+
+
+async def test_an_edit_image_the_upstream_cannot_read_is_invalid_parameter_on_image(
+    fake: FakeGeminiUpstream, provider: GeminiImageProvider
+) -> None:
+    # The bytes are not the format the image claims: Google answers 400 on the inline data.
+    lying = InputImage(image_bytes(64, 64, "JPEG"), "png", 64, 64)
+    with pytest.raises(InvalidParameter) as raised:
+        await provider.edit(make_request(images=(lying,)))
+    assert raised.value.param == "image"
+    assert API_KEY not in raised.value.message
+
+
+@pytest.mark.parametrize("behaviour", [server_error(), service_unavailable(), rate_limited()])
+async def test_an_edit_upstream_failure_is_an_upstream_error(
+    fake: FakeGeminiUpstream, provider: GeminiImageProvider, behaviour: Behaviour
+) -> None:
+    fake.script(behaviour)
+    with pytest.raises(UpstreamError) as raised:
+        await provider.edit(make_request(images=(input_image(),)))
+    assert API_KEY not in raised.value.message
+
+
+async def test_the_fake_rejects_misspelt_inline_data_and_too_many_images(
+    fake: FakeGeminiUpstream,
+) -> None:
+    b64 = base64.b64encode(image_bytes(8, 8)).decode()
+    url = f"{fake.base_url}/models/{MODEL}:generateContent"
+    headers = {"x-goog-api-key": API_KEY}
+    bodies = [
+        {"inlineData": {"mime_type": "image/png", "data": b64}},
+        {"inlineData": {"mimeType": "image/gif", "data": b64}},
+        {"inlineData": {"mimeType": "image/png", "data": "!!not base64!!"}},
+        {"inline_image": {"mimeType": "image/png", "data": b64}},
+    ]
+    async with aiohttp.ClientSession() as session:
+        for part in bodies:
+            payload = {
+                "contents": [{"parts": [part, {"text": "x"}]}],
+                "generationConfig": {"responseModalities": ["IMAGE"]},
+            }
+            async with session.post(url, json=payload, headers=headers) as resp:
+                assert resp.status == 400, part
+        image = {"inlineData": {"mimeType": "image/png", "data": b64}}
+        payload = {
+            "contents": [{"parts": [image] * 4 + [{"text": "x"}]}],
+            "generationConfig": {"responseModalities": ["IMAGE"]},
+        }
+        async with session.post(url, json=payload, headers=headers) as resp:
+            assert resp.status == 400
+    assert fake.hits == 5

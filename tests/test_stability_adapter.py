@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import base64
+import io
 import time
 from collections.abc import AsyncIterator
 
+import aiohttp
 import orjson
 import pytest
+from PIL import Image
 
 from imagegen_service.config import ConfigError, ProviderConfig
 from imagegen_service.errors import (
@@ -16,7 +19,7 @@ from imagegen_service.errors import (
     InvalidParameter,
     UpstreamError,
 )
-from imagegen_service.providers.base import ProviderRequest
+from imagegen_service.providers.base import InputImage, ProviderRequest
 from imagegen_service.providers.stability import (
     MAX_SEED,
     STABILITY_BASE_URL,
@@ -646,3 +649,162 @@ async def test_the_session_is_reopened_after_aclose(
 
     assert len(result.images) == 1
     assert fake.hits == 2
+
+
+# -- edits (POST /v2beta/stable-image/edit/inpaint) --------------------------------------
+
+INPAINT = "/v2beta/stable-image/edit/inpaint"
+# The square the OpenAI-style mask marks for editing (alpha 0 inside, opaque outside).
+HOLE = (16, 16, 48, 48)
+
+
+def _png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+def _input(data: bytes) -> InputImage:
+    with Image.open(io.BytesIO(data)) as img:
+        fmt = (img.format or "").lower()
+        return InputImage(
+            data=data, format=fmt, width=img.width, height=img.height, has_alpha="A" in img.mode
+        )
+
+
+def openai_mask(size: tuple[int, int] = (96, 64)) -> InputImage:
+    image = Image.new("RGBA", size, (0, 0, 0, 255))
+    image.paste((0, 0, 0, 0), HOLE)
+    return _input(_png(image))
+
+
+def edit_request(**overrides: object) -> ProviderRequest:
+    fields: dict[str, object] = {
+        "images": (_input(image_bytes(96, 64)),),
+        "mask": openai_mask(),
+        "prompt": "a red door",
+    }
+    fields.update(overrides)
+    return make_request(**fields)
+
+
+async def test_an_edit_posts_the_image_and_a_black_and_white_mask_to_inpaint(
+    fake: FakeStabilityUpstream, provider: StabilityProvider
+) -> None:
+    request = edit_request(n=2, seed=7, user="user-7", request_id="req-42")
+
+    result = await provider.edit(request)
+
+    assert fake.hits == 2
+    assert [(i.mime_type, i.width, i.height) for i in result.images] == [("image/png", 96, 64)] * 2
+    seen = fake.requests[0]
+    assert seen.path == INPAINT
+    assert seen.headers["Authorization"] == f"Bearer {API_KEY}"
+    assert seen.headers["Accept"] == "image/*"
+    assert seen.headers["X-Request-ID"] == "req-42"
+    assert seen.headers["stability-client-user-id"] == "user-7"
+    assert {k: v for k, v in seen.body.items() if isinstance(v, str)} == {
+        "prompt": "a red door",
+        "output_format": "png",
+        "seed": seen.body["seed"],
+    }
+    assert sorted(int(r.body["seed"]) for r in fake.requests) == [7, 8]
+    assert seen.body["image"] == request.images[0].data
+    with Image.open(io.BytesIO(seen.body["mask"])) as mask:
+        assert mask.mode == "L"
+        assert mask.size == (96, 64)
+        # OpenAI's transparent hole is Stability's white; the opaque rest is black.
+        assert mask.getpixel((32, 32)) == 255
+        assert mask.getpixel((0, 0)) == 0
+        assert mask.getpixel((80, 50)) == 0
+
+
+async def test_without_a_mask_an_image_with_alpha_is_sent_alone(
+    fake: FakeStabilityUpstream, provider: StabilityProvider
+) -> None:
+    transparent = _input(_png(Image.new("RGBA", (64, 64), (0, 0, 0, 0))))
+
+    await provider.edit(edit_request(images=(transparent,), mask=None, output_format="webp"))
+
+    body = fake.requests[0].body
+    assert set(body) == {"image", "prompt", "output_format"}
+    assert body["output_format"] == "webp"
+
+
+async def test_without_a_mask_or_alpha_the_whole_image_is_repainted(
+    fake: FakeStabilityUpstream, provider: StabilityProvider
+) -> None:
+    result = await provider.edit(edit_request(mask=None, upstream_model="sd3.5-large"))
+
+    with Image.open(io.BytesIO(fake.requests[0].body["mask"])) as mask:
+        assert mask.getextrema() == (255, 255)
+    assert (result.images[0].width, result.images[0].height) == (96, 64)
+
+
+async def test_an_edit_refusal_is_content_policy(
+    fake: FakeStabilityUpstream, provider: StabilityProvider
+) -> None:
+    fake.script(content_moderation(), content_filtered())
+
+    with pytest.raises(ContentPolicy):
+        await provider.edit(edit_request(n=2))
+
+
+async def test_an_edit_the_upstream_rejects_is_invalid_parameter_on_the_image(
+    fake: FakeStabilityUpstream, provider: StabilityProvider
+) -> None:
+    fake.script(bad_request("image: aspect ratio must be between 1:2.5 and 2.5:1"))
+
+    with pytest.raises(InvalidParameter) as raised:
+        await provider.edit(edit_request())
+    assert raised.value.param == "image"
+    fake.script(payload_too_large())
+    with pytest.raises(InvalidParameter) as raised:
+        await provider.edit(edit_request())
+    assert raised.value.param == "image"
+
+
+@pytest.mark.parametrize("behaviour", [server_error(), service_unavailable()], ids=["500", "503"])
+async def test_an_edit_server_error_is_an_upstream_error(
+    fake: FakeStabilityUpstream, provider: StabilityProvider, behaviour: Behaviour
+) -> None:
+    fake.script(behaviour)
+
+    with pytest.raises(UpstreamError, match=rf"HTTP {behaviour.status}") as raised:
+        await provider.edit(edit_request())
+    assert API_KEY not in error_texts(raised.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"images": ()},
+        {"images": (_input(image_bytes(96, 64)), _input(image_bytes(96, 64)))},
+        {"images": (_input(image_bytes(32, 64)),), "mask": None},
+    ],
+    ids=["none", "two", "too-small"],
+)
+async def test_check_rejects_edits_the_inpaint_endpoint_cannot_take(
+    fake: FakeStabilityUpstream, provider: StabilityProvider, overrides: dict[str, object]
+) -> None:
+    request = edit_request(**overrides)
+
+    if request.images:
+        with pytest.raises(InvalidParameter) as raised:
+            provider.check(request)
+        assert raised.value.param == "image"
+    with pytest.raises(InvalidParameter):
+        await provider.edit(request)
+    assert fake.hits == 0
+
+
+async def test_the_fake_rejects_a_misnamed_edit_field(fake: FakeStabilityUpstream) -> None:
+    async with aiohttp.ClientSession() as session:
+        form = aiohttp.FormData()
+        form.add_field("init_image", image_bytes(64, 64), filename="a.png")
+        form.add_field("prompt", "x")
+        async with session.post(
+            fake.base_url + INPAINT, data=form, headers={"Authorization": f"Bearer {API_KEY}"}
+        ) as resp:
+            assert resp.status == 400
+            assert (await resp.json())["errors"] == ["init_image: unknown field for this endpoint"]

@@ -19,6 +19,18 @@ Two request shapes, chosen by the upstream model id:
 * aspect-ratio models (``flux-pro-1.1-ultra*``, ``flux-kontext-*``) take ``aspect_ratio``; the
   upstream picks the pixels (about 4 MP for ultra, about 1 MP for Kontext).
 
+Kontext edits (``flux-kontext-*``) submit to the same route with the first image as
+``input_image`` (base64; further images as ``input_image_2`` .. ``input_image_4``, Kontext's
+multi-reference inputs) and no ``aspect_ratio``: the output keeps the input image's aspect ratio
+at about 1 MP, so the requested size is not sent. Kontext edits by instruction and takes no
+mask: a masked edit is refused by ``check`` before any money moves.
+
+Masked edits go to BFL's fill model (``flux-pro-1.0-fill``, edits only): ``{"image", "mask",
+"prompt", ...}`` with the mask turned from OpenAI's convention (alpha 0 = edit here) into BFL's
+(a greyscale PNG, white = fill). Without a mask the image's own transparency marks the area, as
+both APIs define it; an image with neither is refused by ``check``. The output has the input's
+size.
+
 One image per task: for ``n > 1`` the adapter submits ``n`` tasks concurrently (``seed + i``
 when seeded) under the one deadline of the call and merges what comes back. Refused tasks are
 counted in ``filtered``; when every task is refused the call raises ContentPolicy. Any other
@@ -28,6 +40,8 @@ failure of any task fails the whole call, and the other tasks are abandoned.
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import ipaddress
 import math
 import urllib.parse
@@ -36,10 +50,16 @@ from typing import Any, NoReturn
 
 import aiohttp
 import orjson
+from PIL import Image
 
 from imagegen_service.config import ConfigError, ProviderConfig
 from imagegen_service.errors import ContentPolicy, InvalidParameter, UpstreamError
-from imagegen_service.providers.base import ProviderImage, ProviderRequest, ProviderResult
+from imagegen_service.providers.base import (
+    InputImage,
+    ProviderImage,
+    ProviderRequest,
+    ProviderResult,
+)
 from imagegen_service.providers.http import (
     MAX_ERROR_BODY_BYTES,
     HttpUpstream,
@@ -58,6 +78,11 @@ MIN_SIDE = 256
 MAX_SIDE = 1440
 # Models that size by aspect ratio; the ultra and Kontext schemas accept 21:9 .. 9:21.
 ASPECT_RATIO_MODEL_PREFIXES = ("flux-pro-1.1-ultra", "flux-kontext-")
+# Models that edit: Kontext takes the image to edit as `input_image`, plus up to three more.
+EDIT_MODEL_PREFIX = "flux-kontext-"
+# BFL's inpainting model: one image, a black-and-white mask (white = fill); edits only.
+FILL_MODEL_PREFIX = "flux-pro-1.0-fill"
+EDIT_IMAGE_FIELDS = ("input_image", "input_image_2", "input_image_3", "input_image_4")
 ASPECT_RATIOS = ("21:9", "16:9", "3:2", "4:3", "1:1", "3:4", "2:3", "9:16", "9:21")
 # BFL's documented range for FLUX.1 / FLUX1.1 / Kontext.
 MIN_SAFETY_TOLERANCE = 0
@@ -94,12 +119,42 @@ _PARAM_NAMES: Mapping[str, str] = {
     "prompt": "prompt",
     "seed": "seed",
     "output_format": "output_format",
+    "input_image": "image",
+    "input_image_2": "image",
+    "input_image_3": "image",
+    "input_image_4": "image",
+    "image": "image",
+    "mask": "mask",
 }
 _MAX_UPSTREAM_MESSAGE = 300
 
 
 def uses_aspect_ratio(upstream_model: str) -> bool:
     return upstream_model.startswith(ASPECT_RATIO_MODEL_PREFIXES)
+
+
+def edits_images(upstream_model: str) -> bool:
+    return upstream_model.startswith(EDIT_MODEL_PREFIX)
+
+
+def fills(upstream_model: str) -> bool:
+    return upstream_model.startswith(FILL_MODEL_PREFIX)
+
+
+def fill_mask(mask: InputImage) -> bytes:
+    """OpenAI's mask (alpha 0 = edit here) as BFL's: a greyscale PNG, white where to fill."""
+    try:
+        with Image.open(io.BytesIO(mask.data)) as image:
+            alpha = image.convert("RGBA").getchannel("A")
+    except Exception as exc:  # Pillow raises many types for bad input.
+        raise InvalidParameter("The mask is not a readable image.", param="mask") from exc
+    out = io.BytesIO()
+    alpha.point(lambda value: 255 if value == 0 else 0).save(out, "PNG")
+    return out.getvalue()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
 
 
 def pixel_size_for(width: int, height: int) -> tuple[int, int]:
@@ -147,10 +202,19 @@ class BflProvider(HttpUpstream):
 
     def check(self, request: ProviderRequest) -> None:
         """Sizes whose aspect ratio FLUX cannot come close to are refused before any money
-        moves; everything else is mapped (see ``pixel_size_for`` and ``ASPECT_RATIOS``)."""
-        self._size_fields(request)
+        moves; everything else is mapped (see ``pixel_size_for`` and ``ASPECT_RATIOS``).
+        An edit (``request.images``) is checked by ``_edit_fields`` instead; the fill model
+        makes edits only."""
+        if request.images:
+            self._check_edit(request)
+        else:
+            self._size_fields(request)
 
     def _size_fields(self, request: ProviderRequest) -> dict[str, Any]:
+        if fills(request.upstream_model):
+            raise InvalidParameter(
+                "This model only edits images (POST /v1/images/edits).", param="model"
+            )
         width, height = request.width, request.height
         if width <= 0 or height <= 0:
             raise InvalidParameter(f"The size {request.size} is not a valid size.", param="size")
@@ -166,14 +230,71 @@ class BflProvider(HttpUpstream):
             )
         return {"width": sent_width, "height": sent_height}
 
+    def _check_edit(self, request: ProviderRequest) -> None:
+        """Everything ``_edit_fields`` refuses, without encoding a byte."""
+        if fills(request.upstream_model):
+            self._check_fill(request)
+            return
+        if not edits_images(request.upstream_model):
+            raise InvalidParameter(
+                "This model does not edit images (flux-kontext-* and flux-pro-1.0-fill do).",
+                param="model",
+            )
+        if request.mask is not None:
+            raise InvalidParameter(
+                "this model edits by instruction and takes no mask", param="mask"
+            )
+        if not request.images:
+            raise InvalidParameter("You must provide an image.", param="image")
+        if len(request.images) > len(EDIT_IMAGE_FIELDS):
+            raise InvalidParameter(
+                f"This model takes at most {len(EDIT_IMAGE_FIELDS)} images; "
+                f"got {len(request.images)}.",
+                param="image",
+            )
+
+    def _check_fill(self, request: ProviderRequest) -> None:
+        if len(request.images) != 1:
+            raise InvalidParameter(
+                f"This model edits one image; got {len(request.images)}.", param="image"
+            )
+        if request.mask is None and not request.images[0].has_alpha:
+            raise InvalidParameter(
+                "This model needs a mask, or an image whose transparent pixels mark the area "
+                "to edit.",
+                param="mask",
+            )
+
+    def _edit_fields(self, request: ProviderRequest) -> dict[str, Any]:
+        """Kontext: the images in ``input_image`` .. ``input_image_4``; fill: ``image`` and
+        ``mask`` (BFL's convention); all base64."""
+        self._check_edit(request)
+        if fills(request.upstream_model):
+            fields = {"image": _b64(request.images[0].data)}
+            if request.mask is not None:
+                fields["mask"] = _b64(fill_mask(request.mask))
+            return fields
+        return {
+            key: _b64(image.data)
+            for key, image in zip(EDIT_IMAGE_FIELDS, request.images, strict=False)
+        }
+
     # -- one call ---------------------------------------------------------------------------
 
     async def generate(self, request: ProviderRequest) -> ProviderResult:
-        size_fields = self._size_fields(request)
+        return await self._run(request, self._size_fields(request))
+
+    async def edit(self, request: ProviderRequest) -> ProviderResult:
+        """A Kontext or fill edit: the submit/poll/download flow of ``generate`` with the
+        images in place of the size (the output follows the first image's shape)."""
+        return await self._run(request, self._edit_fields(request))
+
+    async def _run(self, request: ProviderRequest, fields: Mapping[str, Any]) -> ProviderResult:
+        """``request.n`` tasks, each submitting ``fields`` with the common ones."""
 
         async def call(session: aiohttp.ClientSession) -> ProviderResult:
             outcomes = await _all_or_nothing(
-                [self._one_image(session, request, size_fields, i) for i in range(request.n)]
+                [self._one_image(session, request, fields, i) for i in range(request.n)]
             )
             images = [image for image in outcomes if image is not None]
             if not images:
@@ -186,11 +307,11 @@ class BflProvider(HttpUpstream):
         self,
         session: aiohttp.ClientSession,
         request: ProviderRequest,
-        size_fields: Mapping[str, Any],
+        fields: Mapping[str, Any],
         index: int,
     ) -> ProviderImage | None:
         """One task from submit to downloaded bytes; None when the upstream refused it."""
-        payload = self._payload(request, size_fields, index)
+        payload = self._payload(request, fields, index)
         task = await self._submit(session, request, payload)
         if task is None:
             return None
@@ -206,11 +327,11 @@ class BflProvider(HttpUpstream):
         return self.inspect(data, index)
 
     def _payload(
-        self, request: ProviderRequest, size_fields: Mapping[str, Any], index: int
+        self, request: ProviderRequest, fields: Mapping[str, Any], index: int
     ) -> dict[str, Any]:
         payload: dict[str, Any] = {
             "prompt": request.prompt,
-            **size_fields,
+            **fields,
             "output_format": request.output_format,
         }
         if request.seed is not None:

@@ -11,11 +11,18 @@ Gemini speaks in aspect ratios, not pixel sizes: the OpenAI ``size`` becomes the
 supported ratio, and the image comes back at the model's own pixel size for that ratio.
 Gemini refuses mostly inside 200 answers: ``promptFeedback.blockReason``, a safety
 ``finishReason``, or a candidate that answers with text instead of an image.
+
+Edits are the same ``generateContent`` call with the input images (up to
+``MAX_INPUT_IMAGES``, as ``inlineData`` parts: ``mimeType`` + base64 ``data``) placed before
+the text part of the prompt; the answer is read as for a generation. Gemini takes no mask:
+the edit is described in words only, so a request with a mask is refused by ``check`` before
+any money moves.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -44,6 +51,7 @@ from imagegen_service.providers.sizes import aspect_ratio_for
 
 __all__ = [
     "GEMINI_BASE_URL",
+    "MAX_INPUT_IMAGES",
     "NATIVE_SIZES",
     "SUPPORTED_ASPECT_RATIOS",
     "GeminiImageProvider",
@@ -82,6 +90,8 @@ _RATIO_OF_NATIVE_SIZE = {size: ratio for ratio, size in NATIVE_SIZES.items()}
 IMAGE_SIZES = ("1K", "2K", "4K")
 # One request fans out into this many upstream calls at most.
 MAX_IMAGES = 10
+# Input images per edit: gemini-2.5-flash-image takes at most 3 per prompt.
+MAX_INPUT_IMAGES = 3
 
 _CONTENT_POLICY_MESSAGE = "The prompt was refused by the provider's content policy."
 # Any promptFeedback.blockReason other than these means the prompt was blocked.
@@ -157,9 +167,27 @@ class GeminiImageProvider(HttpUpstream):
             raise InvalidParameter(
                 f"n must be between 1 and {MAX_IMAGES} for this provider.", param="n"
             )
+        if request.mask is not None:
+            raise InvalidParameter(
+                "This model edits from the prompt alone and takes no mask.", param="mask"
+            )
+        if len(request.images) > MAX_INPUT_IMAGES:
+            raise InvalidParameter(
+                f"At most {MAX_INPUT_IMAGES} images can be edited together by this provider.",
+                param="image",
+            )
         aspect_ratio(request.width, request.height)
 
     async def generate(self, request: ProviderRequest) -> ProviderResult:
+        return await self._run(request)
+
+    async def edit(self, request: ProviderRequest) -> ProviderResult:
+        """The images go with the prompt in the same generateContent call."""
+        if not request.images:
+            raise InvalidParameter("An edit needs an image.", param="image")
+        return await self._run(request)
+
+    async def _run(self, request: ProviderRequest) -> ProviderResult:
         self.check(request)
         ratio = aspect_ratio(request.width, request.height)
 
@@ -244,8 +272,19 @@ class GeminiImageProvider(HttpUpstream):
             # Each of the n calls gets its own seed: the same seed would give n equal images.
             # The API takes an int32.
             generation_config["seed"] = (request.seed + index) % _INT32_SPAN
+        # Edits: the images first, then the words that say what to do with them.
+        parts: list[dict[str, Any]] = [
+            {
+                "inlineData": {
+                    "mimeType": image.mime_type,
+                    "data": base64.b64encode(image.data).decode("ascii"),
+                }
+            }
+            for image in request.images
+        ]
+        parts.append({"text": request.prompt})
         return {
-            "contents": [{"role": "user", "parts": [{"text": request.prompt}]}],
+            "contents": [{"role": "user", "parts": parts}],
             "generationConfig": generation_config,
         }
 
@@ -389,6 +428,8 @@ def _param_for(error: dict[str, Any], message: str) -> str | None:
         return "size"
     if "seed" in text:
         return "seed"
+    if "inlinedata" in text or "mimetype" in text:
+        return "image"
     if any(field.startswith("contents") for field in fields):
         return "prompt"
     return None

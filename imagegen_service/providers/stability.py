@@ -19,20 +19,37 @@ Refusals come in two shapes: HTTP 403 ``{"name": "content_moderation", ...}`` be
 generation, and a 200 whose ``finish-reason`` is ``CONTENT_FILTERED`` (the body is then a
 blurred image, never delivered). Each refused call counts as one filtered image; only when all
 ``n`` are refused is the request a ContentPolicy error.
+
+Edits (platform.stability.ai/docs/api-reference, "Edit" / "Inpaint"): every model above is
+edited at ``POST {base_url}/v2beta/stable-image/edit/inpaint``, whatever its generate route:
+multipart with the ``image`` file, an optional ``mask`` file, ``prompt``, ``output_format`` and
+optionally ``seed``; same headers, answers and refusals as generate. Stability's mask is
+black and white (white = repaint, black = keep, grey = partly); OpenAI's marks the area to
+edit with TRANSPARENT pixels, so the mask's alpha channel is inverted into a greyscale PNG.
+Without a mask Stability repaints the image's transparent pixels, as OpenAI does; an image
+with no alpha channel and no mask gets an all-white mask (the whole image is repainted, as
+gpt-image does). One image per call (n calls, seed + i). The result has the input's size.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Mapping
+import io
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiohttp
+from PIL import Image, ImageOps
 
 from imagegen_service.config import ConfigError, ProviderConfig
 from imagegen_service.errors import ContentPolicy, InvalidParameter, UpstreamError
-from imagegen_service.providers.base import ProviderImage, ProviderRequest, ProviderResult
+from imagegen_service.providers.base import (
+    InputImage,
+    ProviderImage,
+    ProviderRequest,
+    ProviderResult,
+)
 from imagegen_service.providers.http import (
     MAX_DOWNLOAD_BYTES,
     MAX_ERROR_BODY_BYTES,
@@ -62,6 +79,9 @@ ASPECT_RATIOS = ("21:9", "16:9", "3:2", "5:4", "1:1", "4:5", "2:3", "9:16", "9:2
 MAX_SEED = 4_294_967_294
 MAX_PROMPT_CHARS = 10_000
 OUTPUT_FORMATS = frozenset({"png", "jpeg", "webp"})
+# The inpaint endpoint's documented input bounds.
+MIN_EDIT_SIDE = 64
+MAX_EDIT_PIXELS = 9_437_184
 
 _IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/webp"})
 _CONTENT_POLICY_MESSAGE = "The prompt was refused by the provider's content policy."
@@ -80,6 +100,8 @@ _FIELD_PARAMS: Mapping[str, str] = {
     "output_format": "output_format",
     "seed": "seed",
     "model": "model",
+    "image": "image",
+    "mask": "mask",
 }
 _PNG_END = b"IEND\xaeB`\x82"
 
@@ -112,7 +134,8 @@ class _Plan:
 
 
 class StabilityProvider(HttpUpstream):
-    """Stability AI's v2beta Stable Image generate endpoints (core, ultra, sd3)."""
+    """Stability AI's v2beta Stable Image generate endpoints (core, ultra, sd3) and its
+    inpaint endpoint for edits."""
 
     def __init__(
         self,
@@ -133,13 +156,45 @@ class StabilityProvider(HttpUpstream):
         """Rejects what Stability cannot make: unknown models, sizes with no close aspect
         ratio, seeds or prompts outside its bounds, other output formats."""
         self._plan(request)
+        if request.images:
+            self._edit_image(request)
 
     async def generate(self, request: ProviderRequest) -> ProviderResult:
         plan = self._plan(request)
+        return await self._run(
+            request, plan.url, lambda i: self._form(request, plan, i), too_large_param="prompt"
+        )
+
+    async def edit(self, request: ProviderRequest) -> ProviderResult:
+        """Inpaints ``request.images[0]`` where the mask is transparent (see the module doc)."""
+        self._plan(request)
+        image = self._edit_image(request)
+        # Pillow work off the event loop: a mask may have tens of megapixels.
+        mask = await asyncio.to_thread(_stability_mask, image, request.mask)
+        url = f"{self.base_url}/v2beta/stable-image/edit/inpaint"
+        return await self._run(
+            request,
+            url,
+            lambda i: self._edit_form(request, image, mask, i),
+            too_large_param="image",
+        )
+
+    async def _run(
+        self,
+        request: ProviderRequest,
+        url: str,
+        form: Callable[[int], aiohttp.FormData],
+        *,
+        too_large_param: str,
+    ) -> ProviderResult:
+        """``request.n`` concurrent calls, call ``i`` posting ``form(i)``, all or nothing."""
 
         async def call(session: aiohttp.ClientSession) -> list[ProviderImage | None]:
             return await _all_or_nothing(
-                [self._generate_one(session, request, plan, i) for i in range(request.n)]
+                [
+                    self._call_one(session, request, url, form(i), i, too_large_param)
+                    for i in range(request.n)
+                ]
             )
 
         outcomes = await self.within_deadline(call)
@@ -171,6 +226,42 @@ class StabilityProvider(HttpUpstream):
         url = f"{self.base_url}/v2beta/stable-image/generate/{route.endpoint}"
         return _Plan(url=url, model=route.model, aspect_ratio=ratio)
 
+    def _edit_image(self, request: ProviderRequest) -> InputImage:
+        """The image to edit, if Stability's inpaint endpoint takes it."""
+        if len(request.images) != 1:
+            raise InvalidParameter(
+                f"Provider {self.name!r} edits exactly one image per request.", param="image"
+            )
+        image = request.images[0]
+        if (
+            min(image.width, image.height) < MIN_EDIT_SIDE
+            or image.width * image.height > MAX_EDIT_PIXELS
+        ):
+            raise InvalidParameter(
+                f"The image must be at least {MIN_EDIT_SIDE} pixels on each side and at most "
+                f"{MAX_EDIT_PIXELS} pixels in all at this provider.",
+                param="image",
+            )
+        return image
+
+    def _edit_form(
+        self, request: ProviderRequest, image: InputImage, mask: bytes | None, index: int
+    ) -> aiohttp.FormData:
+        form = aiohttp.FormData()
+        form.add_field(
+            "image",
+            io.BytesIO(image.data),
+            filename=f"image.{image.format}",
+            content_type=image.mime_type,
+        )
+        if mask is not None:
+            form.add_field("mask", io.BytesIO(mask), filename="mask.png", content_type="image/png")
+        form.add_field("prompt", request.prompt)
+        form.add_field("output_format", request.output_format)
+        if request.seed is not None:
+            form.add_field("seed", str(_seed_for(request.seed, index)))
+        return form
+
     def _form(self, request: ProviderRequest, plan: _Plan, index: int) -> aiohttp.FormData:
         # A FormData is consumed by one send, so every call builds its own.
         form = aiohttp.FormData(default_to_multipart=True)
@@ -195,16 +286,20 @@ class StabilityProvider(HttpUpstream):
             headers["stability-client-user-id"] = user
         return {**headers, **self.trace_headers(request)}
 
-    async def _generate_one(
-        self, session: aiohttp.ClientSession, request: ProviderRequest, plan: _Plan, index: int
+    async def _call_one(
+        self,
+        session: aiohttp.ClientSession,
+        request: ProviderRequest,
+        url: str,
+        form: aiohttp.FormData,
+        index: int,
+        too_large_param: str,
     ) -> ProviderImage | None:
         """One image, or None when Stability refused it on content grounds."""
-        async with session.post(
-            plan.url, data=self._form(request, plan, index), headers=self._headers(request)
-        ) as resp:
+        async with session.post(url, data=form, headers=self._headers(request)) as resp:
             if not 200 <= resp.status < 300:
                 body = await read_capped(resp, MAX_ERROR_BODY_BYTES, truncate=True)
-                self._raise_unless_refusal(resp.status, resp.headers, body)
+                self._raise_unless_refusal(resp.status, resp.headers, body, too_large_param)
                 return None
             return await self._read_image(resp, index)
 
@@ -247,7 +342,11 @@ class StabilityProvider(HttpUpstream):
         raise UpstreamError(f"upstream {self.name!r}: image {index} finished with {code}")
 
     def _raise_unless_refusal(
-        self, status: int, headers: Mapping[str, str], body: bytes | None
+        self,
+        status: int,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        too_large_param: str = "prompt",
     ) -> None:
         """Returns only for a content-moderation refusal; raises for every other failure."""
         error = json_object(body)
@@ -256,7 +355,7 @@ class StabilityProvider(HttpUpstream):
             return
         if status in (400, 413, 422):
             message = self._first_error(error)
-            param = _param_for(message) or ("prompt" if status == 413 else None)
+            param = _param_for(message) or (too_large_param if status == 413 else None)
             raise InvalidParameter(
                 message or f"upstream {self.name!r} rejected the request (HTTP {status})",
                 param=param,
@@ -300,6 +399,30 @@ async def _all_or_nothing(calls: list[Coroutine[Any, Any, T]]) -> list[T]:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+
+
+def _stability_mask(image: InputImage, mask: InputImage | None) -> bytes | None:
+    """OpenAI's mask (alpha 0 = edit) as Stability's (white = repaint, black = keep), as PNG
+    bytes; None when the image's own alpha channel is the mask (Stability reads it as OpenAI
+    does)."""
+    if mask is None:
+        if image.has_alpha:
+            return None
+        # No mask and nothing transparent: OpenAI's gpt-image repaints the whole image.
+        white = Image.new("L", (image.width, image.height), 255)
+        return _png(white)
+    try:
+        with Image.open(io.BytesIO(mask.data)) as img:
+            alpha = img.convert("RGBA").getchannel("A")
+    except Exception as exc:  # Pillow raises many types for bad input.
+        raise InvalidParameter("The mask is not a readable image.", param="mask") from exc
+    return _png(ImageOps.invert(alpha))
+
+
+def _png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
 
 
 def _seed_for(seed: int, index: int) -> int:

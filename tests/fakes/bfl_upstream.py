@@ -16,6 +16,11 @@ Routes, as the real API has them:
   validates the body against that model's schema like FastAPI does (unknown fields, types,
   ranges, multiples of 32, aspect-ratio range: 422 ``{"detail": [{type, loc, msg, input}]}``),
   then answers with the next scripted behaviour: usually ``{"id", "polling_url", ...}``.
+  Kontext edits send ``input_image`` (and ``input_image_2`` .. ``_4``): base64 of a PNG, JPEG or
+  WEBP (or an http(s) URL); anything else is a 422. Without ``aspect_ratio`` an edit's output
+  keeps the input image's aspect ratio at about 1 MP, as the real model does.
+  ``flux-pro-1.0-fill`` takes ``image`` (required) and an optional ``mask`` the same size as it
+  (base64 images; white = fill) and makes an image of the input's size.
 * ``GET /v1/get_result?id=...`` (also the ``polling_url``) checks ``x-key`` and answers
   ``{"id", "status", "result", "progress", "details", "preview"}``: ``Pending`` for the
   task's first ``pending_polls`` polls, then its outcome. A ``Ready`` result's ``sample`` points
@@ -29,7 +34,10 @@ functions below. Recorded requests: ``requests`` (all), ``submits``, ``polls``, 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
+import io
 import math
 import time
 import uuid
@@ -39,6 +47,7 @@ from typing import Any, Literal
 
 import orjson
 from aiohttp import web
+from PIL import Image
 
 from tests.fakes.loopback import LoopbackServer, RecordedRequest, image_bytes
 
@@ -86,6 +95,7 @@ SCHEMAS: Mapping[str, frozenset[str]] = {
     | {"aspect_ratio", "input_image", "input_image_2", "input_image_3", "input_image_4"},
     "flux-kontext-max": _COMMON_FIELDS
     | {"aspect_ratio", "input_image", "input_image_2", "input_image_3", "input_image_4"},
+    "flux-pro-1.0-fill": _COMMON_FIELDS | {"image", "mask", "steps", "guidance"},
 }
 # Pixels the aspect-ratio models make: ultra ~4 MP (16:9 -> 2752x1536), Kontext ~1 MP.
 _AREA = {
@@ -258,8 +268,13 @@ class _Task:
 
 def real_size(model: str, body: Mapping[str, Any]) -> tuple[int, int]:
     """The pixel size the real model makes for a validated request body."""
+    if model == "flux-pro-1.0-fill":
+        return _input_size(body.get("image")) or (1024, 1024)
     if model in _AREA:
         ratio = _ratio(str(body.get("aspect_ratio") or "16:9")) or 16 / 9
+        input_size = _input_size(body.get("input_image"))
+        if input_size is not None and not body.get("aspect_ratio"):
+            ratio = input_size[0] / input_size[1]
         area = _AREA[model]
         return _snap32(math.sqrt(area * ratio)), _snap32(math.sqrt(area / ratio))
     return int(body.get("width", 1024)), int(body.get("height", 768))
@@ -268,6 +283,24 @@ def real_size(model: str, body: Mapping[str, Any]) -> tuple[int, int]:
 @functools.lru_cache(maxsize=32)
 def _image(width: int, height: int, fmt: str) -> bytes:
     return image_bytes(width, height, fmt)
+
+
+def _input_size(value: Any) -> tuple[int, int] | None:
+    """The pixel size of a base64 input image; None when it is absent, a URL or unreadable."""
+    if not isinstance(value, str) or value.startswith(("http://", "https://")):
+        return None
+    try:
+        data = base64.b64decode(value, validate=True)
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format not in ("PNG", "JPEG", "WEBP"):
+                return None
+            width, height = image.size
+    except (binascii.Error, ValueError, OSError):
+        return None
+    return (width, height) if width > 0 and height > 0 else None
+
+
+INPUT_IMAGE_FIELDS = ("input_image", "input_image_2", "input_image_3", "input_image_4")
 
 
 def _snap32(value: float) -> int:
@@ -342,6 +375,25 @@ def validate(model: str, body: Any) -> list[dict[str, Any]]:
     ):
         problems.append(
             _problem("int_type", "seed", "Input should be a valid integer", body["seed"])
+        )
+    if model == "flux-pro-1.0-fill" and "image" not in body:
+        problems.append(
+            {"type": "missing", "loc": ["body", "image"], "msg": "Field required", "input": body}
+        )
+    for key in (*INPUT_IMAGE_FIELDS, "image", "mask"):
+        value = body.get(key) if key in SCHEMAS[model] else None
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            problems.append(_problem("string_type", key, "Input should be a valid string", value))
+        elif not value.startswith(("http://", "https://")) and _input_size(value) is None:
+            problems.append(
+                _problem("value_error", key, "Value error, not a base64 image or URL", value[:40])
+            )
+    image_size, mask_size = _input_size(body.get("image")), _input_size(body.get("mask"))
+    if image_size and mask_size and image_size != mask_size:
+        problems.append(
+            _problem("value_error", "mask", "Value error, mask and image sizes differ", mask_size)
         )
     integer("width", 256, 1440, 32)
     integer("height", 256, 1440, 32)

@@ -18,7 +18,12 @@ Route: ``POST /v1beta/models/{model}:generateContent``. Like Google it
   field names are accepted (Google also takes snake_case), so that the adapter's spelling is
   pinned down;
 * answers one image per call, PNG by default, at the model's real pixel size for the
-  requested ``imageConfig.aspectRatio`` (and ``imageSize`` for models that have it).
+  requested ``imageConfig.aspectRatio`` (and ``imageSize`` for models that have it);
+* takes input images for edits as ``inlineData`` parts (``mimeType`` + base64 ``data``, both
+  required, nothing else) beside one text part: a MIME type Gemini does not read, data that
+  is not base64 of an image of that type, or more input images than the model takes (3 for
+  gemini-2.5-flash-image, 14 for gemini-3-pro-image-preview) answer 400 INVALID_ARGUMENT.
+  Each input image adds ``INPUT_IMAGE_TOKENS`` to ``promptTokenCount``.
 
 Auth, routing and body-shape failures answer without using up a scripted behaviour. Every
 request, refused or not, is recorded in ``fake.requests``; ``max_in_flight`` says how many
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import io
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,17 +42,20 @@ from typing import Any, Literal
 
 import orjson
 from aiohttp import web
+from PIL import Image
 
 from tests.fakes.loopback import LoopbackServer, image_bytes
 
 __all__ = [
     "FLASH_IMAGE_SIZES",
+    "INPUT_IMAGE_TOKENS",
     "PRO_IMAGE_SIZES",
     "Behaviour",
     "FakeGeminiUpstream",
     "finish_refusal",
     "garbage",
     "google_error",
+    "input_images",
     "invalid_argument",
     "ok",
     "prompt_blocked",
@@ -97,6 +106,15 @@ MODELS: Mapping[str, tuple[Mapping[str, tuple[int, int]], bool]] = {
     "gemini-2.5-flash-image-preview": (FLASH_IMAGE_SIZES, False),
     "gemini-3-pro-image-preview": (PRO_IMAGE_SIZES, True),
 }
+# Input images per prompt.
+MAX_INPUT_IMAGES: Mapping[str, int] = {
+    "gemini-2.5-flash-image": 3,
+    "gemini-2.5-flash-image-preview": 3,
+    "gemini-3-pro-image-preview": 14,
+}
+INPUT_MIME_TYPES = frozenset({"image/png", "image/jpeg", "image/webp", "image/heic", "image/heif"})
+# What an input image adds to promptTokenCount.
+INPUT_IMAGE_TOKENS = 258
 _TOP_LEVEL_FIELDS = frozenset(
     {
         "contents",
@@ -444,8 +462,10 @@ class FakeGeminiUpstream(LoopbackServer[Behaviour]):
         sizes: Mapping[str, tuple[int, int]],
         behaviour: Behaviour,
     ) -> dict[str, Any]:
-        prompt = body["contents"][-1]["parts"][0]["text"]
-        prompt_tokens = max(1, len(prompt) // 4)
+        parts_in = body["contents"][-1]["parts"]
+        prompt = next(p["text"] for p in parts_in if "text" in p)
+        images_in = sum(1 for p in parts_in if "inlineData" in p)
+        prompt_tokens = max(1, len(prompt) // 4) + images_in * INPUT_IMAGE_TOKENS
         common: dict[str, Any] = {
             "modelVersion": model,
             "responseId": uuid.uuid4().hex[:22],
@@ -555,12 +575,24 @@ def _validate(body: Any, model: str, has_image_size: bool) -> tuple[str, str] | 
             for name in part:
                 if name not in ("text", "inlineData"):
                     return _unknown_field(name, part_where)
-    first = contents[-1]["parts"][0]
-    if not isinstance(first.get("text"), str) or not first["text"].strip():
+            if "inlineData" in part:
+                problem = _inline_data_problem(part["inlineData"], f"{part_where}.inline_data")
+                if problem is not None:
+                    return problem
+    last_parts = contents[-1]["parts"]
+    texts = [p for p in last_parts if "text" in p]
+    if len(texts) != 1 or not isinstance(texts[0]["text"], str) or not texts[0]["text"].strip():
         return (
             "Unable to submit request because it has an empty text parameter. Add a value to "
             "the parameter and try again.",
             "contents[0].parts[0].text",
+        )
+    images = sum(1 for p in last_parts if "inlineData" in p)
+    if images > MAX_INPUT_IMAGES[model]:
+        return (
+            f"Too many images in the request: {images}; models/{model} accepts at most "
+            f"{MAX_INPUT_IMAGES[model]}.",
+            "contents[0].parts",
         )
 
     config = body.get("generationConfig")
@@ -623,3 +655,43 @@ def _validate(body: Any, model: str, has_image_size: bool) -> tuple[str, str] | 
                 "generation_config.image_config.image_size",
             )
     return None
+
+
+def _inline_data_problem(inline: Any, where: str) -> tuple[str, str] | None:
+    """Google's complaint about one ``inlineData`` part, or None if it is a readable image."""
+    if not isinstance(inline, dict):
+        return f"Invalid value at '{where}': expected an object.", where
+    for name in inline:
+        if name not in ("mimeType", "data"):
+            return _unknown_field(name, where)
+    mime = inline.get("mimeType")
+    if mime not in INPUT_MIME_TYPES:
+        return f"Unsupported MIME type: {mime}", f"{where}.mime_type"
+    data = inline.get("data")
+    try:
+        raw = base64.b64decode(data, validate=True) if isinstance(data, str) else b""
+    except ValueError:
+        raw = b""
+    if not raw:
+        return (
+            f"Invalid value at '{where}.data' (TYPE_BYTES), Base64 decoding failed",
+            f"{where}.data",
+        )
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            fmt = (image.format or "").lower()
+    except Exception:
+        fmt = ""
+    if not fmt or f"image/{fmt}" != mime:
+        return "Unable to process input image. Please retry or report in ...", f"{where}.data"
+    return None
+
+
+def input_images(body: Any) -> list[tuple[str, bytes]]:
+    """The (mimeType, bytes) of every ``inlineData`` part of a recorded request body, in order."""
+    parts = body["contents"][-1]["parts"]
+    return [
+        (p["inlineData"]["mimeType"], base64.b64decode(p["inlineData"]["data"]))
+        for p in parts
+        if "inlineData" in p
+    ]

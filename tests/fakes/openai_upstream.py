@@ -29,6 +29,7 @@ connection after k events; ``stream_error(after_events=k)`` sends an ``error`` e
 
 Azure mode (``azure_deployments={"deployment name": "model id", ...}``; ``base_url`` is then the
 resource endpoint) routes ``POST /openai/deployments/<deployment>/images/generations`` and
+``.../images/edits`` (the same multipart form as OpenAI's; no edits for dall-e-3) and
 answers as Azure does when the ``api-version`` query is missing (404), the ``api-key`` header
 is missing or wrong (401; a Bearer header does not count), the version is not one of
 ``azure_api_versions`` (400) or the deployment does not exist (404). Its answers for dall-e
@@ -467,6 +468,7 @@ class FakeOpenAIUpstream(LoopbackServer[Behaviour]):
             app.router.add_post(
                 "/openai/deployments/{deployment}/images/generations", self._azure_generations
             )
+            app.router.add_post("/openai/deployments/{deployment}/images/edits", self._azure_edits)
         else:
             app.router.add_post("/v1/images/generations", self._openai_generations)
             app.router.add_post("/v1/images/edits", self._openai_edits)
@@ -538,11 +540,37 @@ class FakeOpenAIUpstream(LoopbackServer[Behaviour]):
 
     async def _azure_generations(self, request: web.Request) -> web.StreamResponse:
         seen = await self.record(request)
+        model, rejection = self._azure_deployment(seen, request)
+        if rejection is not None:
+            return rejection
+        return await self._answer(seen.body, model=model, request=request)
+
+    async def _azure_edits(self, request: web.Request) -> web.StreamResponse:
+        """Azure's edits: the same multipart form as OpenAI's, the model from the deployment
+        (a ``model`` field, if sent, is ignored as Azure does); dall-e-3 deployments have no
+        edits."""
+        seen, form = await self._record_form(request)
+        model, rejection = self._azure_deployment(seen, request)
+        if rejection is not None:
+            return rejection
+        if form is None:
+            return _error_response(400, "The request must be multipart/form-data.")
+        form.fields.pop("model", None)
+        body, rejection = _edit_body(form, model=model)
+        if rejection is not None:
+            return rejection
+        body.pop("model", None)
+        return await self._answer(body, model=model, request=request, prefix="image_edit")
+
+    def _azure_deployment(
+        self, seen: RecordedRequest, request: web.Request
+    ) -> tuple[str, web.Response | None]:
+        """The deployment's model, or Azure's answer to a wrong version, key or deployment."""
         version = seen.query.get("api-version")
         if not version:
-            return _azure_error(404, "404", "Resource not found")
+            return "", _azure_error(404, "404", "Resource not found")
         if self.api_key is not None and seen.headers.get("api-key") != self.api_key:
-            return _azure_error(
+            return "", _azure_error(
                 401,
                 "401",
                 "Access denied due to invalid subscription key or wrong API endpoint. Make sure "
@@ -550,17 +578,17 @@ class FakeOpenAIUpstream(LoopbackServer[Behaviour]):
                 "API endpoint for your resource.",
             )
         if version not in self.azure_api_versions:
-            return _azure_error(400, "BadRequest", "API version not supported")
+            return "", _azure_error(400, "BadRequest", "API version not supported")
         assert self.azure_deployments is not None
         model = self.azure_deployments.get(request.match_info["deployment"])
         if model is None:
-            return _azure_error(
+            return "", _azure_error(
                 404,
                 "DeploymentNotFound",
                 "The API deployment for this resource does not exist. If you created the "
                 "deployment within the last 5 minutes, please wait a moment and try again.",
             )
-        return await self._answer(seen.body, model=model, request=request)
+        return model, None
 
     async def _answer(
         self,
@@ -921,10 +949,11 @@ def _invalid_image(message: str, param: str = "image") -> web.Response:
     return _error_response(400, message, code="invalid_image", param=param)
 
 
-def _edit_body(form: Form) -> tuple[dict[str, Any], web.Response | None]:
-    """An edit form as the JSON body the shared checks and answers read, or the real 400."""
+def _edit_body(form: Form, model: str | None = None) -> tuple[dict[str, Any], web.Response | None]:
+    """An edit form as the JSON body the shared checks and answers read, or the real 400.
+    ``model``: the model an Azure deployment runs (else the form's, default dall-e-2)."""
     fields = form.fields
-    model = fields.get("model", "dall-e-2")
+    model = model or fields.get("model", "dall-e-2")
     family = _family(model)
     images = form.files.get("image", []) + form.files.get("image[]", [])
     if family == "dall-e-3" or family is None:

@@ -1,4 +1,4 @@
-"""A loopback fake of Stability AI's v2beta Stable Image generate API.
+"""A loopback fake of Stability AI's v2beta Stable Image generate and inpaint APIs.
 
 Typical use::
 
@@ -17,6 +17,11 @@ Route: ``POST /v2beta/stable-image/generate/{core|ultra|sd3}``, as Stability ser
   requests carry the parsed form fields as a ``dict`` in ``body``.
 * ``Accept: image/*`` (or none) gets the raw image with ``finish-reason`` and ``seed``
   headers; ``Accept: application/json`` gets ``{"image": <base64>, "finish_reason", "seed"}``.
+* ``POST /v2beta/stable-image/edit/inpaint`` takes the ``image`` file (png, jpeg or webp, at
+  least 64 px a side, at most 9,437,184 px), an optional ``mask`` file (greyscale: white =
+  repaint), ``prompt``, ``output_format``, ``seed``, ``negative_prompt``, ``grow_mask``,
+  ``style_preset``; a text where a file belongs (or the reverse) is a 400. It answers an
+  image of the input's size. Recorded file parts are ``bytes`` in ``body``.
 * Images have Stability's real pixel size for the aspect ratio (about 1 megapixel for core
   and sd3; Ultra, about 4 megapixels, is modelled as the same table doubled) in the
   requested ``output_format``.
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import io
 import random
 import uuid
 from collections.abc import Callable, Mapping
@@ -42,6 +48,7 @@ from typing import Literal
 import orjson
 from aiohttp import BodyPartReader, web
 from multidict import CIMultiDict
+from PIL import Image
 
 from tests.fakes.loopback import LoopbackServer, RecordedRequest, image_bytes
 
@@ -107,6 +114,12 @@ _FIELDS: Mapping[str, frozenset[str]] = {
     "sd3": _COMMON_FIELDS | {"model", "mode", "image", "strength", "cfg_scale"},
 }
 _MAX_SEED = 4_294_967_294
+_INPAINT_FIELDS = frozenset(
+    {"prompt", "negative_prompt", "seed", "output_format", "grow_mask", "style_preset"}
+)
+_INPAINT_FILES = frozenset({"image", "mask"})
+_MIN_SIDE = 64
+_MAX_PIXELS = 9_437_184
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,33 +317,39 @@ class FakeStabilityUpstream(LoopbackServer[Behaviour]):
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/v2beta/stable-image/generate/{endpoint}", self._generate)
+        app.router.add_post("/v2beta/stable-image/edit/inpaint", self._inpaint)
 
-    async def _record_form(self, request: web.Request) -> tuple[dict[str, str], str]:
-        """Records the request; returns its form fields and an error text ("" if fine)."""
+    async def _record_form(
+        self, request: web.Request
+    ) -> tuple[dict[str, str], dict[str, bytes], str]:
+        """Records the request; returns its text fields, its file parts and an error text
+        ("" if fine)."""
         headers = CIMultiDict(request.headers)
         if request.content_type != "multipart/form-data":
             await self.record(request)
-            return {}, "content-type: must be multipart/form-data"
+            return {}, {}, "content-type: must be multipart/form-data"
         fields: dict[str, str] = {}
+        files: dict[str, bytes] = {}
         problem = ""
         reader = await request.multipart()
         while (part := await reader.next()) is not None:
             if not isinstance(part, BodyPartReader) or not part.name:
                 problem = problem or "body: malformed multipart part"
                 continue
-            if part.name in fields:
+            if part.name in fields or part.name in files:
                 problem = problem or f"{part.name}: given more than once"
-            fields[part.name] = await part.text()
+            if part.filename is not None:
+                files[part.name] = bytes(await part.read())
+            else:
+                fields[part.name] = await part.text()
+        body: dict[str, str | bytes] = {**fields, **files}
         self.requests.append(
-            RecordedRequest(request.method, request.path, headers, dict(request.query), fields)
+            RecordedRequest(request.method, request.path, headers, dict(request.query), body)
         )
-        return fields, problem
+        return fields, files, problem
 
-    async def _generate(self, request: web.Request) -> web.StreamResponse:
-        endpoint = request.match_info["endpoint"]
-        fields, problem = await self._record_form(request)
-        if endpoint not in _FIELDS:
-            return _error(404, "not_found", f"{request.path}: no such endpoint")
+    def _refuse(self, request: web.Request, problem: str) -> web.Response | None:
+        """The auth and Accept checks every endpoint makes, then the form's own problem."""
         if (
             self.api_key is not None
             and request.headers.get("Authorization") != f"Bearer {self.api_key}"
@@ -339,10 +358,14 @@ class FakeStabilityUpstream(LoopbackServer[Behaviour]):
         accept = request.headers.get("Accept", "image/*")
         if accept not in ("image/*", "application/json"):
             problem = problem or "accept: must be one of image/*, application/json"
-        problem = problem or _validate(endpoint, fields)
-        if problem:
-            return _error(400, "bad_request", problem)
+        return _error(400, "bad_request", problem) if problem else None
 
+    async def _scripted(
+        self,
+        request: web.Request,
+        fields: Mapping[str, str],
+        size: tuple[int, int],
+    ) -> web.StreamResponse:
         behaviour = self.next_behaviour()
         await self.pause(behaviour.delay)
         if behaviour.kind == "error":
@@ -355,19 +378,40 @@ class FakeStabilityUpstream(LoopbackServer[Behaviour]):
                 body=behaviour.body,
                 headers={"Content-Type": behaviour.content_type, **behaviour.headers},
             )
-        return await self._image_answer(request, endpoint, fields, behaviour, accept)
+        accept = request.headers.get("Accept", "image/*")
+        return await self._image_answer(request, size, fields, behaviour, accept)
+
+    async def _inpaint(self, request: web.Request) -> web.StreamResponse:
+        fields, files, problem = await self._record_form(request)
+        refusal = self._refuse(request, problem or _validate_inpaint(fields, files))
+        if refusal is not None:
+            return refusal
+        with Image.open(io.BytesIO(files["image"])) as image:
+            size = image.size
+        return await self._scripted(request, fields, size)
+
+    async def _generate(self, request: web.Request) -> web.StreamResponse:
+        endpoint = request.match_info["endpoint"]
+        fields, files, problem = await self._record_form(request)
+        if endpoint not in _FIELDS:
+            return _error(404, "not_found", f"{request.path}: no such endpoint")
+        refusal = self._refuse(request, problem or _validate(endpoint, fields, files))
+        if refusal is not None:
+            return refusal
+        width, height = PIXEL_SIZES[fields.get("aspect_ratio", "1:1")]
+        if endpoint == "ultra":
+            width, height = width * _ULTRA_SCALE, height * _ULTRA_SCALE
+        return await self._scripted(request, fields, (width, height))
 
     async def _image_answer(
         self,
         request: web.Request,
-        endpoint: str,
+        size: tuple[int, int],
         fields: Mapping[str, str],
         behaviour: Behaviour,
         accept: str,
     ) -> web.StreamResponse:
-        width, height = PIXEL_SIZES[fields.get("aspect_ratio", "1:1")]
-        if endpoint == "ultra":
-            width, height = width * _ULTRA_SCALE, height * _ULTRA_SCALE
+        width, height = size
         fmt = fields.get("output_format", "png")
         data = _image(width, height, fmt, behaviour.finish_reason == "CONTENT_FILTERED")
         seed = int(fields.get("seed") or 0) or random.randint(1, _MAX_SEED)
@@ -404,9 +448,55 @@ class FakeStabilityUpstream(LoopbackServer[Behaviour]):
         return web.Response(body=data, headers=headers)
 
 
-def _validate(endpoint: str, fields: Mapping[str, str]) -> str:
-    """Stability's request checks, as ``"<field>: <problem>"`` (its own error style)."""
+def _validate_inpaint(fields: Mapping[str, str], files: Mapping[str, bytes]) -> str:
+    """The inpaint endpoint's checks, in Stability's ``"<field>: <problem>"`` style."""
     for name in fields:
+        if name in _INPAINT_FILES:
+            return f"{name}: must be a file"
+        if name not in _INPAINT_FIELDS:
+            return f"{name}: unknown field for this endpoint"
+    for name in files:
+        if name not in _INPAINT_FILES:
+            return f"{name}: unknown field for this endpoint"
+    if "image" not in files:
+        return "image: is required"
+    for name, data in files.items():
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                fmt, (width, height) = img.format, img.size
+        except Exception:  # Pillow raises many types for bad input.
+            return f"{name}: is not a valid image"
+        if name == "image":
+            if fmt not in ("PNG", "JPEG", "WEBP"):
+                return "image: must be one of jpeg, png, webp"
+            if min(width, height) < _MIN_SIDE or width * height > _MAX_PIXELS:
+                return (
+                    f"image: sides must be at least {_MIN_SIDE} pixels and the total at most "
+                    f"{_MAX_PIXELS} pixels"
+                )
+    grow = fields.get("grow_mask")
+    if grow is not None and not (grow.isdigit() and int(grow) <= 100):
+        return "grow_mask: must be an integer between 0 and 100"
+    return _validate_common(fields)
+
+
+def _validate_common(fields: Mapping[str, str]) -> str:
+    prompt = fields.get("prompt")
+    if not prompt:
+        return "prompt: cannot be empty"
+    if len(prompt) > 10_000:
+        return "prompt: must be at most 10000 characters"
+    if fields.get("output_format", "png") not in _OUTPUT_FORMATS:
+        return "output_format: must be one of jpeg, png, webp"
+    seed = fields.get("seed")
+    if seed is not None and not (seed.isdigit() and 0 <= int(seed) <= _MAX_SEED):
+        return f"seed: must be an integer between 0 and {_MAX_SEED}"
+    return ""
+
+
+def _validate(endpoint: str, fields: Mapping[str, str], files: Mapping[str, bytes]) -> str:
+    """Stability's request checks, as ``"<field>: <problem>"`` (its own error style)."""
+    for name in [*fields, *files]:
         if name not in _FIELDS[endpoint]:
             return f"{name}: unknown field for this endpoint"
     prompt = fields.get("prompt")
