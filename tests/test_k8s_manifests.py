@@ -839,3 +839,14 @@ def test_the_dockerignore_keeps_the_context_small_but_complete() -> None:
         assert not _dockerignored(source, rules), f"{source} is copied but ignored"
     for needed in ("pyproject.toml", "README.md", "imagegen_service/config.py"):
         assert not _dockerignored(needed, rules), needed
+
+
+def test_the_cluster_catalog_is_the_default_catalog() -> None:
+    # The ConfigMap differs from the built-in configuration only in where things listen and
+    # live; a model, price or provider added to one must be added to the other.
+    with (ROOT / "k8s" / "base" / "imagegen.toml").open("rb") as f:
+        cluster = tomllib.load(f)
+    with (ROOT / "imagegen_service" / "default_config.toml").open("rb") as f:
+        default = tomllib.load(f)
+    for table in ("models", "providers", "catalog", "routing", "rate_limits"):
+        assert cluster[table] == default[table], table
