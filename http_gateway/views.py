@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -125,41 +126,45 @@ async def create_images(request: web.Request) -> web.StreamResponse:
 
 async def create_edits(request: web.Request) -> web.StreamResponse:
     """``POST /v1/images/edits``: multipart with ``image`` or repeated ``image[]``, ``mask``."""
-    config = request.app[CONFIG]
-    try:
-        form = await uploads.read_form(
-            request, limit=config.max_upload_bytes, file_fields=_EDIT_FILES
-        )
-        message = _edit_request(form)
-        metadata = _metadata(request) + _idempotency_metadata(request)
-    except uploads.UploadTooLarge as exc:
-        return errors.error_response(errors.TOO_LARGE, exc.message)
-    except BodyError as exc:
-        return errors.error_response(errors.BAD_REQUEST, exc.message, param=exc.param)
-    call = request.app[STUB].EditImages(
-        message, metadata=metadata, timeout=config.request_timeout_seconds
+    return await _multipart_images(
+        request, _EDIT_FILES, _edit_request, request.app[STUB].EditImages, "image_edit"
     )
-    if message.stream:
-        return await _stream_answer(request, call, "image_edit")
-    return await _json_answer(request, call)
 
 
 async def create_variations(request: web.Request) -> web.StreamResponse:
     """``POST /v1/images/variations``: multipart with one ``image``."""
+    return await _multipart_images(
+        request,
+        _VARIATION_FILES,
+        _variation_request,
+        request.app[STUB].CreateImageVariations,
+        None,
+    )
+
+
+async def _multipart_images(
+    request: web.Request,
+    file_fields: frozenset[str],
+    build: Callable[[uploads.Form], Any],
+    rpc: Callable[..., ImagesCall],
+    stream_prefix: str | None,
+) -> web.StreamResponse:
+    """A multipart image request: read the form within the upload limit, call ``rpc``, and
+    answer JSON, or SSE events named ``{stream_prefix}.*`` when streaming was asked."""
     config = request.app[CONFIG]
     try:
         form = await uploads.read_form(
-            request, limit=config.max_upload_bytes, file_fields=_VARIATION_FILES
+            request, limit=config.max_upload_bytes, file_fields=file_fields
         )
-        message = _variation_request(form)
+        message = build(form)
         metadata = _metadata(request) + _idempotency_metadata(request)
     except uploads.UploadTooLarge as exc:
         return errors.error_response(errors.TOO_LARGE, exc.message)
     except BodyError as exc:
         return errors.error_response(errors.BAD_REQUEST, exc.message, param=exc.param)
-    call = request.app[STUB].CreateImageVariations(
-        message, metadata=metadata, timeout=config.request_timeout_seconds
-    )
+    call = rpc(message, metadata=metadata, timeout=config.request_timeout_seconds)
+    if stream_prefix is not None and message.stream:
+        return await _stream_answer(request, call, stream_prefix)
     return await _json_answer(request, call)
 
 
