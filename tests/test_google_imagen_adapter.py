@@ -21,7 +21,7 @@ from imagegen_service.errors import (
     InvalidParameter,
     UpstreamError,
 )
-from imagegen_service.providers.base import ProviderRequest
+from imagegen_service.providers.base import Editing, InputImage, ProviderRequest, supports
 from imagegen_service.providers.google_imagen import (
     GoogleImagenProvider,
     from_config,
@@ -45,7 +45,7 @@ from tests.fakes.google_imagen_upstream import (
     unavailable,
     wrong_content_type,
 )
-from tests.fakes.loopback import free_port
+from tests.fakes.loopback import free_port, image_bytes
 
 API_KEY = "AIzaSy-test-key-0123456789"
 TOKEN = "ya29.test-access-token-0123456789"
@@ -762,3 +762,154 @@ def test_bad_options_are_config_errors_at_construction(
     config = ProviderConfig(name="g", type="vertex-imagen", options=options)
     with pytest.raises(ConfigError, match=match):
         make(config, TOKEN)
+
+
+# --- edits (Vertex AI only) ----------------------------------------------------------------
+
+EDIT_MODEL = "imagen-3.0-capability-001"
+
+
+def input_image(width: int, height: int, fmt: str = "PNG") -> InputImage:
+    return InputImage(
+        data=image_bytes(width, height, fmt), format=fmt.lower(), width=width, height=height
+    )
+
+
+def openai_mask(width: int, height: int) -> InputImage:
+    """An OpenAI-style mask: the left half transparent (edit), the right half opaque (keep)."""
+    mask = Image.new("RGBA", (width, height), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (0, 0, width // 2, height))
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    return InputImage(
+        data=buffer.getvalue(), format="png", width=width, height=height, has_alpha=True
+    )
+
+
+def edit_request(**overrides: Any) -> ProviderRequest:
+    fields: dict[str, Any] = {
+        "upstream_model": EDIT_MODEL,
+        "images": (input_image(512, 384),),
+        "mask": openai_mask(512, 384),
+        "request_id": "req-edit-1",
+    }
+    fields.update(overrides)
+    return make_request(**fields)
+
+
+def sent_references(fake: FakeGoogleImagen) -> tuple[bytes, Image.Image, dict[str, Any]]:
+    """The raw image's bytes, the decoded mask and the mask's config the upstream received."""
+    raw_ref, mask_ref = fake.requests[-1].body["instances"][0]["referenceImages"]
+    raw_bytes = base64.b64decode(raw_ref["referenceImage"]["bytesBase64Encoded"])
+    mask = Image.open(
+        io.BytesIO(base64.b64decode(mask_ref["referenceImage"]["bytesBase64Encoded"]))
+    )
+    return raw_bytes, mask, mask_ref["maskImageConfig"]
+
+
+async def test_a_vertex_edit_sends_the_image_and_an_imagen_mask_and_reads_the_images(
+    vertex_fake: FakeGoogleImagen, vertex: GoogleImagenProvider
+) -> None:
+    request = edit_request(n=2)
+    assert isinstance(vertex, Editing)
+
+    result = await vertex.edit(request)
+
+    assert [(i.mime_type, i.width, i.height) for i in result.images] == [
+        ("image/png", 512, 384)
+    ] * 2
+    seen = vertex_fake.requests[0]
+    assert seen.path.endswith(f"/publishers/google/models/{EDIT_MODEL}:predict")
+    assert seen.headers["Authorization"] == f"Bearer {TOKEN}"
+    assert seen.headers["X-Request-ID"] == "req-edit-1"
+    instance = seen.body["instances"][0]
+    assert instance["prompt"] == "a lighthouse at dusk"
+    assert [(r["referenceType"], r["referenceId"]) for r in instance["referenceImages"]] == [
+        ("REFERENCE_TYPE_RAW", 1),
+        ("REFERENCE_TYPE_MASK", 2),
+    ]
+    assert seen.body["parameters"] == {
+        "sampleCount": 2,
+        "editMode": "EDIT_MODE_INPAINT_INSERTION",
+        "personGeneration": "allow_adult",
+        "includeRaiReason": True,
+        "outputOptions": {"mimeType": "image/png"},
+    }
+    raw_bytes, mask, config = sent_references(vertex_fake)
+    assert raw_bytes == request.images[0].data
+    assert config == {"maskMode": "MASK_MODE_USER_PROVIDED", "dilation": 0.01}
+    # OpenAI's transparent = edit became Imagen's white = edit.
+    assert (mask.mode, mask.size) == ("L", (512, 384))
+    assert mask.getpixel((10, 10)) == 255
+    assert mask.getpixel((500, 10)) == 0
+
+
+async def test_an_edit_without_a_mask_edits_the_whole_opaque_image_and_webp_becomes_png(
+    vertex_fake: FakeGoogleImagen, vertex: GoogleImagenProvider
+) -> None:
+    await vertex.edit(edit_request(images=(input_image(300, 200, "WEBP"),), mask=None))
+
+    raw_bytes, mask, _ = sent_references(vertex_fake)
+    with Image.open(io.BytesIO(raw_bytes)) as raw_image:
+        assert (raw_image.format, raw_image.size) == ("PNG", (300, 200))
+    assert mask.getextrema() == (255, 255)
+
+
+async def test_the_gemini_api_provider_offers_no_edits(
+    provider: GoogleImagenProvider, vertex: GoogleImagenProvider
+) -> None:
+    assert not supports(provider, "edit")
+    assert supports(vertex, "edit")
+    assert not supports(vertex, "variation")
+
+
+async def test_an_edit_of_several_images_is_refused_before_any_call(
+    vertex_fake: FakeGoogleImagen, vertex: GoogleImagenProvider
+) -> None:
+    request = edit_request(images=(input_image(64, 64), input_image(64, 64)), mask=None)
+    with pytest.raises(InvalidParameter) as raised:
+        vertex.check(request)
+    assert raised.value.param == "image"
+    with pytest.raises(InvalidParameter):
+        await vertex.edit(request)
+    assert vertex_fake.hits == 0
+
+
+@pytest.mark.parametrize(
+    "behaviour", [prompt_blocked(), response_blocked(), all_filtered()], ids=["400", "after", "200"]
+)
+async def test_a_refused_edit_is_content_policy(
+    vertex_fake: FakeGoogleImagen, vertex: GoogleImagenProvider, behaviour: Behaviour
+) -> None:
+    vertex_fake.script(behaviour)
+    with pytest.raises(ContentPolicy):
+        await vertex.edit(edit_request())
+
+
+async def test_a_partly_filtered_edit_gives_the_rest(
+    vertex_fake: FakeGoogleImagen, vertex: GoogleImagenProvider
+) -> None:
+    vertex_fake.script(ok(filtered=1))
+    result = await vertex.edit(edit_request(n=3))
+    assert (len(result.images), result.filtered) == (2, 1)
+
+
+async def test_an_edit_the_upstream_rejects_is_invalid_parameter(
+    vertex_fake: FakeGoogleImagen, vertex: GoogleImagenProvider
+) -> None:
+    vertex_fake.script(invalid_argument("Image editing failed: the image is too small."))
+    with pytest.raises(InvalidParameter, match="too small"):
+        await vertex.edit(edit_request())
+    # A generation model cannot edit: the fake (like Vertex) answers 400.
+    with pytest.raises(InvalidParameter, match="does not support image editing"):
+        await vertex.edit(edit_request(upstream_model=MODEL))
+
+
+@pytest.mark.parametrize("behaviour", [server_error(), unavailable()], ids=["500", "503"])
+async def test_an_edit_failing_upstream_is_an_upstream_error(
+    vertex_fake: FakeGoogleImagen, vertex: GoogleImagenProvider, behaviour: Behaviour
+) -> None:
+    vertex_fake.script(behaviour)
+    with pytest.raises(UpstreamError) as raised:
+        await vertex.edit(edit_request())
+    assert TOKEN not in error_texts(raised.value)

@@ -14,6 +14,16 @@ come back at Imagen's own pixel size for that ratio (16:9 is 1408x768, for examp
 Imagen makes at most four images per call. A request for more is split into several calls
 made concurrently under the one deadline of the request, and their images are merged.
 
+Edits (Vertex AI only; the Gemini API has no Imagen editing, so its provider offers none):
+the same ``:predict`` on an editing model such as ``imagen-3.0-capability-001``, the instance
+carrying ``referenceImages``: the image as ``REFERENCE_TYPE_RAW`` and a mask as
+``REFERENCE_TYPE_MASK`` (``maskImageConfig.maskMode`` ``MASK_MODE_USER_PROVIDED``), with
+``parameters.editMode`` ``EDIT_MODE_INPAINT_INSERTION``. Imagen edits where the mask is
+non-zero (white); OpenAI's masks edit where they are transparent, so the mask's alpha is
+turned into a black-and-white PNG. With no mask, the image's own transparency is the mask if it
+has any, else the whole image is edited. One image per edit; the answer is read as for
+generation and comes back at the input image's size.
+
 Safety: images the output filter withholds are missing from ``predictions`` or, because we
 send ``includeRaiReason``, replaced by an entry carrying only ``raiFilteredReason``. Some
 withheld → a partial result with ``filtered`` set; all withheld, or a 400 saying the prompt
@@ -23,10 +33,12 @@ was blocked → ContentPolicy.
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -34,10 +46,16 @@ from urllib.parse import quote
 
 import aiohttp
 import orjson
+from PIL import Image
 
 from imagegen_service.config import ConfigError, ProviderConfig
 from imagegen_service.errors import ContentPolicy, InvalidParameter, UpstreamError
-from imagegen_service.providers.base import ProviderImage, ProviderRequest, ProviderResult
+from imagegen_service.providers.base import (
+    InputImage,
+    ProviderImage,
+    ProviderRequest,
+    ProviderResult,
+)
 from imagegen_service.providers.http import (
     MAX_ERROR_BODY_BYTES,
     MAX_RETRY_AFTER_SECONDS,
@@ -53,6 +71,7 @@ __all__ = [
     "IMAGEN_PIXEL_SIZES",
     "IMAGEN_RATIOS",
     "GoogleImagenProvider",
+    "VertexImagenProvider",
     "from_config",
     "vertex_base_url",
     "vertex_from_config",
@@ -75,6 +94,9 @@ PERSON_GENERATION_VALUES = frozenset({"dont_allow", "allow_adult", "allow_all"})
 # Vertex takes a seed in 1..2^31-1, and only with the watermark off.
 _MAX_SEED = 2_147_483_647
 
+# Google's recommended mask dilation for EDIT_MODE_INPAINT_INSERTION (a share of the image).
+_MASK_DILATION = 0.01
+
 _CONTENT_POLICY_MESSAGE = "The prompt was refused by the provider's content policy."
 _MAX_UPSTREAM_MESSAGE = 300
 # Google's refusals are 400 INVALID_ARGUMENT like any bad field; only the text tells them
@@ -91,6 +113,10 @@ _REFUSAL = re.compile(
 _OPERATOR_PROBLEM = re.compile(
     r"api key|billed users|billing|quota|location is not supported", re.IGNORECASE
 )
+
+
+# One call's JSON body, from its image count and its index in a split request.
+_Body = Callable[[int, int], dict[str, Any]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +226,16 @@ class GoogleImagenProvider(HttpUpstream):
 
     async def generate(self, request: ProviderRequest) -> ProviderResult:
         aspect_ratio = aspect_ratio_for(request.width, request.height, IMAGEN_RATIOS)
+
+        def body(count: int, index: int) -> dict[str, Any]:
+            parameters = self._parameters(request, count, index)
+            parameters["aspectRatio"] = aspect_ratio
+            return {"instances": [{"prompt": request.prompt}], "parameters": parameters}
+
+        return await self._predict_all(request, body)
+
+    async def _predict_all(self, request: ProviderRequest, body: _Body) -> ProviderResult:
+        """``request.n`` images from as many ``:predict`` calls as needed, merged."""
         secret = self._credential.current()
         if secret is None:
             raise UpstreamError(f"upstream {self.name!r} has no credential configured")
@@ -207,8 +243,8 @@ class GoogleImagenProvider(HttpUpstream):
 
         async def call(session: aiohttp.ClientSession) -> list[_Chunk]:
             if len(counts) == 1:
-                return [await self._chunk(session, request, aspect_ratio, secret, counts[0], 0)]
-            return await self._chunks(session, request, aspect_ratio, secret, counts)
+                return [await self._chunk(session, request, body, secret, counts[0], 0)]
+            return await self._chunks(session, request, body, secret, counts)
 
         chunks = await self.within_deadline(call)
         images = [image for chunk in chunks for image in chunk.images]
@@ -220,7 +256,7 @@ class GoogleImagenProvider(HttpUpstream):
         self,
         session: aiohttp.ClientSession,
         request: ProviderRequest,
-        aspect_ratio: str,
+        body: _Body,
         secret: str,
         counts: Sequence[int],
     ) -> list[_Chunk]:
@@ -228,9 +264,7 @@ class GoogleImagenProvider(HttpUpstream):
         try:
             async with asyncio.TaskGroup() as group:
                 tasks = [
-                    group.create_task(
-                        self._chunk(session, request, aspect_ratio, secret, count, index)
-                    )
+                    group.create_task(self._chunk(session, request, body, secret, count, index))
                     for index, count in enumerate(counts)
                 ]
         except BaseExceptionGroup as failures:
@@ -244,13 +278,13 @@ class GoogleImagenProvider(HttpUpstream):
         self,
         session: aiohttp.ClientSession,
         request: ProviderRequest,
-        aspect_ratio: str,
+        body: _Body,
         secret: str,
         count: int,
         index: int,
     ) -> _Chunk:
         try:
-            answer = await self._predict(session, request, aspect_ratio, secret, count, index)
+            answer = await self._predict(session, request, body(count, index), secret)
         except ContentPolicy:
             if index == 0 and count == request.n:
                 raise
@@ -259,12 +293,10 @@ class GoogleImagenProvider(HttpUpstream):
             return _Chunk(images=[], filtered=count)
         return self._read_predictions(answer, count, index * self._per_call)
 
-    def _payload(
-        self, request: ProviderRequest, aspect_ratio: str, count: int, index: int
-    ) -> dict[str, Any]:
+    def _parameters(self, request: ProviderRequest, count: int, index: int) -> dict[str, Any]:
+        """The ``parameters`` that generation and editing share."""
         parameters: dict[str, Any] = {
             "sampleCount": count,
-            "aspectRatio": aspect_ratio,
             "personGeneration": self._person_generation,
             # Without it a filtered image simply vanishes; with it we can tell a filtered
             # image from an upstream that lost one.
@@ -282,7 +314,7 @@ class GoogleImagenProvider(HttpUpstream):
                 # Each call of a split request gets its own seed, or they would draw the same
                 # images.
                 parameters["seed"] = (request.seed + index - 1) % _MAX_SEED + 1
-        return {"instances": [{"prompt": request.prompt}], "parameters": parameters}
+        return parameters
 
     def _headers(self, secret: str) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -296,14 +328,12 @@ class GoogleImagenProvider(HttpUpstream):
         self,
         session: aiohttp.ClientSession,
         request: ProviderRequest,
-        aspect_ratio: str,
+        payload: dict[str, Any],
         secret: str,
-        count: int,
-        index: int,
     ) -> dict[str, Any]:
         async with session.post(
             self.endpoint(request.upstream_model),
-            data=orjson.dumps(self._payload(request, aspect_ratio, count, index)),
+            data=orjson.dumps(payload),
             headers={**self._headers(secret), **self.trace_headers(request)},
         ) as resp:
             if resp.status != 200:
@@ -363,6 +393,83 @@ class GoogleImagenProvider(HttpUpstream):
             revised = item.get("prompt")
             images.append(self.inspect(data, index, revised if isinstance(revised, str) else ""))
         return _Chunk(images=images, filtered=count - len(images))
+
+
+class VertexImagenProvider(GoogleImagenProvider):
+    """Imagen on Vertex AI, which also edits images (see the module docstring)."""
+
+    def __init__(self, name: str, **kwargs: Any) -> None:
+        super().__init__(name, vertex=True, **kwargs)
+
+    def check(self, request: ProviderRequest) -> None:
+        super().check(request)
+        if len(request.images) > 1:
+            raise InvalidParameter(
+                "Imagen edits one image at a time; send a single image.", param="image"
+            )
+
+    async def edit(self, request: ProviderRequest) -> ProviderResult:
+        self.check(request)
+        if not request.images:
+            raise InvalidParameter("An edit needs an image.", param="image")
+        # Pillow work is CPU-bound: kept off the event loop.
+        raw, mask = await asyncio.to_thread(_edit_inputs, request.images[0], request.mask)
+        references = [
+            {
+                "referenceType": "REFERENCE_TYPE_RAW",
+                "referenceId": 1,
+                "referenceImage": {"bytesBase64Encoded": raw},
+            },
+            {
+                "referenceType": "REFERENCE_TYPE_MASK",
+                "referenceId": 2,
+                "referenceImage": {"bytesBase64Encoded": mask},
+                "maskImageConfig": {
+                    "maskMode": "MASK_MODE_USER_PROVIDED",
+                    "dilation": _MASK_DILATION,
+                },
+            },
+        ]
+
+        def body(count: int, index: int) -> dict[str, Any]:
+            parameters = self._parameters(request, count, index)
+            parameters["editMode"] = "EDIT_MODE_INPAINT_INSERTION"
+            instance = {"prompt": request.prompt, "referenceImages": references}
+            return {"instances": [instance], "parameters": parameters}
+
+        return await self._predict_all(request, body)
+
+
+def _edit_inputs(image: InputImage, mask: InputImage | None) -> tuple[str, str]:
+    """The image (as PNG or JPEG, which Imagen takes) and Imagen's mask (white: edit), both
+    base64. OpenAI's mask edits where it is fully transparent; with no mask, the image's own
+    transparency, or else the whole image."""
+    with Image.open(io.BytesIO(image.data)) as opened:
+        if image.format in ("png", "jpeg"):
+            raw = image.data
+        else:
+            buffer = io.BytesIO()
+            converted = opened.convert("RGBA" if image.has_alpha else "RGB")
+            converted.save(buffer, format="PNG")
+            raw = buffer.getvalue()
+        alpha = opened.convert("RGBA").getchannel("A") if image.has_alpha else None
+    if mask is not None:
+        with Image.open(io.BytesIO(mask.data)) as opened_mask:
+            alpha = opened_mask.convert("RGBA").getchannel("A")
+    size = (image.width, image.height)
+    if alpha is None:
+        black_white = Image.new("L", size, 255)
+    else:
+        # Alpha 0 (transparent) → 255 (edit); anything else → 0 (keep).
+        black_white = alpha.point([255] + [0] * 255)
+        if black_white.size != size:
+            black_white = black_white.resize(size, Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    black_white.save(buffer, format="PNG")
+    return (
+        base64.b64encode(raw).decode("ascii"),
+        base64.b64encode(buffer.getvalue()).decode("ascii"),
+    )
 
 
 def _split(n: int, per_call: int) -> list[int]:
@@ -480,7 +587,7 @@ def vertex_base_url(location: str) -> str:
     return f"https://{location}-aiplatform.googleapis.com/v1"
 
 
-def vertex_from_config(config: ProviderConfig, credential: str | None) -> GoogleImagenProvider:
+def vertex_from_config(config: ProviderConfig, credential: str | None) -> VertexImagenProvider:
     """Type ``vertex-imagen``: Imagen on Vertex AI, with an OAuth access token (from the
     environment variable, or from ``api_key_file``, re-read whenever it changes)."""
     project = config.options.get("project")
@@ -500,6 +607,4 @@ def vertex_from_config(config: ProviderConfig, credential: str | None) -> Google
         f"{base_url}/projects/{quote(project.strip(), safe=':.')}/locations/{location}"
         "/publishers/google/models/"
     )
-    return GoogleImagenProvider(
-        config.name, endpoint_prefix=prefix, vertex=True, **_common(config, credential)
-    )
+    return VertexImagenProvider(config.name, endpoint_prefix=prefix, **_common(config, credential))

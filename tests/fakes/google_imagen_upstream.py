@@ -18,6 +18,15 @@ Routes (the real paths; ``base_url`` ends in ``/v1beta`` or ``/v1``):
   with ``Authorization: Bearer <token>``; none or wrong → 401 UNAUTHENTICATED; another project
   or location → 403 IAM_PERMISSION_DENIED. ``fake.token`` may be changed to model a rotation.
 
+Edits (Vertex only, as on Google): the instance may also carry ``referenceImages``, which only an
+editing model (``imagen-3.0-capability-*``) takes: exactly one ``REFERENCE_TYPE_RAW`` and at
+most one ``REFERENCE_TYPE_MASK`` (the mask with ``maskImageConfig``: a known ``maskMode``, an
+image for ``MASK_MODE_USER_PROVIDED`` of the raw image's size, ``dilation`` in 0..1), each with
+a unique integer ``referenceId`` and ``referenceImage.bytesBase64Encoded`` holding a PNG or
+JPEG; ``parameters.editMode`` one of Imagen's edit modes, the inpainting and outpainting ones
+needing the mask. An edit answers images of the raw image's size. The Gemini API refuses both
+fields as unknown names.
+
 The body is checked the way the upstream would reject it: exactly ``instances`` and
 ``parameters``; one instance with a non-empty ``prompt``; only known parameter names (the
 Gemini API also refuses Vertex-only ones such as ``seed`` and ``addWatermark``); sampleCount
@@ -37,13 +46,16 @@ Imagen's real pixel size for the aspect ratio, the last ``k`` withheld (replaced
 from __future__ import annotations
 
 import base64
+import binascii
 import functools
+import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
 from aiohttp import web
+from PIL import Image
 
 from tests.fakes.loopback import LoopbackServer, RecordedRequest, image_bytes
 
@@ -91,7 +103,38 @@ _COMMON_PARAMETERS = frozenset(
     }
 )
 _VERTEX_ONLY_PARAMETERS = frozenset(
-    {"seed", "addWatermark", "negativePrompt", "enhancePrompt", "storageUri"}
+    {
+        "seed",
+        "addWatermark",
+        "negativePrompt",
+        "enhancePrompt",
+        "storageUri",
+        "editMode",
+        "baseSteps",
+    }
+)
+EDIT_MODES = frozenset(
+    {
+        "EDIT_MODE_DEFAULT",
+        "EDIT_MODE_INPAINT_INSERTION",
+        "EDIT_MODE_INPAINT_REMOVAL",
+        "EDIT_MODE_OUTPAINT",
+        "EDIT_MODE_BGSWAP",
+        "EDIT_MODE_CONTROLLED_EDITING",
+        "EDIT_MODE_STYLE",
+        "EDIT_MODE_PRODUCT_IMAGE",
+    }
+)
+_MASKED_EDIT_MODES = frozenset(
+    {"EDIT_MODE_INPAINT_INSERTION", "EDIT_MODE_INPAINT_REMOVAL", "EDIT_MODE_OUTPAINT"}
+)
+MASK_MODES = frozenset(
+    {
+        "MASK_MODE_USER_PROVIDED",
+        "MASK_MODE_BACKGROUND",
+        "MASK_MODE_FOREGROUND",
+        "MASK_MODE_SEMANTIC",
+    }
 )
 _FILTERED_REASON = (
     "Your current safety filter threshold filtered out one or more generated images. "
@@ -317,10 +360,10 @@ class FakeGoogleImagen(LoopbackServer[Behaviour]):
         try:
             model = self._model(request)
             self._authenticate(request, model)
-            parameters = self._validate(recorded)
+            parameters, edit_size = self._validate(recorded, model)
             behaviour = self.next_behaviour()
             await self.pause(behaviour.delay)
-            return self._answer(behaviour, parameters)
+            return self._answer(behaviour, parameters, edit_size)
         except _Rejected as rejected:
             return rejected.response
         finally:
@@ -443,7 +486,10 @@ class FakeGoogleImagen(LoopbackServer[Behaviour]):
                 )
             )
 
-    def _validate(self, recorded: RecordedRequest) -> dict[str, Any]:
+    def _validate(
+        self, recorded: RecordedRequest, model: str
+    ) -> tuple[dict[str, Any], tuple[int, int] | None]:
+        """The parameters, and for an edit the raw image's size."""
         body = recorded.body
         if recorded.headers.get("Content-Type", "").split(";")[0] != "application/json" or (
             not isinstance(body, dict)
@@ -458,7 +504,11 @@ class FakeGoogleImagen(LoopbackServer[Behaviour]):
         if not isinstance(instances, list) or len(instances) != 1:
             raise _bad_request("Exactly one instance is required.")
         instance = instances[0]
-        if not isinstance(instance, dict) or set(instance) != {"prompt"}:
+        if isinstance(instance, dict) and self.vertex and "referenceImages" in instance:
+            edit_fields = {"prompt", "referenceImages"}
+            if set(instance) != edit_fields:
+                raise _bad_request("An edit instance has exactly prompt and referenceImages.")
+        elif not isinstance(instance, dict) or set(instance) != {"prompt"}:
             raise _bad_request("An instance must have exactly one field: prompt.")
         if not isinstance(instance["prompt"], str) or not instance["prompt"].strip():
             raise _bad_request("The prompt is empty.")
@@ -466,7 +516,94 @@ class FakeGoogleImagen(LoopbackServer[Behaviour]):
         if not isinstance(parameters, dict):
             raise _bad_request("parameters must be an object.")
         self._validate_parameters(parameters)
-        return parameters
+        edit_size = None
+        if "referenceImages" in instance:
+            edit_size = self._validate_edit(model, instance["referenceImages"], parameters)
+        elif "editMode" in parameters:
+            raise _bad_request("editMode needs referenceImages.")
+        return parameters, edit_size
+
+    def _validate_edit(
+        self, model: str, references: Any, parameters: dict[str, Any]
+    ) -> tuple[int, int]:
+        if "capability" not in model:
+            raise _bad_request(f"Model {model} does not support image editing.")
+        if not isinstance(references, list) or not references:
+            raise _bad_request("referenceImages must be a non-empty list.")
+        ids: set[int] = set()
+        raws: list[Image.Image] = []
+        masks: list[Image.Image] = []
+        for reference in references:
+            if not isinstance(reference, dict):
+                raise _bad_request("A reference image must be an object.")
+            kind = reference.get("referenceType")
+            allowed = {"referenceType", "referenceId", "referenceImage"}
+            if kind == "REFERENCE_TYPE_MASK":
+                allowed.add("maskImageConfig")
+            elif kind != "REFERENCE_TYPE_RAW":
+                raise _bad_request(f"Unsupported referenceType: {kind!r}.")
+            for name in reference:
+                if name not in allowed:
+                    raise _bad_request(
+                        f'Invalid JSON payload received. Unknown name "{name}" at '
+                        "'instances[0].reference_images[0]': Cannot find field."
+                    )
+            ref_id = reference.get("referenceId")
+            if isinstance(ref_id, bool) or not isinstance(ref_id, int) or ref_id in ids:
+                raise _bad_request("Each reference image needs a unique integer referenceId.")
+            ids.add(ref_id)
+            if kind == "REFERENCE_TYPE_MASK":
+                config = reference.get("maskImageConfig")
+                if not isinstance(config, dict) or not set(config) <= {
+                    "maskMode",
+                    "dilation",
+                    "maskClasses",
+                }:
+                    raise _bad_request("maskImageConfig is missing or has unknown fields.")
+                if config.get("maskMode") not in MASK_MODES:
+                    raise _bad_request(f"Unsupported maskMode: {config.get('maskMode')!r}.")
+                dilation = config.get("dilation", 0.0)
+                if (
+                    isinstance(dilation, bool)
+                    or not isinstance(dilation, int | float)
+                    or not (0 <= dilation <= 1)
+                ):
+                    raise _bad_request(f"dilation must be between 0 and 1, got {dilation!r}.")
+                if config["maskMode"] != "MASK_MODE_USER_PROVIDED":
+                    if "referenceImage" in reference:
+                        raise _bad_request("Only MASK_MODE_USER_PROVIDED takes a mask image.")
+                    continue
+            masks_or_raws = masks if kind == "REFERENCE_TYPE_MASK" else raws
+            masks_or_raws.append(self._reference_image(reference.get("referenceImage")))
+        if len(raws) != 1:
+            raise _bad_request("Exactly one REFERENCE_TYPE_RAW image is required.")
+        mode = parameters.get("editMode", "EDIT_MODE_DEFAULT")
+        if mode not in EDIT_MODES:
+            raise _bad_request(f"Unsupported editMode: {mode!r}.")
+        mask_refs = [r for r in references if r.get("referenceType") == "REFERENCE_TYPE_MASK"]
+        if len(mask_refs) > 1 or (mode in _MASKED_EDIT_MODES and not mask_refs):
+            raise _bad_request(f"{mode} needs exactly one REFERENCE_TYPE_MASK image.")
+        size = raws[0].size
+        if masks and masks[0].size != size:
+            raise _bad_request("The mask must be the size of the image.")
+        return size
+
+    @staticmethod
+    def _reference_image(raw: Any) -> Image.Image:
+        if not isinstance(raw, dict) or not set(raw) <= {"bytesBase64Encoded", "mimeType"}:
+            raise _bad_request("referenceImage must be an object with bytesBase64Encoded.")
+        encoded = raw.get("bytesBase64Encoded")
+        if not isinstance(encoded, str) or not encoded:
+            raise _bad_request("referenceImage.bytesBase64Encoded is required.")
+        try:
+            data = base64.b64decode(encoded, validate=True)
+            image = Image.open(io.BytesIO(data))
+            image.load()
+        except (binascii.Error, ValueError, OSError):
+            raise _bad_request("Unable to decode the reference image.") from None
+        if image.format not in ("PNG", "JPEG"):
+            raise _bad_request(f"Unsupported image format: {image.format}.")
+        return image
 
     def _validate_parameters(self, parameters: dict[str, Any]) -> None:
         allowed = _COMMON_PARAMETERS | (_VERTEX_ONLY_PARAMETERS if self.vertex else frozenset())
@@ -502,7 +639,12 @@ class FakeGoogleImagen(LoopbackServer[Behaviour]):
             if parameters.get("addWatermark", True):
                 raise _bad_request("Seed is not supported when addWatermark is enabled.")
 
-    def _answer(self, behaviour: Behaviour, parameters: dict[str, Any]) -> web.Response:
+    def _answer(
+        self,
+        behaviour: Behaviour,
+        parameters: dict[str, Any],
+        edit_size: tuple[int, int] | None = None,
+    ) -> web.Response:
         if behaviour.kind == "error":
             return web.Response(
                 status=behaviour.status,
@@ -518,7 +660,7 @@ class FakeGoogleImagen(LoopbackServer[Behaviour]):
         count: int = parameters.get("sampleCount", 4 if not self.vertex else 1)
         withheld = count if behaviour.filtered is None else min(behaviour.filtered, count)
         mime = parameters.get("outputOptions", {}).get("mimeType", "image/png")
-        width, height = PIXEL_SIZES[parameters.get("aspectRatio", "1:1")]
+        width, height = edit_size or PIXEL_SIZES[parameters.get("aspectRatio", "1:1")]
         encoded = _encoded_image(width, height, "JPEG" if mime == "image/jpeg" else "PNG")
         predictions: list[dict[str, Any]] = [
             {"bytesBase64Encoded": encoded, "mimeType": mime} for _ in range(count - withheld)
