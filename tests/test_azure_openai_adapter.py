@@ -21,7 +21,7 @@ from imagegen_service.providers.openai_compat import (
     AzureOpenAIProvider,
     azure_from_config,
 )
-from tests.fakes.loopback import free_port, image_bytes
+from tests.fakes.loopback import free_port, image_bytes, provider_request
 from tests.fakes.openai_upstream import (
     Behaviour,
     FakeOpenAIUpstream,
@@ -48,16 +48,8 @@ DEPLOYMENTS = {
 
 
 def make_request(**overrides: Any) -> ProviderRequest:
-    fields: dict[str, Any] = {
-        "upstream_model": "gpt-image-1",
-        "prompt": "a lighthouse at dusk",
-        "n": 1,
-        "width": 1024,
-        "height": 1024,
-        "quality": "",
-    }
-    fields.update(overrides)
-    return ProviderRequest(**fields)
+    defaults: dict[str, Any] = {"upstream_model": "gpt-image-1"}
+    return provider_request(**{**defaults, **overrides})
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import base64
 import io
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import orjson
@@ -37,23 +38,15 @@ from tests.fakes.bfl_upstream import (
     slow,
     validation_error,
 )
-from tests.fakes.loopback import free_port, image_bytes
+from tests.fakes.loopback import free_port, image_bytes, provider_request
 
 API_KEY = "bfl-test-key-7f3a"
 POLL = 0.01
 
 
-def make_request(**overrides: object) -> ProviderRequest:
-    fields: dict[str, object] = {
-        "upstream_model": "flux-pro-1.1",
-        "prompt": "a lighthouse at dusk",
-        "n": 1,
-        "width": 1024,
-        "height": 1024,
-        "quality": "standard",
-    }
-    fields.update(overrides)
-    return ProviderRequest(**fields)  # type: ignore[arg-type]
+def make_request(**overrides: Any) -> ProviderRequest:
+    defaults: dict[str, Any] = {"upstream_model": "flux-pro-1.1", "quality": "standard"}
+    return provider_request(**{**defaults, **overrides})
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import orjson
@@ -44,24 +45,16 @@ from tests.fakes.gemini_upstream import (
     truncated,
     wrong_content_type,
 )
-from tests.fakes.loopback import free_port, image_bytes
+from tests.fakes.loopback import free_port, image_bytes, provider_request
 
 API_KEY = "AIza-upstream-test-0042"
 MODEL = "gemini-2.5-flash-image"
 POLICY_MESSAGE = "The prompt was refused by the provider's content policy."
 
 
-def make_request(**overrides: object) -> ProviderRequest:
-    fields: dict[str, object] = {
-        "upstream_model": MODEL,
-        "prompt": "a lighthouse at dusk",
-        "n": 1,
-        "width": 1024,
-        "height": 1024,
-        "quality": "",
-    }
-    fields.update(overrides)
-    return ProviderRequest(**fields)  # type: ignore[arg-type]
+def make_request(**overrides: Any) -> ProviderRequest:
+    defaults: dict[str, Any] = {"upstream_model": MODEL}
+    return provider_request(**{**defaults, **overrides})
 
 
 @pytest.fixture

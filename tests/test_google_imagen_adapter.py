@@ -45,7 +45,7 @@ from tests.fakes.google_imagen_upstream import (
     unavailable,
     wrong_content_type,
 )
-from tests.fakes.loopback import free_port, image_bytes
+from tests.fakes.loopback import free_port, image_bytes, provider_request
 
 API_KEY = "AIzaSy-test-key-0123456789"
 TOKEN = "ya29.test-access-token-0123456789"
@@ -53,16 +53,8 @@ MODEL = "imagen-3.0-generate-002"
 
 
 def make_request(**overrides: Any) -> ProviderRequest:
-    fields: dict[str, Any] = {
-        "upstream_model": MODEL,
-        "prompt": "a lighthouse at dusk",
-        "n": 1,
-        "width": 1024,
-        "height": 1024,
-        "quality": "",
-    }
-    fields.update(overrides)
-    return ProviderRequest(**fields)
+    defaults: dict[str, Any] = {"upstream_model": MODEL}
+    return provider_request(**{**defaults, **overrides})
 
 
 def gemini_config(base_url: str, **options: Any) -> ProviderConfig:

@@ -6,6 +6,7 @@ import base64
 import io
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import orjson
@@ -21,7 +22,7 @@ from imagegen_service.errors import (
 )
 from imagegen_service.providers.base import ProviderRequest
 from imagegen_service.providers.openai_compat import OpenAICompatibleProvider, from_config
-from tests.fakes.loopback import free_port
+from tests.fakes.loopback import free_port, provider_request
 from tests.fakes.openai_upstream import (
     Behaviour,
     FakeOpenAIUpstream,
@@ -41,18 +42,10 @@ API_KEY = "sk-upstream-test"
 COMPATIBLE_MODEL = "sdxl-turbo"
 
 
-def make_request(**overrides: object) -> ProviderRequest:
-    fields: dict[str, object] = {
-        # Not an OpenAI id: such upstreams get the request as it is, at any size.
-        "upstream_model": COMPATIBLE_MODEL,
-        "prompt": "a lighthouse at dusk",
-        "n": 1,
-        "width": 64,
-        "height": 48,
-        "quality": "",
-    }
-    fields.update(overrides)
-    return ProviderRequest(**fields)  # type: ignore[arg-type]
+def make_request(**overrides: Any) -> ProviderRequest:
+    # Not an OpenAI id: such upstreams get the request as it is, at any size.
+    defaults: dict[str, Any] = {"upstream_model": COMPATIBLE_MODEL, "width": 64, "height": 48}
+    return provider_request(**{**defaults, **overrides})
 
 
 @pytest.fixture

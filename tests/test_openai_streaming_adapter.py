@@ -8,6 +8,7 @@ import base64
 import contextlib
 import io
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import orjson
 import pytest
@@ -23,24 +24,21 @@ from imagegen_service.providers.base import (
     StreamEvent,
 )
 from imagegen_service.providers.openai_compat import OpenAICompatibleProvider
+from tests.fakes.loopback import provider_request
 from tests.fakes.openai_upstream import FakeOpenAIUpstream, stream_error
 
 API_KEY = "sk-upstream-test"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _request(**overrides: object) -> ProviderRequest:
-    fields: dict[str, object] = {
+def _request(**overrides: Any) -> ProviderRequest:
+    defaults: dict[str, Any] = {
         "upstream_model": "gpt-image-1",
         "prompt": "a lighthouse",
-        "n": 1,
-        "width": 1024,
-        "height": 1024,
         "quality": "low",
         "partial_images": 2,
     }
-    fields.update(overrides)
-    return ProviderRequest(**fields)  # type: ignore[arg-type]
+    return provider_request(**{**defaults, **overrides})
 
 
 def _noise_png(side: int) -> bytes:

@@ -6,6 +6,7 @@ import base64
 import io
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import orjson
@@ -26,7 +27,7 @@ from imagegen_service.providers.stability import (
     StabilityProvider,
     from_config,
 )
-from tests.fakes.loopback import free_port, image_bytes
+from tests.fakes.loopback import free_port, image_bytes, provider_request
 from tests.fakes.stability_upstream import (
     Behaviour,
     FakeStabilityUpstream,
@@ -48,17 +49,9 @@ API_KEY = "sk-stability-test-0123456789"
 POLICY_MESSAGE = "The prompt was refused by the provider's content policy."
 
 
-def make_request(**overrides: object) -> ProviderRequest:
-    fields: dict[str, object] = {
-        "upstream_model": "stable-image-core",
-        "prompt": "a lighthouse at dusk",
-        "n": 1,
-        "width": 1024,
-        "height": 1024,
-        "quality": "",
-    }
-    fields.update(overrides)
-    return ProviderRequest(**fields)  # type: ignore[arg-type]
+def make_request(**overrides: Any) -> ProviderRequest:
+    defaults: dict[str, Any] = {"upstream_model": "stable-image-core"}
+    return provider_request(**{**defaults, **overrides})
 
 
 @pytest.fixture

@@ -21,6 +21,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 from PIL import Image
 
+from imagegen_service.providers.base import ProviderRequest
+
 B = TypeVar("B")
 
 
@@ -134,3 +136,17 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
     return port
+
+
+def provider_request(**overrides: Any) -> ProviderRequest:
+    """A request as the pipeline hands it to an adapter: one 1024x1024 image of a fixed
+    prompt unless ``overrides`` say otherwise (``upstream_model`` is required)."""
+    fields: dict[str, Any] = {
+        "prompt": "a lighthouse at dusk",
+        "n": 1,
+        "width": 1024,
+        "height": 1024,
+        "quality": "",
+    }
+    fields.update(overrides)
+    return ProviderRequest(**fields)
