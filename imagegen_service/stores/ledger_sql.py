@@ -9,8 +9,10 @@ requests can never overdraw an account.
 Every operation is one transaction written once, as a plain function of a SQLAlchemy
 ``Connection``, and run by a backend runner: for SQLite on one writer thread with one
 connection (SQLite admits one writer at a time, so queueing writes here costs one thread
-hop per transaction instead of a hop per statement and lock back-off sleeps) and one
-reader thread; for PostgreSQL on the asyncpg pool through ``run_sync``.
+hop instead of a hop per statement and lock back-off sleeps) and one reader thread; for
+PostgreSQL on the asyncpg pool through ``run_sync``. SQLite writes are group-committed: the
+writes that arrive while one batch is being written go together in the next transaction,
+each in its own savepoint, so one refused hold never undoes another.
 """
 
 from __future__ import annotations
@@ -156,6 +158,8 @@ class _Runner(Protocol):
 
     async def write(self, fn: Callable[..., T], *args: Any) -> T: ...
 
+    async def write_alone(self, fn: Callable[..., T], *args: Any) -> T: ...
+
     async def read(self, fn: Callable[..., T], *args: Any) -> T: ...
 
     async def close(self) -> None: ...
@@ -169,6 +173,11 @@ class _SqliteRunner:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="ledger-write")
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="ledger-read")
+        # Group commit: writes that arrive while a batch is being written wait for the next
+        # batch, which runs them in one transaction, each in its own savepoint. Touched only
+        # on the event loop's thread.
+        self._pending: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._writing = False
         self._write_engine = self._engine(path, immediate=True)
         self._read_engine = self._engine(path, immediate=False)
 
@@ -206,6 +215,52 @@ class _SqliteRunner:
 
     async def write(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._pending.append((fn, args, future))
+        if not self._writing:
+            self._write_next(loop)
+        return await future
+
+    def _write_next(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch, self._pending = self._pending, []
+        if not batch:
+            self._writing = False
+            return
+        self._writing = True
+        done = loop.run_in_executor(self._writer, self._write_batch, [(f, a) for f, a, _ in batch])
+
+        def settle(outcome: asyncio.Future[list[tuple[bool, Any]]]) -> None:
+            error = outcome.exception()
+            results = [(False, error)] * len(batch) if error else outcome.result()
+            for (_, _, future), (ok, value) in zip(batch, results, strict=True):
+                if future.done():  # its caller was cancelled; the write stands
+                    continue
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
+            self._write_next(loop)
+
+        done.add_done_callback(settle)
+
+    def _write_batch(
+        self, batch: list[tuple[Callable[..., Any], tuple[Any, ...]]]
+    ) -> list[tuple[bool, Any]]:
+        """One transaction for the batch; a write that raises rolls back its own savepoint
+        only. If the commit fails, every write of the batch fails with it."""
+        outcomes: list[tuple[bool, Any]] = []
+        with self._write_engine.begin() as conn:
+            for fn, args in batch:
+                try:
+                    with conn.begin_nested():
+                        outcomes.append((True, fn(conn, *args)))
+                except Exception as exc:
+                    outcomes.append((False, exc))
+        return outcomes
+
+    async def write_alone(self, fn: Callable[..., T], *args: Any) -> T:
+        """A write in a transaction of its own (schema migrations)."""
+        loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
             self._writer, self._transaction, self._write_engine, fn, args
         )
@@ -235,6 +290,7 @@ class _PostgresRunner:
             return await conn.run_sync(fn, *args)
 
     read = write
+    write_alone = write
 
     async def close(self) -> None:
         await self._engine.dispose()
@@ -270,7 +326,7 @@ class LedgerStore:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
 
-        await self._db.write(run)
+        await self._db.write_alone(run)
         return self.head_revision()
 
     def head_revision(self) -> str:
