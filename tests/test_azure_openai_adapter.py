@@ -21,7 +21,7 @@ from imagegen_service.providers.openai_compat import (
     AzureOpenAIProvider,
     azure_from_config,
 )
-from tests.fakes.loopback import free_port, image_bytes, provider_request
+from tests.fakes.loopback import error_texts, free_port, image_bytes, provider_request
 from tests.fakes.openai_upstream import (
     Behaviour,
     FakeOpenAIUpstream,
@@ -36,7 +36,6 @@ from tests.fakes.openai_upstream import (
     service_unavailable,
     slow,
 )
-from tests.test_openai_compat_adapter import error_texts
 
 AZURE_KEY = "0123456789abcdef0123456789abcdef"
 DEPLOYMENTS = {

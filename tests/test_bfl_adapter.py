@@ -38,7 +38,7 @@ from tests.fakes.bfl_upstream import (
     slow,
     validation_error,
 )
-from tests.fakes.loopback import free_port, image_bytes, provider_request
+from tests.fakes.loopback import error_texts, free_port, image_bytes, provider_request
 
 API_KEY = "bfl-test-key-7f3a"
 POLL = 0.01
@@ -68,18 +68,6 @@ async def provider(fake: FakeBflUpstream) -> AsyncIterator[BflProvider]:
         yield instance
     finally:
         await instance.aclose()
-
-
-def error_texts(error: BaseException) -> str:
-    """Everything about an error and its causes that could reach a log or a caller."""
-    texts: list[str] = []
-    current: BaseException | None = error
-    while current is not None:
-        texts += [str(current), repr(current)]
-        if isinstance(current, ImagegenError):
-            texts += [current.message, repr(current.metadata())]
-        current = current.__cause__ or current.__context__
-    return "\n".join(texts)
 
 
 # -- success ------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from tests.fakes.gemini_upstream import (
     truncated,
     wrong_content_type,
 )
-from tests.fakes.loopback import free_port, image_bytes, provider_request
+from tests.fakes.loopback import error_texts, free_port, image_bytes, provider_request
 
 API_KEY = "AIza-upstream-test-0042"
 MODEL = "gemini-2.5-flash-image"
@@ -544,22 +544,6 @@ async def test_a_missing_api_key_is_an_upstream_error(fake: FakeGeminiUpstream) 
     finally:
         await adapter.aclose()
     assert "x-goog-api-key" not in fake.requests[0].headers
-
-
-def error_texts(error: BaseException) -> str:
-    """Everything about an error and its causes that could reach a log or a caller."""
-    texts: list[str] = []
-    current: BaseException | None = error
-    seen: set[int] = set()
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        texts += [str(current), repr(current)]
-        if isinstance(current, ImagegenError):
-            texts += [current.message, repr(current.metadata())]
-        if isinstance(current, BaseExceptionGroup):
-            texts += [error_texts(inner) for inner in current.exceptions]
-        current = current.__cause__ or current.__context__
-    return "\n".join(texts)
 
 
 @pytest.mark.parametrize(

@@ -45,7 +45,7 @@ from tests.fakes.google_imagen_upstream import (
     unavailable,
     wrong_content_type,
 )
-from tests.fakes.loopback import free_port, image_bytes, provider_request
+from tests.fakes.loopback import error_texts, free_port, image_bytes, provider_request
 
 API_KEY = "AIzaSy-test-key-0123456789"
 TOKEN = "ya29.test-access-token-0123456789"
@@ -94,18 +94,6 @@ async def vertex(vertex_fake: FakeGoogleImagen) -> AsyncIterator[GoogleImagenPro
         yield adapter
     finally:
         await adapter.aclose()
-
-
-def error_texts(error: BaseException) -> str:
-    """Everything about an error and its causes that could reach a log or a caller."""
-    texts: list[str] = []
-    current: BaseException | None = error
-    while current is not None:
-        texts += [str(current), repr(current)]
-        if isinstance(current, ImagegenError):
-            texts += [current.message, repr(current.metadata())]
-        current = current.__cause__ or current.__context__
-    return "\n".join(texts)
 
 
 # --- success -------------------------------------------------------------------------------

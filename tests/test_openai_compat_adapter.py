@@ -22,7 +22,7 @@ from imagegen_service.errors import (
 )
 from imagegen_service.providers.base import ProviderRequest
 from imagegen_service.providers.openai_compat import OpenAICompatibleProvider, from_config
-from tests.fakes.loopback import free_port, provider_request
+from tests.fakes.loopback import error_texts, free_port, provider_request
 from tests.fakes.openai_upstream import (
     Behaviour,
     FakeOpenAIUpstream,
@@ -306,18 +306,6 @@ async def test_a_wrong_api_key_is_an_upstream_error(fake: FakeOpenAIUpstream) ->
     finally:
         await adapter.aclose()
     assert "sk-wrong-0042" not in str(raised.value)
-
-
-def error_texts(error: BaseException) -> str:
-    """Everything about an error and its causes that could reach a log or a caller."""
-    texts: list[str] = []
-    current: BaseException | None = error
-    while current is not None:
-        texts += [str(current), repr(current)]
-        if isinstance(current, ImagegenError):
-            texts += [current.message, repr(current.metadata())]
-        current = current.__cause__ or current.__context__
-    return "\n".join(texts)
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ from imagegen_service.providers.stability import (
     StabilityProvider,
     from_config,
 )
-from tests.fakes.loopback import free_port, image_bytes, provider_request
+from tests.fakes.loopback import error_texts, free_port, image_bytes, provider_request
 from tests.fakes.stability_upstream import (
     Behaviour,
     FakeStabilityUpstream,
@@ -516,18 +516,6 @@ async def test_an_image_without_a_finish_reason_header_is_accepted(
 
 
 # -- credentials ------------------------------------------------------------------------
-
-
-def error_texts(error: BaseException) -> str:
-    """Everything about an error and its causes that could reach a log or a caller."""
-    texts: list[str] = []
-    current: BaseException | None = error
-    while current is not None:
-        texts += [str(current), repr(current)]
-        if isinstance(current, ImagegenError):
-            texts += [current.message, repr(current.metadata())]
-        current = current.__cause__ or current.__context__
-    return "\n".join(texts)
 
 
 @pytest.mark.parametrize(

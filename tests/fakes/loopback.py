@@ -21,6 +21,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from PIL import Image
 
+from imagegen_service.errors import ImagegenError
 from imagegen_service.providers.base import ProviderRequest
 
 B = TypeVar("B")
@@ -150,3 +151,20 @@ def provider_request(**overrides: Any) -> ProviderRequest:
     }
     fields.update(overrides)
     return ProviderRequest(**fields)
+
+
+def error_texts(error: BaseException) -> str:
+    """Everything about an error and its causes that could reach a log or a caller: what
+    the credential-leak tests search for an upstream's key."""
+    texts: list[str] = []
+    current: BaseException | None = error
+    seen: set[int] = set()
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        texts += [str(current), repr(current)]
+        if isinstance(current, ImagegenError):
+            texts += [current.message, repr(current.metadata())]
+        if isinstance(current, BaseExceptionGroup):
+            texts += [error_texts(inner) for inner in current.exceptions]
+        current = current.__cause__ or current.__context__
+    return "\n".join(texts)
