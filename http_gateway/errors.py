@@ -104,7 +104,10 @@ def describe_grpc_error(exc: grpc.aio.AioRpcError) -> Failure:
     retry_after = info.metadata.get("retry_after_seconds")
     if retry_after:
         headers["retry-after"] = retry_after
-    message = exc.details() or "" if error is not _INTERNAL else "The server had an error."
+    if error is _INTERNAL:
+        message = "The server had an error."
+    else:
+        message = exc.details() or "The request failed."
     return Failure(error, message, info.metadata.get("param"), headers)
 
 

@@ -91,6 +91,12 @@ class ImageModel:
         """Whether answers echo background, output_format, quality and size (gpt-image)."""
         return bool(self.parameters & {"background", "output_format"})
 
+    @property
+    def default_response_format(self) -> str:
+        """gpt-image models answer base64 unless asked otherwise, as OpenAI's do (they have
+        no URLs at all); the others answer URLs, as dall-e does."""
+        return "b64_json" if self.echoes_settings else "url"
+
     def unit_price(self, size: str, quality: str, deployment: Deployment | None = None) -> int:
         prices = self.prices
         if deployment is not None and deployment.prices is not None:
@@ -231,7 +237,9 @@ class Catalog:
                 f"Invalid style '{style}' for model '{m.id}'. Supported: {supported}.",
                 param="style",
             )
-        response_format = response_format or ("b64_json" if opts.stream else "url")
+        response_format = response_format or (
+            "b64_json" if opts.stream else m.default_response_format
+        )
         if response_format not in RESPONSE_FORMATS:
             raise errors.InvalidParameter(
                 f"Invalid response_format '{response_format}'. Supported: url, b64_json.",

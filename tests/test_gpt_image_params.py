@@ -301,3 +301,22 @@ async def test_the_parameters_reach_an_openai_gpt_image_upstream(
     assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
     assert "b64_json" in answer["data"][0] or "url" in answer["data"][0]
     await images_stack.assert_balance(account_id, OPENING - FAKE_GPT_IMAGE)
+
+
+async def test_a_gpt_image_model_answers_base64_unless_asked_for_urls(
+    images_stack: ImagesStack, http: aiohttp.ClientSession
+) -> None:
+    # OpenAI's gpt-image models always answer b64_json; clients written for them send no
+    # response_format and read b64_json. dall-e-style models keep answering URLs.
+    _, key, _ = await images_stack.new_account(OPENING)
+    status, answer = await _generate(images_stack, http, key, model="local-image")
+    assert status == 200, answer
+    assert set(answer["data"][0]) >= {"b64_json"} and "url" not in answer["data"][0]
+    with Image.open(io.BytesIO(base64.b64decode(answer["data"][0]["b64_json"]))) as image:
+        assert image.size == (256, 256)
+    status, answer = await _generate(
+        images_stack, http, key, model="local-image", response_format="url"
+    )
+    assert status == 200 and answer["data"][0]["url"].startswith(images_stack.http_url)
+    status, answer = await _generate(images_stack, http, key, model="local-sketch")
+    assert status == 200 and "url" in answer["data"][0] and "b64_json" not in answer["data"][0]
