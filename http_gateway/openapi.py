@@ -73,9 +73,9 @@ _QUALITY = {
 _RESPONSE_FORMAT = {
     "type": "string",
     "enum": ["url", "b64_json"],
-    "default": "url",
     "description": "`url`: a signed URL that expires after `url_ttl_seconds`; `b64_json`: the "
-    "image inline, base64-encoded.",
+    "image inline, base64-encoded. Absent: `b64_json` for models that take the gpt-image "
+    "parameters (and for streams), `url` for the others.",
 }
 _USER = {
     "type": "string",
