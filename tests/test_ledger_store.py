@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -96,3 +97,40 @@ async def test_postgres_service_refuses_an_unmigrated_schema() -> None:
     async with scratch_postgres_database() as url:
         with pytest.raises(SchemaOutOfDate, match="imagegen-admin db upgrade"):
             await open_store(url)
+
+
+async def test_sqlite_write_locked_by_another_process_waits_off_the_event_loop(
+    tmp_path: Path,
+) -> None:
+    """Writes run on the event loop's thread, but never wait there for a lock: while another
+    connection (another process, imagegen-admin) holds SQLite's write lock, the hold waits
+    on the writer thread, the loop keeps turning, and the hold goes through once the lock
+    is free. Refused and accepted holds in that batch keep their own outcomes."""
+    path = tmp_path / "ledger.db"
+    store = await open_store(f"sqlite:///{path}")
+    try:
+        account = await store.create_account("locked", 1_000)
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        fits = asyncio.ensure_future(
+            store.place_hold(account.id, 1_000, request_id="fits", ttl_seconds=60)
+        )
+        too_much = asyncio.ensure_future(
+            store.place_hold(account.id, 5_000, request_id="too-much", ttl_seconds=60)
+        )
+        ticks = 0
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert ticks == 20 and not fits.done() and not too_much.done()
+        other.execute("ROLLBACK")
+        other.close()
+        hold = await asyncio.wait_for(fits, 10)
+        with pytest.raises(errors.InsufficientBalance):
+            await asyncio.wait_for(too_much, 10)
+        assert await store.settle_hold(hold, 400, request_id="fits")
+        after = await store.get_account(account.id)
+        assert (after.available_micros, after.held_micros) == (600, 0)
+        assert await store.ledger_sums(account.id) == (600, 0)
+    finally:
+        await store.close()

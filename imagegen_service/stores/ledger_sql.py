@@ -7,18 +7,19 @@ entries always sum to the balance. Holds are placed with one conditional UPDATE
 requests can never overdraw an account.
 
 Every operation is one transaction written once, as a plain function of a SQLAlchemy
-``Connection``, and run by a backend runner: for SQLite on one writer thread with one
-connection (SQLite admits one writer at a time, so queueing writes here costs one thread
-hop instead of a hop per statement and lock back-off sleeps) and one reader thread; for
-PostgreSQL on the asyncpg pool through ``run_sync``. SQLite writes are group-committed: the
-writes that arrive while one batch is being written go together in the next transaction,
-each in its own savepoint, so one refused hold never undoes another.
+``Connection``, and run by a backend runner. For SQLite, writes are group-committed on the
+event loop's own thread: the writes that arrive during one turn of the loop go together in
+one transaction, each in its own savepoint, so one refused hold never undoes another; a
+write lock held by another process sends the batch to a writer thread instead, so the loop
+never waits for it; reads run on a reader thread. For PostgreSQL, every operation runs on
+the asyncpg pool through ``run_sync``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import secrets
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import sqlalchemy as sa
+import structlog
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
@@ -45,6 +47,7 @@ from imagegen_service.stores.schema import (
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 T = TypeVar("T")
+log = structlog.get_logger("imagegen.ledger")
 
 # The per-request statements, as text built once: they run twice per generation, and
 # SQLAlchemy's expression construction and cache-key work cost more than SQLite itself.
@@ -82,6 +85,20 @@ _ACTIVE_KEY = sa.text(
     "SELECT id, account_id, created_at, revoked_at, requests_per_minute, images_per_minute "
     "FROM api_keys WHERE key_hash = :key_hash AND revoked_at IS NULL"
 )
+
+
+# The same statements as plain SQL for the SQLite writer's fast path (_FastConnection).
+_PLAIN_SQL: dict[sa.TextClause, str] = {
+    statement: statement.text
+    for statement in (
+        _HOLD,
+        _HOLD_FOR_ACTIVE_KEY,
+        _INSERT_HOLD,
+        _CLOSE_HOLD,
+        _SETTLE_ACCOUNT,
+        _INSERT_ENTRY,
+    )
+}
 
 
 class SchemaOutOfDate(RuntimeError):
@@ -165,25 +182,97 @@ class _Runner(Protocol):
     async def close(self) -> None: ...
 
 
+class _FastConnection:
+    """The batch's SQLAlchemy ``Connection``, with the per-request text statements sent
+    straight to the sqlite3 connection underneath, in the same transaction.
+
+    SQLAlchemy's execution path (execution context, result wrapping, events) costs several
+    times what SQLite takes to run these few-row statements; the transaction functions only
+    read ``rowcount`` from them. Every other statement goes through SQLAlchemy as usual.
+    """
+
+    __slots__ = ("_conn", "_raw")
+
+    def __init__(self, conn: sa.Connection) -> None:
+        self._conn = conn
+        self._raw: sqlite3.Connection = conn.connection.driver_connection  # type: ignore[assignment]
+
+    def execute(self, statement: Any, parameters: Any = None) -> Any:
+        sql = _PLAIN_SQL.get(statement) if isinstance(statement, sa.TextClause) else None
+        if sql is None:
+            return self._conn.execute(statement, parameters)
+        try:
+            return self._raw.execute(sql, parameters or {})
+        except sqlite3.Error as exc:
+            # The same exception types as through SQLAlchemy (IntegrityError, ...).
+            raise sa.exc.DBAPIError.instance(sql, parameters, exc, sqlite3.Error) from exc
+
+    def savepoint(self) -> None:
+        self._raw.execute("SAVEPOINT batch_item")
+
+    def release(self) -> None:
+        self._raw.execute("RELEASE batch_item")
+
+    def rollback_to(self) -> None:
+        self._raw.execute("ROLLBACK TO batch_item")
+        self._raw.execute("RELEASE batch_item")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+def _is_busy(exc: BaseException) -> bool:
+    """SQLITE_BUSY or SQLITE_LOCKED: another process holds the write lock."""
+    orig = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
+    code = getattr(orig, "sqlite_errorcode", None)
+    return isinstance(orig, sqlite3.OperationalError) and code is not None and code & 0xFF in (5, 6)
+
+
+class _Busy(Exception):
+    """The inline attempt found the database locked by another process."""
+
+
 class _SqliteRunner:
+    """SQLite: writes group-committed on the event loop's thread, reads on a reader thread.
+
+    A write is a few small statements and a commit without fsync (WAL, synchronous=NORMAL):
+    tens of microseconds, less than handing it to a thread and back. So writes run on the
+    event loop's own thread: those that arrive during one turn of the loop go in one
+    transaction at the end of it, each in its own savepoint, so that one refused hold never
+    undoes another. That connection never waits for a lock (busy_timeout 0): when another
+    process (a replica, ``imagegen-admin``) holds SQLite's write lock, the batch goes to a
+    writer thread whose connection waits for it, and the loop carries on. Checkpoints, which
+    write the database file and fsync it, run on that thread too, never on the loop.
+    """
+
     dialect = "sqlite"
+    # Inline commits between two checkpoints (SQLite's own default is ~1000 WAL pages;
+    # a generation's two writes append a handful of pages each).
+    CHECKPOINT_EVERY = 200
 
     def __init__(self, path: str) -> None:
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="ledger-write")
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="ledger-read")
-        # Group commit: writes that arrive while a batch is being written wait for the next
-        # batch, which runs them in one transaction, each in its own savepoint. Touched only
-        # on the event loop's thread.
+        # Touched only on the event loop's thread.
         self._pending: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]] = []
-        self._writing = False
-        self._write_engine = self._engine(path, immediate=True)
-        self._read_engine = self._engine(path, immediate=False)
+        self._scheduled = False
+        self._in_thread = False
+        self._commits = 0
+        self._checkpointing = False
+        # Set while no write is queued or running, for close().
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._inline_engine = self._engine(path, immediate=True, busy_ms=0, autocheckpoint=False)
+        self._write_engine = self._engine(path, immediate=True, busy_ms=30000)
+        self._read_engine = self._engine(path, immediate=False, busy_ms=30000)
 
     @staticmethod
-    def _engine(path: str, *, immediate: bool) -> sa.Engine:
-        # One connection per engine, used only by its engine's thread.
+    def _engine(
+        path: str, *, immediate: bool, busy_ms: int, autocheckpoint: bool = True
+    ) -> sa.Engine:
+        # One connection per engine, used by one thread at a time.
         engine = sa.create_engine(
             f"sqlite:///{path}",
             poolclass=sa.pool.StaticPool,
@@ -198,8 +287,10 @@ class _SqliteRunner:
             cursor = dbapi_conn.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
             cursor.execute("PRAGMA foreign_keys=ON")
+            if not autocheckpoint:
+                cursor.execute("PRAGMA wal_autocheckpoint=0")
             cursor.close()
 
         @event.listens_for(engine, "begin")
@@ -217,46 +308,108 @@ class _SqliteRunner:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._pending.append((fn, args, future))
-        if not self._writing:
-            self._write_next(loop)
+        self._idle.clear()
+        if not self._scheduled and not self._in_thread:
+            self._scheduled = True
+            loop.call_soon(self._flush, loop)
         return await future
 
-    def _write_next(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._scheduled = False
         batch, self._pending = self._pending, []
         if not batch:
-            self._writing = False
+            self._idle.set()
             return
-        self._writing = True
-        done = loop.run_in_executor(self._writer, self._write_batch, [(f, a) for f, a, _ in batch])
+        work = [(f, a) for f, a, _ in batch]
+        try:
+            outcomes = self._write_batch(self._inline_engine, work, inline=True)
+        except _Busy:
+            self._in_thread = True
+            done = loop.run_in_executor(
+                self._writer, self._write_batch, self._write_engine, work, False
+            )
+            done.add_done_callback(lambda outcome: self._thread_done(loop, batch, outcome))
+            return
+        except Exception as exc:  # the commit failed: every write of the batch fails
+            outcomes = [(False, exc)] * len(batch)
+        self._deliver(batch, outcomes)
+        if not self._pending:
+            self._idle.set()
+        self._commits += 1
+        if self._commits >= self.CHECKPOINT_EVERY and not self._checkpointing:
+            self._commits = 0
+            self._checkpointing = True
+            checkpoint = loop.run_in_executor(self._writer, self._checkpoint)
+            checkpoint.add_done_callback(self._checkpointed)
 
-        def settle(outcome: asyncio.Future[list[tuple[bool, Any]]]) -> None:
-            error = outcome.exception()
-            results = [(False, error)] * len(batch) if error else outcome.result()
-            for (_, _, future), (ok, value) in zip(batch, results, strict=True):
-                if future.done():  # its caller was cancelled; the write stands
-                    continue
-                if ok:
-                    future.set_result(value)
-                else:
-                    future.set_exception(value)
-            self._write_next(loop)
+    def _thread_done(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]],
+        outcome: asyncio.Future[list[tuple[bool, Any]]],
+    ) -> None:
+        self._in_thread = False
+        error = outcome.exception()
+        self._deliver(batch, [(False, error)] * len(batch) if error else outcome.result())
+        if not self._pending:
+            self._idle.set()
+        elif not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush, loop)
 
-        done.add_done_callback(settle)
+    @staticmethod
+    def _deliver(
+        batch: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]],
+        outcomes: list[tuple[bool, Any]],
+    ) -> None:
+        for (_, _, future), (ok, value) in zip(batch, outcomes, strict=True):
+            if future.done():  # its caller was cancelled; the write stands
+                continue
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
 
+    @staticmethod
     def _write_batch(
-        self, batch: list[tuple[Callable[..., Any], tuple[Any, ...]]]
+        engine: sa.Engine, batch: list[tuple[Callable[..., Any], tuple[Any, ...]]], inline: bool
     ) -> list[tuple[bool, Any]]:
         """One transaction for the batch; a write that raises rolls back its own savepoint
-        only. If the commit fails, every write of the batch fails with it."""
+        only. If the commit fails, every write of the batch fails with it. ``inline``: a
+        locked database raises _Busy, with nothing written."""
         outcomes: list[tuple[bool, Any]] = []
-        with self._write_engine.begin() as conn:
-            for fn, args in batch:
-                try:
-                    with conn.begin_nested():
-                        outcomes.append((True, fn(conn, *args)))
-                except Exception as exc:
-                    outcomes.append((False, exc))
+        try:
+            with engine.begin() as conn:
+                fast = _FastConnection(conn)
+                for fn, args in batch:
+                    fast.savepoint()
+                    try:
+                        outcomes.append((True, fn(fast, *args)))
+                    except Exception as exc:
+                        if inline and _is_busy(exc):
+                            raise
+                        fast.rollback_to()
+                        outcomes.append((False, exc))
+                    else:
+                        fast.release()
+        except Exception as exc:
+            if inline and _is_busy(exc):
+                raise _Busy from exc
+            raise
         return outcomes
+
+    def _checkpoint(self) -> None:
+        # Outside any transaction: straight on the driver's connection.
+        raw = self._write_engine.raw_connection()
+        try:
+            raw.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)")  # type: ignore[union-attr]
+        finally:
+            raw.close()
+
+    def _checkpointed(self, outcome: asyncio.Future[None]) -> None:
+        self._checkpointing = False
+        if outcome.exception() is not None:
+            log.warning("ledger.checkpoint_failed", error=str(outcome.exception()))
 
     async def write_alone(self, fn: Callable[..., T], *args: Any) -> T:
         """A write in a transaction of its own (schema migrations)."""
@@ -273,6 +426,9 @@ class _SqliteRunner:
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
+        await self._idle.wait()
+        self._inline_engine.dispose()
+        await loop.run_in_executor(self._writer, self._checkpoint)
         await loop.run_in_executor(self._writer, self._write_engine.dispose)
         await loop.run_in_executor(self._reader, self._read_engine.dispose)
         self._writer.shutdown(wait=True)
