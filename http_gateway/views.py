@@ -266,6 +266,8 @@ async def _json_answer(request: web.Request, call: ImagesCall) -> web.StreamResp
 
 # Base64 is written in pieces of this many raw bytes (a multiple of 3, so pieces join up).
 _B64_PIECE = 3 * 64 * 1024
+# Answers up to this size are built whole and sent in one write; larger ones piece by piece.
+_WHOLE_ANSWER_BYTES = 256 * 1024
 
 
 async def _write_images_response(
@@ -276,9 +278,10 @@ async def _write_images_response(
     rest: dict[str, Any],
     headers: dict[str, str],
 ) -> web.StreamResponse:
-    """Writes ``{"created", "data": [...], **rest}`` without ever holding the whole JSON:
+    """Writes ``{"created", "data": [...], **rest}``. A large answer is never held whole:
     each image is base64-encoded piece by piece straight into the socket and dropped once
-    written, so a request holds about one copy of its images instead of four."""
+    written, so a request holds about one copy of its images instead of four. A small one
+    goes out in one write, headers included."""
     head = b'{"created":' + str(created).encode() + b',"data":['
     tail = b"]," + orjson.dumps(rest)[1:] if rest else b"]}"
     parts: list[tuple[bytes, memoryview | None, bytes]] = []
@@ -293,9 +296,18 @@ async def _write_images_response(
     length = len(head) + len(tail)
     for before, data, after in parts:
         length += len(before) + len(after) + (0 if data is None else 4 * -(-len(data) // 3))
-    response = web.StreamResponse(
-        headers={**headers, "Content-Type": "application/json", "x-request-id": request[REQUEST_ID]}
-    )
+    headers = {**headers, "Content-Type": "application/json", "x-request-id": request[REQUEST_ID]}
+    if length <= _WHOLE_ANSWER_BYTES:
+        # Small: one buffer, which aiohttp sends with the headers in a single write.
+        body = bytearray(head)
+        for before, data, after in parts:
+            body += before
+            if data is not None:
+                body += base64.b64encode(data)
+            body += after
+        body += tail
+        return web.Response(body=body, headers=headers)
+    response = web.StreamResponse(headers=headers)
     response.content_length = length
     # The parts now hold the only references to the image bytes: each goes once written.
     images.clear()
