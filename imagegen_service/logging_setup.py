@@ -3,6 +3,10 @@
 The standard library's loggers (grpc, aiohttp, asyncio, alembic) go through the same
 renderer, so every line of a process has one format.
 
+In JSON, structlog's own lines (the per-request and per-generation lines among them) skip the
+standard library: rendered with orjson and written straight to the stream, at a few
+microseconds a line instead of ~40.
+
 ``IMAGEGEN_LOG_FORMAT``: ``json`` or ``console``; by default JSON unless stderr is a terminal.
 ``IMAGEGEN_LOG_LEVEL``: a standard level name, default ``INFO``.
 What a prompt may leave in the logs is the service's setting (``IMAGEGEN_LOG_PROMPT_CHARS``,
@@ -14,8 +18,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import TextIO
+import threading
+from typing import Any, TextIO
 
+import orjson
 import structlog
 
 
@@ -41,16 +47,31 @@ def configure_logging(
         if json_logs
         else [structlog.dev.ConsoleRenderer()]
     )
-    structlog.configure(
-        processors=[
-            *shared,
-            structlog.processors.format_exc_info,
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
-        ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
-        cache_logger_on_first_use=True,
-    )
+    if json_logs:
+        _LineLogger.output = output
+        structlog.configure(
+            processors=[
+                *shared,
+                structlog.processors.format_exc_info,
+                structlog.processors.JSONRenderer(serializer=_json_line),
+            ],
+            logger_factory=_LineLogger,
+            wrapper_class=structlog.make_filtering_bound_logger(
+                logging.getLevelNamesMapping()[level_name]
+            ),
+            cache_logger_on_first_use=True,
+        )
+    else:
+        structlog.configure(
+            processors=[
+                *shared,
+                structlog.processors.format_exc_info,
+                structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+            ],
+            logger_factory=structlog.stdlib.LoggerFactory(),
+            wrapper_class=structlog.stdlib.BoundLogger,
+            cache_logger_on_first_use=True,
+        )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *rendering],
@@ -65,3 +86,27 @@ def configure_logging(
     logging.getLogger("alembic").setLevel(logging.WARNING)
     # At DEBUG it writes every SQL statement with its parameters: noise, and ledger data.
     logging.getLogger("aiosqlite").setLevel(logging.INFO)
+
+
+def _json_line(event: Any, **_: Any) -> str:
+    return orjson.dumps(event, default=str).decode()
+
+
+class _LineLogger:
+    """structlog's logger for JSON: each rendered line goes straight to the process's log
+    stream. The stream is looked up per line, so loggers created (and cached) before a
+    later ``configure_logging`` follow it."""
+
+    output: TextIO = sys.stderr
+    _lock = threading.Lock()
+
+    def __init__(self, name: str = "", *_: Any) -> None:
+        # structlog.stdlib.add_logger_name reads it.
+        self.name = name
+
+    def msg(self, message: str) -> None:
+        with self._lock:
+            self.output.write(message + "\n")
+            self.output.flush()
+
+    debug = info = warning = warn = error = critical = exception = fatal = msg
