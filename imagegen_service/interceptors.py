@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def __init__(self, metrics: ServiceMetrics) -> None:
         self._metrics = metrics
+        # The wrapped handler of each method, made on its first call: a server's handlers
+        # do not change once it has started, and wrapping costs more than the lookup.
+        # Keyed by method; the handler it wrapped is kept to check that it is the same one.
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
 
     async def intercept_service(
         self,
@@ -39,7 +43,16 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_streaming:
             return handler
-        service, _, method = handler_call_details.method.lstrip("/").partition("/")
+        method = handler_call_details.method
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = self._wrap(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: Handler, full_method: str) -> Handler:
+        service, _, method = full_method.lstrip("/").partition("/")
         # gRPC tells a handler's style apart by the kind of function it is (coroutine,
         # async generator, or plain function run in a thread): each wrapper keeps the kind.
         if handler.response_streaming:
