@@ -1,4 +1,5 @@
-"""``make bench`` / ``python -m tests.bench``: the stack against its floor, with wrk.
+"""``make bench`` / ``python -m tests.bench``: the stack against its floor and the design's
+ceiling, with wrk.
 
 Settings come from options or, so that ``make bench VAR=...`` works, from environment:
 
@@ -7,6 +8,8 @@ Settings come from options or, so that ``make bench VAR=...`` works, from enviro
     BENCH_CASES     which cases, e.g. "1,3" (default: all four)
     BENCH_THREADS   wrk threads (default 1, capped at the connections)
     BENCH_JSON      also write the figures as JSON to this file
+    BENCH_CEILING=0 skip the design's ceiling (tests/bench/ceiling.py: aiohttp + one
+                    grpc.aio call to a service that does nothing), measured by default
     BENCH_PROFILE   also profile case 2 with py-spy (and count SQLite busy-handler sleeps
                     with strace), raw stacks into this directory; py-spy is not a project
                     dependency: `.venv/bin/pip install py-spy`
@@ -46,6 +49,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=os.environ.get("BENCH_JSON") or None)
     parser.add_argument("--profile", type=Path, default=os.environ.get("BENCH_PROFILE") or None)
     parser.add_argument("--keep", action="store_true", default=bool(os.environ.get("BENCH_KEEP")))
+    parser.add_argument(
+        "--no-ceiling",
+        dest="ceiling",
+        action="store_false",
+        default=os.environ.get("BENCH_CEILING", "1") != "0",
+        help="skip the design's ceiling (BENCH_CEILING=0)",
+    )
     args = parser.parse_args()
     if args.duration < 1 or args.warmup < 1:
         sys.exit("bench: --duration and --warmup must be at least 1 second")
@@ -58,6 +68,7 @@ def main() -> None:
             json_path=args.json,
             profile_dir=args.profile,
             keep=args.keep,
+            ceiling=args.ceiling,
         )
     except BenchError as exc:
         sys.exit(f"bench: FAILED: {exc}")

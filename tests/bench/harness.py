@@ -5,7 +5,10 @@ and ``python -m http_gateway``, two processes on free loopback ports) on a tempo
 directory and a temporary TOML whose local provider has ``precomputed = true``, creates an
 account and a key with ``imagegen-admin``, captures one real response, warms up, then drives
 the stack with wrk for a fixed time. It then serves the captured response verbatim from a
-bare aiohttp server (``tests/bench/floor.py``) and drives that with the same wrk settings.
+bare aiohttp server (``tests/bench/floor.py``) and drives that with the same wrk settings;
+then, unless told not to, the design's ceiling (``tests/bench/ceiling.py``: a minimal
+aiohttp gateway making one grpc.aio call to a service that does nothing, answering the same
+image), again with the same wrk settings.
 
 A fresh stack per case keeps each process's peak RSS (VmHWM) specific to that case.
 After each case the account must show exactly price x images delivered spent and nothing
@@ -15,6 +18,7 @@ itself fails or billing is not exact.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import importlib.metadata
 import json
@@ -31,9 +35,10 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,6 +218,32 @@ def http_get_ok(url: str) -> bool:
             return bool(answer.status == 200)
     except (urllib.error.URLError, OSError):
         return False
+
+
+def port_open(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1.0):
+        return True
+    return False
+
+
+def generate(url: str, case: Case, authorization: str) -> bytes:
+    """POSTs the case's request to a gateway; its answer, checked for the case's shape."""
+    request = urllib.request.Request(
+        url + ROUTE,
+        data=case.request_body().encode(),
+        headers={"Content-Type": "application/json", "Authorization": authorization},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            body: bytes = answer.read()
+    except urllib.error.HTTPError as exc:
+        raise BenchError(f"case {case.number}: {exc.code} {exc.read()[:500]!r}") from None
+    data = json.loads(body)["data"]
+    key = "b64_json" if case.response_format == "b64_json" else "url"
+    if len(data) != case.n or not all(item.get(key) for item in data):
+        raise BenchError(f"case {case.number}: unexpected response {body[:300]!r}")
+    return body
 
 
 def admin_command() -> list[str]:
@@ -546,22 +577,23 @@ class Stack:
         raise BenchError(f"the stack did not settle in {QUIESCE_TIMEOUT:.0f} s: {previous}")
 
     def capture(self, case: Case) -> bytes:
-        request = urllib.request.Request(
-            self.url + ROUTE,
-            data=case.request_body().encode(),
-            headers={"Content-Type": "application/json", "Authorization": self.authorization},
-            method="POST",
-        )
+        return generate(self.url, case, self.authorization)
+
+    def first_image(self, case: Case, body: bytes) -> tuple[bytes, str]:
+        """The bytes of the first image of a captured answer, and its URL's path and query
+        ("" for b64_json): what the ceiling's service answers. A URL is fetched from the
+        gateway, so only while the stack runs."""
+        item = json.loads(body)["data"][0]
+        if case.response_format == "b64_json":
+            return base64.b64decode(item["b64_json"]), ""
+        url = urllib.parse.urlsplit(item["url"])
+        path = url.path + (f"?{url.query}" if url.query else "")
         try:
-            with urllib.request.urlopen(request, timeout=60) as answer:
-                body: bytes = answer.read()
-        except urllib.error.HTTPError as exc:
-            raise BenchError(f"case {case.number}: {exc.code} {exc.read()[:500]!r}") from None
-        data = json.loads(body)["data"]
-        key = "b64_json" if case.response_format == "b64_json" else "url"
-        if len(data) != case.n or not all(item.get(key) for item in data):
-            raise BenchError(f"case {case.number}: unexpected response {body[:300]!r}")
-        return body
+            with urllib.request.urlopen(self.url + path, timeout=60) as answer:
+                image: bytes = answer.read()
+        except urllib.error.URLError as exc:
+            raise BenchError(f"case {case.number}: cannot fetch {item['url']}: {exc}") from None
+        return image, path
 
     @property
     def authorization(self) -> str:
@@ -609,6 +641,77 @@ class Floor:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class Ceiling:
+    """tests/bench/ceiling.py: its no-op service and minimal gateway, two processes on free
+    loopback ports, answering the image of one case."""
+
+    def __init__(self, root: Path, env: dict[str, str], image: bytes, url_path: str) -> None:
+        self.image_path = root / "ceiling-image"
+        self.image_path.write_bytes(image)
+        self.url_path = url_path
+        self.env = env
+        self.grpc_port = free_port()
+        self.http_port = free_port()
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.logs = {name: root / f"ceiling-{name}.log" for name in ("service", "gateway")}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def _spawn(self, name: str, args: Sequence[str]) -> None:
+        with self.logs[name].open("ab") as out:
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "tests.bench.ceiling", name, *args],
+                env=self.env,
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    def _wait(self, what: str, ready: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            self.assert_alive()
+            if ready():
+                return
+            time.sleep(0.1)
+        raise BenchError(f"the ceiling's {what} did not become ready in {READY_TIMEOUT:.0f} s")
+
+    def start(self) -> None:
+        """The service first, then the gateway once the service listens (so that the
+        gateway's first connection does not fail into gRPC's reconnect backoff)."""
+        url = ("--url", self.url_path) if self.url_path else ()
+        self._spawn(
+            "service",
+            ["--grpc-port", str(self.grpc_port), "--image", str(self.image_path), *url],
+        )
+        self._wait("service", lambda: port_open(self.grpc_port))
+        self._spawn(
+            "gateway", ["--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port)]
+        )
+        self._wait("gateway", lambda: http_get_ok(self.url + "/healthz"))
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {name: proc.pid for name, proc in self.procs.items()}
+
+    def assert_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                tail = self.logs[name].read_text(errors="replace")[-3000:]
+                raise BenchError(f"the ceiling's {name} exited with {proc.returncode}:\n{tail}")
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 # -- one case ---------------------------------------------------------------------------
@@ -703,6 +806,19 @@ class Billing:
 
 
 @dataclass
+class CeilingResult:
+    """The design's ceiling measured with the case's wrk settings."""
+
+    wrk: WrkResult
+    response_bytes: int  # of its answer to the case's request (the stack's size, normally)
+    processes: dict[str, ProcessFigures]
+    load: MachineLoad
+
+    def cores(self, name: str) -> float:
+        return self.processes[name].cpu_seconds / self.wrk.seconds if self.wrk.seconds else 0.0
+
+
+@dataclass
 class CaseResult:
     case: Case
     response_bytes: int
@@ -714,6 +830,7 @@ class CaseResult:
     served_statuses: dict[int, int] = field(default_factory=dict)
     load: MachineLoad = field(default_factory=MachineLoad)
     floor_load: MachineLoad = field(default_factory=MachineLoad)
+    ceiling: CeilingResult | None = None
 
     @property
     def rps_ratio(self) -> float:
@@ -722,6 +839,28 @@ class CaseResult:
     @property
     def p50_added_ms(self) -> float:
         return self.stack.latency_ms("p50") - self.floor.latency_ms("p50")
+
+    @property
+    def measured_ceiling(self) -> CeilingResult:
+        if self.ceiling is None:
+            raise BenchError(f"case {self.case.number}: the ceiling was not measured")
+        return self.ceiling
+
+    @property
+    def ceiling_rps_ratio(self) -> float:
+        """The ceiling's rps as a share of the floor's."""
+        rps = self.measured_ceiling.wrk.rps
+        return rps / self.floor.rps if self.floor.rps else 0.0
+
+    @property
+    def ceiling_p50_added_ms(self) -> float:
+        return self.measured_ceiling.wrk.latency_ms("p50") - self.floor.latency_ms("p50")
+
+    @property
+    def ceiling_share(self) -> float:
+        """Our rps as a share of the ceiling's."""
+        rps = self.measured_ceiling.wrk.rps
+        return self.stack.rps / rps if rps else 0.0
 
     @property
     def growth_per_in_flight_bytes(self) -> float:
@@ -740,15 +879,59 @@ class CaseResult:
         return self.processes[name].context_switches / max(1, self.stack.requests)
 
 
+def measure_ceiling(
+    case: Case,
+    wrk: str,
+    ceiling: Ceiling,
+    authorization: str,
+    seconds: float,
+    warmup: float,
+    threads: int,
+) -> CeilingResult:
+    """Starts the ceiling, checks its answer, warms it up and drives it like the stack."""
+    figures = {"service": ProcessFigures(), "gateway": ProcessFigures()}
+    try:
+        ceiling.start()
+        answer = generate(ceiling.url, case, authorization)
+        for name, pid in ceiling.pids.items():
+            figures[name].idle_kib = proc_status_kib(pid, "VmRSS")
+        log(f"case {case.number}: ceiling, warm-up {warmup:.0f} s then {seconds:.0f} s")
+        run_wrk(wrk, ceiling.url, case, authorization, warmup, threads)
+        cpu_before = {name: proc_cpu_times(pid) for name, pid in ceiling.pids.items()}
+        cs_before = {name: proc_context_switches(pid) for name, pid in ceiling.pids.items()}
+        with LoadMeter(list(ceiling.pids.values())) as meter:
+            result = run_wrk(wrk, ceiling.url, case, authorization, seconds, threads)
+        ceiling.assert_alive()
+        for name, pid in ceiling.pids.items():
+            user, system = proc_cpu_times(pid)
+            figures[name].user_seconds = user - cpu_before[name][0]
+            figures[name].cpu_seconds = user + system - sum(cpu_before[name])
+            figures[name].context_switches = proc_context_switches(pid) - cs_before[name]
+            figures[name].peak_kib = proc_status_kib(pid, "VmHWM")
+    finally:
+        ceiling.stop()
+    return CeilingResult(result, len(answer), figures, meter.load)
+
+
 def run_case(
-    case: Case, wrk: str, root: Path, seconds: float, warmup: float, threads: int
+    case: Case,
+    wrk: str,
+    root: Path,
+    seconds: float,
+    warmup: float,
+    threads: int,
+    *,
+    with_ceiling: bool = True,
 ) -> CaseResult:
     stack = Stack(root)
     figures = {"service": ProcessFigures(), "gateway": ProcessFigures()}
+    image, url_path = b"", ""
     try:
         stack.create_account()
         stack.start()
         body = stack.capture(case)
+        if with_ceiling:
+            image, url_path = stack.first_image(case, body)
         stack.quiesce()
         for name, pid in stack.pids.items():
             figures[name].idle_kib = proc_status_kib(pid, "VmRSS")
@@ -798,6 +981,14 @@ def run_case(
         floor_figures.peak_kib = proc_status_kib(floor.proc.pid, "VmHWM")
     finally:
         floor.stop()
+
+    ceiling_result = None
+    if with_ceiling:
+        # The stack's environment: its TOML (gRPC options, timeout) and its event loop.
+        ceiling = Ceiling(root, stack.env, image, url_path)
+        ceiling_result = measure_ceiling(
+            case, wrk, ceiling, stack.authorization, seconds, warmup, threads
+        )
     return CaseResult(
         case=case,
         response_bytes=len(body),
@@ -809,6 +1000,7 @@ def run_case(
         served_statuses=dict(sorted(served.items())),
         load=meter.load,
         floor_load=floor_meter.load,
+        ceiling=ceiling_result,
     )
 
 
@@ -892,7 +1084,13 @@ def verdicts(results: Sequence[CaseResult]) -> list[Verdict]:
                     c.number,
                     f">= {TARGET_FLOOR_RPS_SHARE:.0%} of floor rps at 32 connections",
                     r.rps_ratio >= TARGET_FLOOR_RPS_SHARE,
-                    f"{r.rps_ratio:.1%} ({r.stack.rps:.0f} / {r.floor.rps:.0f} rps)",
+                    f"{r.rps_ratio:.1%} ({r.stack.rps:.0f} / {r.floor.rps:.0f} rps)"
+                    + (
+                        f"; the design's ceiling reaches {r.ceiling_rps_ratio:.1%} "
+                        f"({r.ceiling.wrk.rps:.0f} rps)"
+                        if r.ceiling
+                        else ""
+                    ),
                 )
             )
         if c.connections == 1:
@@ -902,7 +1100,13 @@ def verdicts(results: Sequence[CaseResult]) -> list[Verdict]:
                     f"<= {TARGET_P50_ADDED_MS:g} ms p50 added at 1 connection",
                     r.p50_added_ms <= TARGET_P50_ADDED_MS,
                     f"+{r.p50_added_ms:.2f} ms ({r.stack.latency_ms('p50'):.2f} vs "
-                    f"{r.floor.latency_ms('p50'):.2f} ms)",
+                    f"{r.floor.latency_ms('p50'):.2f} ms)"
+                    + (
+                        f"; the design's ceiling adds {r.ceiling_p50_added_ms:+.2f} ms "
+                        f"({r.ceiling.wrk.latency_ms('p50'):.2f} ms)"
+                        if r.ceiling
+                        else ""
+                    ),
                 )
             )
         if c.n == 4:
@@ -1000,6 +1204,7 @@ def report(results: Sequence[CaseResult]) -> list[str]:
             for r in results
         ],
     )
+    lines += ceiling_lines(results)
     lines += [
         "",
         "Memory under load (idle = VmRSS before warm-up; peak = VmHWM; growth per in-flight "
@@ -1065,10 +1270,29 @@ def report(results: Sequence[CaseResult]) -> list[str]:
         "The machine during the measured runs (cores busy; 'others' = processes that are "
         "neither wrk nor the servers measured, e.g. other work on a shared machine)",
     ]
+    show_ceiling = any(r.ceiling for r in results)
+
+    def ceiling_cores(r: CaseResult) -> list[str]:
+        if not show_ceiling:
+            return []
+        if r.ceiling is None:
+            return ["-"] * 4
+        return [
+            f"{r.ceiling.cores('service'):.2f}",
+            f"{r.ceiling.cores('gateway'):.2f}",
+            f"{r.ceiling.load.wrk_cores:.2f}",
+            f"{r.ceiling.load.other_cores:.2f}",
+        ]
+
     lines += table(
         [
             *("case", "stack: svc", "stack: gw", "stack: wrk", "stack: others"),
             *("floor", "floor: wrk", "floor: others"),
+            *(
+                ("ceiling: svc", "ceiling: gw", "ceiling: wrk", "ceiling: others")
+                if show_ceiling
+                else ()
+            ),
         ],
         [
             [
@@ -1080,12 +1304,17 @@ def report(results: Sequence[CaseResult]) -> list[str]:
                 f"{r.floor_process.cpu_seconds / r.floor.seconds:.2f}",
                 f"{r.floor_load.wrk_cores:.2f}",
                 f"{r.floor_load.other_cores:.2f}",
+                *ceiling_cores(r),
             ]
             for r in results
         ],
     )
     for r in results:
-        noisy = max(r.load.other_cores, r.floor_load.other_cores)
+        noisy = max(
+            r.load.other_cores,
+            r.floor_load.other_cores,
+            r.ceiling.load.other_cores if r.ceiling else 0.0,
+        )
         if noisy > NOISY_OTHER_CORES:
             lines.append(
                 f"NOTE case {r.case.number}: other processes used up to {noisy:.2f} cores "
@@ -1094,6 +1323,60 @@ def report(results: Sequence[CaseResult]) -> list[str]:
     lines += ["", "Targets (reported, not enforced; billing exactness is enforced)"]
     for v in verdicts(results):
         lines.append(f"  {'PASS' if v.passed else 'FAIL'}  case {v.case}: {v.target}: {v.detail}")
+    return lines
+
+
+def ceiling_lines(results: Sequence[CaseResult]) -> list[str]:
+    """The table against the design's ceiling, and notes on ceilings that misbehaved."""
+    measured = [(r, r.ceiling) for r in results if r.ceiling is not None]
+    if not measured:
+        return []
+    lines = [
+        "",
+        "Against the design's ceiling (aiohttp + one grpc.aio call to a service that does "
+        "nothing: tests/bench/ceiling.py, same wrk settings)",
+    ]
+    lines += table(
+        [
+            "case",
+            "ceiling rps",
+            "ceiling p50 ms",
+            "ceiling p99 ms",
+            "200s",
+            "non-200",
+            "sock err",
+            "ceiling rps / floor",
+            "ceiling p50 added ms",
+            "our rps / ceiling",
+        ],
+        [
+            [
+                f"{r.case.number}",
+                f"{c.wrk.rps:.1f}",
+                f"{c.wrk.latency_ms('p50'):.2f}",
+                f"{c.wrk.latency_ms('p99'):.2f}",
+                str(c.wrk.ok),
+                str(c.wrk.non200),
+                str(c.wrk.socket_errors),
+                f"{r.ceiling_rps_ratio:.1%}",
+                f"{r.ceiling_p50_added_ms:+.2f}",
+                f"{r.ceiling_share:.1%}",
+            ]
+            for r, c in measured
+        ],
+    )
+    for r, c in measured:
+        if c.wrk.non200 or c.wrk.socket_errors:
+            lines.append(
+                f"NOTE case {r.case.number}: the ceiling answered {c.wrk.non200} non-200 and had "
+                f"{c.wrk.socket_errors} socket errors; its figures are not a ceiling (BENCH_KEEP=1 "
+                "keeps its logs, ceiling-*.log)"
+            )
+        if c.response_bytes != r.response_bytes:
+            lines.append(
+                f"NOTE case {r.case.number}: the ceiling's answer is {c.response_bytes} bytes, "
+                f"the stack's {r.response_bytes}: has the real answer's shape changed?"
+            )
     return lines
 
 
@@ -1124,6 +1407,17 @@ def results_json(results: Sequence[CaseResult], header: Sequence[str]) -> dict[s
                 "served_statuses": r.served_statuses,
                 "load": vars(r.load),
                 "floor_load": vars(r.floor_load),
+                "ceiling": None
+                if r.ceiling is None
+                else {
+                    "wrk": r.ceiling.wrk.raw,
+                    "response_bytes": r.ceiling.response_bytes,
+                    "rps_ratio": r.ceiling_rps_ratio,
+                    "p50_added_ms": r.ceiling_p50_added_ms,
+                    "stack_rps_share": r.ceiling_share,
+                    "processes": {n: vars(p) for n, p in r.ceiling.processes.items()},
+                    "load": vars(r.ceiling.load),
+                },
             }
             for r in results
         ],
@@ -1345,6 +1639,7 @@ def run(
     json_path: Path | None,
     profile_dir: Path | None,
     keep: bool,
+    ceiling: bool = True,
 ) -> int:
     wrk = ensure_wrk()
     header = machine_lines(wrk, threads, seconds, warmup)
@@ -1357,7 +1652,15 @@ def run(
     try:
         for case in cases:
             results.append(
-                run_case(case, wrk, root / f"case{case.number}", seconds, warmup, threads)
+                run_case(
+                    case,
+                    wrk,
+                    root / f"case{case.number}",
+                    seconds,
+                    warmup,
+                    threads,
+                    with_ceiling=ceiling,
+                )
             )
         print("\n".join(report(results)), flush=True)
         if json_path is not None:

@@ -1,0 +1,279 @@
+"""The design's ceiling: aiohttp plus one grpc.aio call to a service that does nothing.
+
+The floor (``tests/bench/floor.py``) shows what aiohttp alone can do on this machine. The
+design asks for more than that on every request: a gateway process that parses the JSON,
+makes one server-streaming gRPC call to a second process, gathers the stream and
+base64-encodes the images into OpenAI's JSON. This module runs only that, as two processes
+like the real stack, so that ``make bench`` can show how much of the gap between the stack
+and the floor is the design's own price and how much is ours:
+
+``service``
+    a grpc.aio server implementing the real ``imagegen.v1.ImageGeneration`` service (only
+    ``GenerateImages`` works; the other RPCs answer UNIMPLEMENTED) with the real service's
+    server options and no interceptors, no logging, no ledger, no validation. Each call
+    is answered with the messages the real service sends: one ``GeneratedImage`` per image
+    (the bytes of ``--image`` when ``response_format`` is ``b64_json``, else the path
+    ``--url``), with the request's prompt as ``revised_prompt``, then one
+    ``GenerationSummary`` (``cost_micros`` 0: nothing is charged). ``n`` and the format
+    come from the request; nothing is drawn, stored or signed per request.
+
+``gateway``
+    aiohttp with the access log off and ``POST /v1/images/generations`` doing only what
+    the design forces on any gateway: read the body, parse it with orjson (as the real
+    gateway does), build a ``GenerateImagesRequest``, call the stub with ``authorization``
+    and ``x-request-id`` metadata and a timeout (the real gateway's channel options and
+    timeout), read the whole stream, base64-encode the images and answer the real
+    gateway's JSON (``created``, ``data`` of ``b64_json`` or absolute ``url`` with
+    ``revised_prompt``, ``usage``), byte for byte the same size. No validation, auth,
+    logging, metrics or error mapping: a failed call is aiohttp's bare 500.
+    ``GET /healthz`` answers once the gateway listens.
+
+Both run on the event loop the real processes use (uvloop unless ``IMAGEGEN_UVLOOP=0``,
+``imagegen_service/eventloop.py``) and read the real configuration (``IMAGEGEN_CONFIG``)
+only for the gRPC options and the request timeout.
+
+    python -m tests.bench.ceiling service --grpc-port 50099 --image image.png
+    python -m tests.bench.ceiling gateway --http-port 8099 --grpc-port 50099
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import secrets
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import orjson
+from aiohttp import web
+
+from imagegen_service.eventloop import loop_factory
+from imagegen_service.gen import images_pb2, images_pb2_grpc
+
+if TYPE_CHECKING:
+    from imagegen_service.gen.images_pb2_grpc import ImageGenerationAsyncStub
+
+ROUTE = "/v1/images/generations"
+# A path shaped like the local image store's signed URLs (same length), for --url's default.
+DEFAULT_URL = (
+    "/v1/files/images/img_00000000000000000000000000000000.png.1700000000."
+    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+)
+
+
+# -- the no-op service ------------------------------------------------------------------
+
+
+class NoOpImageGeneration(images_pb2_grpc.ImageGenerationServicer):
+    """Answers every GenerateImages call with fixed images; the generated base class
+    answers UNIMPLEMENTED for the other RPCs."""
+
+    def __init__(self, image: bytes, url: str) -> None:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(image)) as picture:
+            self.mime_type = Image.MIME.get(picture.format or "", "application/octet-stream")
+            self.width, self.height = picture.size
+        self.image = image
+        self.url = url
+
+    async def GenerateImages(
+        self,
+        request: images_pb2.GenerateImagesRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> AsyncIterator[images_pb2.GenerateImagesResponse]:
+        n = request.n if request.HasField("n") else 1
+        as_data = request.response_format == "b64_json"
+        for index in range(n):
+            image = images_pb2.GeneratedImage(
+                index=index,
+                revised_prompt=request.prompt,
+                mime_type=self.mime_type,
+                width=self.width,
+                height=self.height,
+            )
+            if as_data:
+                image.data = self.image
+            else:
+                image.url = self.url
+            yield images_pb2.GenerateImagesResponse(image=image)
+        yield images_pb2.GenerateImagesResponse(
+            summary=images_pb2.GenerationSummary(
+                created=int(time.time()),
+                model=request.model,
+                provider="local",
+                images=n,
+                size=request.size,
+                quality=request.quality,
+                usage=images_pb2.Usage(),
+            )
+        )
+
+
+async def serve_service(host: str, port: int, image: bytes, url: str) -> None:
+    """Serves until SIGTERM or SIGINT."""
+    from imagegen_service.config import ConfigError, load_config
+    from imagegen_service.server import grpc_options
+
+    try:
+        options = grpc_options(load_config())
+    except ConfigError as exc:
+        sys.exit(f"ceiling service: {exc}")
+    server = grpc.aio.server(options=options)
+    # The stubs mark every RPC abstract; at run time the generated base class answers
+    # UNIMPLEMENTED for those the ceiling does not serve.
+    servicer = NoOpImageGeneration(image, url)  # type: ignore[abstract]
+    images_pb2_grpc.add_ImageGenerationServicer_to_server(servicer, server)
+    if server.add_insecure_port(f"{host}:{port}") == 0:
+        sys.exit(f"ceiling service: cannot listen on {host}:{port}")
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(1.0)
+
+
+# -- the minimal gateway ----------------------------------------------------------------
+
+STUB: web.AppKey[ImageGenerationAsyncStub] = web.AppKey("stub")
+TIMEOUT = web.AppKey("timeout", float)
+BASE_URL = web.AppKey("base_url", str)
+
+
+async def generations(request: web.Request) -> web.Response:
+    body: dict[str, Any] = orjson.loads(await request.read())
+    message = images_pb2.GenerateImagesRequest(
+        model=body.get("model", ""),
+        prompt=body.get("prompt", ""),
+        size=body.get("size", ""),
+        quality=body.get("quality", ""),
+        response_format=body.get("response_format", ""),
+        style=body.get("style", ""),
+        user=body.get("user", ""),
+    )
+    if "n" in body:
+        message.n = body["n"]
+    request_id = request.headers.get("x-request-id") or f"req_{secrets.token_hex(12)}"
+    metadata = [("x-request-id", request_id)]
+    authorization = request.headers.get("Authorization")
+    if authorization:
+        metadata.append(("authorization", authorization))
+    call = request.app[STUB].GenerateImages(
+        message, metadata=tuple(metadata), timeout=request.app[TIMEOUT]
+    )
+    images: list[images_pb2.GeneratedImage] = []
+    summary = images_pb2.GenerationSummary()
+    async for event in call:
+        if event.HasField("image"):
+            images.append(event.image)
+        elif event.HasField("summary"):
+            summary = event.summary
+    # The real gateway's answer, assembled from bytes: {"created", "data": [...], "usage"}.
+    parts = [b'{"created":', str(summary.created).encode(), b',"data":[']
+    for i, image in enumerate(images):
+        if i:
+            parts.append(b",")
+        if image.url:
+            url = request.app[BASE_URL] + image.url if image.url.startswith("/") else image.url
+            parts += (b'{"url":', orjson.dumps(url))
+        else:
+            parts += (b'{"b64_json":"', base64.b64encode(image.data), b'"')
+        parts += (b',"revised_prompt":', orjson.dumps(image.revised_prompt), b"}")
+    usage = {
+        "prompt_tokens": summary.usage.input_tokens,
+        "completion_tokens": summary.usage.output_tokens,
+        "total_tokens": summary.usage.total_tokens,
+    }
+    parts += (b'],"usage":', orjson.dumps(usage), b"}")
+    return web.Response(
+        body=b"".join(parts),
+        content_type="application/json",
+        headers={"x-request-id": request_id},
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(body=b'{"status": "ok"}', content_type="application/json")
+
+
+def create_gateway(service_address: str, base_url: str) -> web.Application:
+    from http_gateway.app import channel_options
+    from http_gateway.config import load_gateway_config
+
+    try:
+        config = load_gateway_config()
+    except ValueError as exc:
+        sys.exit(f"ceiling gateway: {exc}")
+    app = web.Application()
+    app[TIMEOUT] = config.request_timeout_seconds
+    app[BASE_URL] = base_url
+
+    async def grpc_channel(app: web.Application) -> AsyncIterator[None]:
+        channel = grpc.aio.insecure_channel(service_address, options=channel_options(config))
+        app[STUB] = images_pb2_grpc.ImageGenerationStub(channel)
+        yield
+        await channel.close(grace=1.0)
+
+    app.cleanup_ctx.append(grpc_channel)
+    app.router.add_post(ROUTE, generations)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+# -- entry point ------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.bench.ceiling",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    roles = parser.add_subparsers(dest="role", required=True, metavar="service|gateway")
+    service = roles.add_parser("service", help="the no-op gRPC service")
+    service.add_argument("--host", default="127.0.0.1")
+    service.add_argument("--grpc-port", type=int, required=True)
+    service.add_argument(
+        "--image", type=Path, required=True, help="image file sent as every image's bytes"
+    )
+    service.add_argument(
+        "--url", default=DEFAULT_URL, help="path (or URL) sent as every image's url"
+    )
+    gateway = roles.add_parser("gateway", help="the minimal HTTP gateway")
+    gateway.add_argument("--host", default="127.0.0.1")
+    gateway.add_argument("--http-port", type=int, required=True)
+    gateway.add_argument("--grpc-host", default="127.0.0.1", help="the service's host")
+    gateway.add_argument("--grpc-port", type=int, required=True, help="the service's port")
+    gateway.add_argument(
+        "--public-base-url",
+        default="",
+        help="base of relative image URLs (default: http://HOST:HTTP_PORT)",
+    )
+    args = parser.parse_args()
+    factory = loop_factory()
+    if args.role == "service":
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(serve_service(args.host, args.grpc_port, args.image.read_bytes(), args.url))
+        return
+    base_url = (args.public_base_url or f"http://{args.host}:{args.http_port}").rstrip("/")
+    web.run_app(
+        create_gateway(f"{args.grpc_host}:{args.grpc_port}", base_url),
+        loop=factory() if factory else None,
+        host=args.host,
+        port=args.http_port,
+        print=None,
+        access_log=None,
+    )
+
+
+if __name__ == "__main__":
+    main()
