@@ -8,7 +8,7 @@ from aiohttp import web
 
 from http_gateway.app import create_app
 from http_gateway.config import load_gateway_config
-from imagegen_service.eventloop import loop_factory
+from imagegen_service.eventloop import freeze_startup_heap, loop_factory
 from imagegen_service.logging_setup import configure_logging
 
 
@@ -19,8 +19,14 @@ def main() -> None:
     except ValueError as exc:
         sys.exit(f"imagegen-gateway: {exc}")
     factory = loop_factory()
+    app = create_app(config)
+
+    async def freeze(_: web.Application) -> None:
+        freeze_startup_heap()
+
+    app.on_startup.append(freeze)
     web.run_app(
-        create_app(config),
+        app,
         loop=factory() if factory else None,
         host=config.http_host,
         port=config.http_port,

@@ -15,6 +15,7 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from grpc_reflection.v1alpha import reflection
 
 from imagegen_service.config import ServiceConfig
+from imagegen_service.eventloop import freeze_startup_heap
 from imagegen_service.gen import admin_pb2, admin_pb2_grpc, images_pb2, images_pb2_grpc
 from imagegen_service.idempotency import IdempotencyKeys
 from imagegen_service.interceptors import MetricsInterceptor
@@ -209,6 +210,7 @@ async def serving(
 async def serve_forever(config: ServiceConfig, grace: float = 10.0) -> None:
     """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
     running = await start_service(config)
+    freeze_startup_heap()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
