@@ -1,8 +1,8 @@
 """What the service tells its operator: Prometheus metrics, and one log line per generation.
 
 Each service owns a ``ServiceMetrics`` with a registry of its own (never the process-global
-one), served at ``GET /metrics`` on ``metrics_port`` by ``MetricsEndpoint``. The gRPC
-interceptor (``interceptors.py``), the router (provider calls), the pipeline (holds) and the
+one), served at ``GET /metrics`` on ``metrics_port`` by ``MetricsEndpoint``. The gRPC method
+wrappers (``method_metrics.py``), the router (provider calls), the pipeline (holds) and the
 servicer (a ``GenerationRecord`` per generation) report into it.
 
 Every label value comes from a closed set: registered gRPC methods and status codes, the
