@@ -207,6 +207,24 @@ class _FastConnection:
             # The same exception types as through SQLAlchemy (IntegrityError, ...).
             raise sa.exc.DBAPIError.instance(sql, parameters, exc, sqlite3.Error) from exc
 
+    @property
+    def raw(self) -> sqlite3.Connection:
+        return self._raw
+
+    def commit(self) -> None:
+        """Ends the transaction begun in plain SQL, through SQLAlchemy when one of the
+        writes made it start its own (bookkeeping) transaction, so it stays in step."""
+        if self._conn.in_transaction():
+            self._conn.commit()
+        if self._raw.in_transaction:
+            self._raw.execute("COMMIT")
+
+    def rollback(self) -> None:
+        if self._conn.in_transaction():
+            self._conn.rollback()
+        if self._raw.in_transaction:
+            self._raw.execute("ROLLBACK")
+
     def savepoint(self) -> None:
         self._raw.execute("SAVEPOINT batch_item")
 
@@ -264,14 +282,20 @@ class _SqliteRunner:
         # Set while no write is queued or running, for close().
         self._idle = asyncio.Event()
         self._idle.set()
-        self._inline_engine = self._engine(path, immediate=True, busy_ms=0, autocheckpoint=False)
-        self._write_engine = self._engine(path, immediate=True, busy_ms=30000)
-        self._read_engine = self._engine(path, immediate=False, busy_ms=30000)
+        self._write_engine = self._engine(path, begin="BEGIN IMMEDIATE", busy_ms=30000)
+        self._read_engine = self._engine(path, begin="BEGIN", busy_ms=30000)
+        # The loop's own connection, open for the runner's life. Its transactions are
+        # begun and committed in plain SQL (_write_inline): SQLAlchemy's begin/commit
+        # machinery cost more than SQLite's commit itself.
+        self._inline_engine = self._engine(path, begin=None, busy_ms=0, autocheckpoint=False)
+        self._inline: _FastConnection | None = None
 
     @staticmethod
     def _engine(
-        path: str, *, immediate: bool, busy_ms: int, autocheckpoint: bool = True
+        path: str, *, begin: str | None, busy_ms: int, autocheckpoint: bool = True
     ) -> sa.Engine:
+        """``begin``: the statement SQLAlchemy's transactions start with; None leaves
+        BEGIN and COMMIT to the caller (SQLAlchemy's transaction is then bookkeeping)."""
         # One connection per engine, used by one thread at a time.
         engine = sa.create_engine(
             f"sqlite:///{path}",
@@ -293,9 +317,11 @@ class _SqliteRunner:
                 cursor.execute("PRAGMA wal_autocheckpoint=0")
             cursor.close()
 
-        @event.listens_for(engine, "begin")
-        def _on_begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        if begin is not None:
+
+            @event.listens_for(engine, "begin")
+            def _on_begin(conn: Any) -> None:
+                conn.exec_driver_sql(begin)
 
         return engine
 
@@ -322,12 +348,10 @@ class _SqliteRunner:
             return
         work = [(f, a) for f, a, _ in batch]
         try:
-            outcomes = self._write_batch(self._inline_engine, work, inline=True)
+            outcomes = self._write_inline(work)
         except _Busy:
             self._in_thread = True
-            done = loop.run_in_executor(
-                self._writer, self._write_batch, self._write_engine, work, False
-            )
+            done = loop.run_in_executor(self._writer, self._write_batch, self._write_engine, work)
             done.add_done_callback(lambda outcome: self._thread_done(loop, batch, outcome))
             return
         except Exception as exc:  # the commit failed: every write of the batch fails
@@ -371,32 +395,56 @@ class _SqliteRunner:
                 future.set_exception(value)
 
     @staticmethod
-    def _write_batch(
-        engine: sa.Engine, batch: list[tuple[Callable[..., Any], tuple[Any, ...]]], inline: bool
+    def _run_batch(
+        conn: _FastConnection, batch: list[tuple[Callable[..., Any], tuple[Any, ...]]]
     ) -> list[tuple[bool, Any]]:
-        """One transaction for the batch; a write that raises rolls back its own savepoint
-        only. If the commit fails, every write of the batch fails with it. ``inline``: a
-        locked database raises _Busy, with nothing written."""
+        """Runs each write in its own savepoint: one that raises rolls back alone, except
+        for a locked database, which is raised for the whole batch."""
         outcomes: list[tuple[bool, Any]] = []
+        for fn, args in batch:
+            conn.savepoint()
+            try:
+                outcomes.append((True, fn(conn, *args)))
+            except Exception as exc:
+                if _is_busy(exc):
+                    raise
+                conn.rollback_to()
+                outcomes.append((False, exc))
+            else:
+                conn.release()
+        return outcomes
+
+    def _write_inline(
+        self, batch: list[tuple[Callable[..., Any], tuple[Any, ...]]]
+    ) -> list[tuple[bool, Any]]:
+        """The batch in one transaction on the loop's connection. A locked database raises
+        _Busy with nothing written; a failed commit raises, and nothing is written."""
+        if self._inline is None:
+            self._inline = _FastConnection(self._inline_engine.connect())
+        conn = self._inline
         try:
-            with engine.begin() as conn:
-                fast = _FastConnection(conn)
-                for fn, args in batch:
-                    fast.savepoint()
-                    try:
-                        outcomes.append((True, fn(fast, *args)))
-                    except Exception as exc:
-                        if inline and _is_busy(exc):
-                            raise
-                        fast.rollback_to()
-                        outcomes.append((False, exc))
-                    else:
-                        fast.release()
-        except Exception as exc:
-            if inline and _is_busy(exc):
+            conn.raw.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if _is_busy(exc):
+                raise _Busy from exc
+            raise
+        try:
+            outcomes = self._run_batch(conn, batch)
+            conn.commit()
+        except BaseException as exc:
+            conn.rollback()
+            if _is_busy(exc):
                 raise _Busy from exc
             raise
         return outcomes
+
+    def _write_batch(
+        self, engine: sa.Engine, batch: list[tuple[Callable[..., Any], tuple[Any, ...]]]
+    ) -> list[tuple[bool, Any]]:
+        """The batch in one transaction on the writer thread's connection, which waits for
+        the lock. If the commit fails, every write of the batch fails with it."""
+        with engine.begin() as conn:
+            return self._run_batch(_FastConnection(conn), batch)
 
     def _checkpoint(self) -> None:
         # Outside any transaction: straight on the driver's connection.
@@ -427,6 +475,8 @@ class _SqliteRunner:
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
         await self._idle.wait()
+        if self._inline is not None:
+            self._inline.close()
         self._inline_engine.dispose()
         await loop.run_in_executor(self._writer, self._checkpoint)
         await loop.run_in_executor(self._writer, self._write_engine.dispose)
