@@ -237,7 +237,8 @@ async def _json_answer(request: web.Request, call: ImagesCall) -> web.StreamResp
                 images.append(event.image)
             elif event.HasField("summary"):
                 summary = event.summary
-        headers = _passed_headers(await call.initial_metadata())
+        # A finished call's metadata is already here: nothing is waited for.
+        headers = _passed_headers((*await call.initial_metadata(), *await call.trailing_metadata()))
     except grpc.aio.AioRpcError as exc:
         return errors.from_grpc_error(exc)
     if summary is None:

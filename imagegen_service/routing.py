@@ -98,9 +98,7 @@ class Router:
             )
         for deployment in capable:
             try:
-                self.providers[deployment.provider].check(
-                    replace(request, upstream_model=deployment.upstream_model)
-                )
+                self.providers[deployment.provider].check(_for(request, deployment))
             except errors.InvalidParameter as exc:
                 first_error = first_error or exc
                 continue
@@ -126,7 +124,7 @@ class Router:
             try:
                 result = await self._with_retries(
                     deployment,
-                    replace(request, upstream_model=deployment.upstream_model),
+                    _for(request, deployment),
                     key,
                     operation,
                 )
@@ -170,7 +168,7 @@ class Router:
             semaphore = self._semaphores.setdefault(
                 deployment.provider, asyncio.Semaphore(limits.max_concurrency)
             )
-            routed = replace(request, upstream_model=deployment.upstream_model)
+            routed = _for(request, deployment)
             attempt = 0
             while True:
                 started = False
@@ -306,3 +304,10 @@ class Router:
         breaker = self._breakers.get(key)
         if breaker is not None:
             breaker.trial_in_flight = False
+
+
+def _for(request: ProviderRequest, deployment: Deployment) -> ProviderRequest:
+    """The request as ``deployment`` gets it: with its upstream model."""
+    if request.upstream_model == deployment.upstream_model:
+        return request  # frozen: nothing to copy
+    return replace(request, upstream_model=deployment.upstream_model)

@@ -181,7 +181,12 @@ class ImageGenerationServicer(images_pb2_grpc.ImageGenerationServicer):
         ) as record:
             prepared = await self.pipeline.prepare(key, params, request_id=request_id)
             if prepared.rate_limit is not None:
-                await context.send_initial_metadata(tuple(prepared.rate_limit.headers().items()))
+                headers = tuple(prepared.rate_limit.headers().items())
+                # With the status, at no extra cost; a stream's caller needs them before
+                # its first event, so a stream also sends them up front (its own message).
+                context.set_trailing_metadata(headers)
+                if params.options.stream:
+                    await context.send_initial_metadata(headers)
             # Each yield returns only once gRPC has taken the message, so the pipeline
             # charges after the last image has left, and closing releases the hold.
             async with contextlib.aclosing(self.pipeline.run(prepared)) as events:

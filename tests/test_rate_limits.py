@@ -10,7 +10,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from imagegen_service.gen import images_pb2, images_pb2_grpc
 from tests.conftest import LOCAL_256, Stack, assert_openai_error, bearer
+from tests.images_stack import ImagesStack
 from tests.services import scratch_redis_url
 from tests.stack import start_stack
 
@@ -42,6 +44,36 @@ async def test_requests_over_the_per_minute_limit_get_429_with_retry_after(
     assert limited.headers["x-ratelimit-remaining-requests"] == "0"
     # A refused request holds and charges nothing.
     await stack.assert_balance(account, 100_000 - 2 * LOCAL_256)
+
+
+async def test_grpc_callers_get_the_limits_in_metadata(images_stack: ImagesStack) -> None:
+    """Over gRPC the x-ratelimit-* values come in the trailing metadata, with the status;
+    a streamed request also gets them in the initial metadata, before its first event."""
+    stack = images_stack
+    _, key, key_id = await stack.new_account(100_000)
+    await stack.running.ledger.set_key_limits(key_id, 5, None)
+    images = images_pb2_grpc.ImageGenerationStub(stack.channel)
+    auth = (("authorization", f"Bearer {key}"),)
+    plain = images.GenerateImages(
+        images_pb2.GenerateImagesRequest(model="local-sketch", prompt="p", size="256x256"),
+        metadata=auth,
+    )
+    assert [m.WhichOneof("event") async for m in plain] == ["image", "summary"]
+    trailing = dict(await plain.trailing_metadata())
+    assert trailing["x-ratelimit-limit-requests"] == "5"
+    assert trailing["x-ratelimit-remaining-requests"] == "4"
+    assert not any(k.startswith("x-ratelimit-") for k, _ in await plain.initial_metadata())
+
+    streamed = images.GenerateImages(
+        images_pb2.GenerateImagesRequest(
+            model="local-image", prompt="p", size="1024x1024", stream=True
+        ),
+        metadata=auth,
+    )
+    initial = dict(await streamed.initial_metadata())
+    assert initial["x-ratelimit-remaining-requests"] == "3"
+    assert [m.WhichOneof("event") async for m in streamed][-1] == "summary"
+    assert dict(await streamed.trailing_metadata())["x-ratelimit-remaining-requests"] == "3"
 
 
 async def test_images_per_minute_count_n_and_an_impossible_n_is_400(
