@@ -279,9 +279,8 @@ class _SqliteRunner:
         self._in_thread = False
         self._commits = 0
         self._checkpointing = False
-        # Set while no write is queued or running, for close().
-        self._idle = asyncio.Event()
-        self._idle.set()
+        # close() waits on it for the writes still queued or running.
+        self._drained: asyncio.Future[None] | None = None
         self._write_engine = self._engine(path, begin="BEGIN IMMEDIATE", busy_ms=30000)
         self._read_engine = self._engine(path, begin="BEGIN", busy_ms=30000)
         # The loop's own connection, open for the runner's life. Its transactions are
@@ -334,7 +333,6 @@ class _SqliteRunner:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._pending.append((fn, args, future))
-        self._idle.clear()
         if not self._scheduled and not self._in_thread:
             self._scheduled = True
             loop.call_soon(self._flush, loop)
@@ -344,7 +342,7 @@ class _SqliteRunner:
         self._scheduled = False
         batch, self._pending = self._pending, []
         if not batch:
-            self._idle.set()
+            self._check_drained()
             return
         work = [(f, a) for f, a, _ in batch]
         try:
@@ -357,8 +355,7 @@ class _SqliteRunner:
         except Exception as exc:  # the commit failed: every write of the batch fails
             outcomes = [(False, exc)] * len(batch)
         self._deliver(batch, outcomes)
-        if not self._pending:
-            self._idle.set()
+        self._check_drained()
         self._commits += 1
         if self._commits >= self.CHECKPOINT_EVERY and not self._checkpointing:
             self._commits = 0
@@ -375,11 +372,15 @@ class _SqliteRunner:
         self._in_thread = False
         error = outcome.exception()
         self._deliver(batch, [(False, error)] * len(batch) if error else outcome.result())
-        if not self._pending:
-            self._idle.set()
-        elif not self._scheduled:
+        if self._pending and not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._flush, loop)
+        self._check_drained()
+
+    def _check_drained(self) -> None:
+        busy = self._pending or self._scheduled or self._in_thread
+        if self._drained is not None and not busy and not self._drained.done():
+            self._drained.set_result(None)
 
     @staticmethod
     def _deliver(
@@ -474,7 +475,9 @@ class _SqliteRunner:
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
-        await self._idle.wait()
+        if self._pending or self._scheduled or self._in_thread:
+            self._drained = loop.create_future()
+            await self._drained
         if self._inline is not None:
             self._inline.close()
         self._inline_engine.dispose()
