@@ -41,7 +41,7 @@ lint: $(STAMP) ## ruff and mypy
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-bench: $(STAMP) ## Benchmark the stack against a bare-aiohttp floor with wrk (BENCH_DURATION=10)
+bench: $(STAMP) ## Benchmark the stack with wrk against a bare-aiohttp floor and the design's ceiling (BENCH_DURATION=10)
 	$(BIN)/python -m tests.bench
 
 clean: ## Remove .venv and the local data directory
