@@ -444,7 +444,39 @@ class Snapshot:
         return self.served.get(200, 0)
 
 
-class Stack:
+class _ProcessPair:
+    """A service and a gateway process, each logging to a file of its own."""
+
+    # "the {what}service" in error messages.
+    what = ""
+
+    def __init__(self, logs: dict[str, Path]) -> None:
+        self.logs = logs
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {name: proc.pid for name, proc in self.procs.items()}
+
+    def assert_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                tail = self.logs[name].read_text(errors="replace")[-3000:]
+                raise BenchError(f"the {self.what}{name} exited with {proc.returncode}:\n{tail}")
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+class Stack(_ProcessPair):
     """Service and gateway as two processes, on their own data directory and TOML."""
 
     def __init__(self, root: Path) -> None:
@@ -467,8 +499,7 @@ class Stack:
             PYTHONPATH=str(REPO),
         )
         self.env = env
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.logs = {name: root / f"{name}.log" for name in ("service", "gateway")}
+        super().__init__({name: root / f"{name}.log" for name in ("service", "gateway")})
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.account_id = ""
         self.secret = ""
@@ -516,27 +547,6 @@ class Stack:
                 return
             time.sleep(0.1)
         raise BenchError(f"the stack did not become ready in {READY_TIMEOUT:.0f} s; {self.root}")
-
-    @property
-    def pids(self) -> dict[str, int]:
-        return {name: proc.pid for name, proc in self.procs.items()}
-
-    def assert_alive(self) -> None:
-        for name, proc in self.procs.items():
-            if proc.poll() is not None:
-                tail = self.logs[name].read_text(errors="replace")[-3000:]
-                raise BenchError(f"the {name} exited with {proc.returncode}:\n{tail}")
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
     # observations ---------------------------------------------------------------------
 
@@ -643,9 +653,11 @@ class Floor:
                 self.proc.wait()
 
 
-class Ceiling:
+class Ceiling(_ProcessPair):
     """tests/bench/ceiling.py: its no-op service and minimal gateway, two processes on free
     loopback ports, answering the image of one case."""
+
+    what = "ceiling's "
 
     def __init__(self, root: Path, env: dict[str, str], image: bytes, url_path: str) -> None:
         self.image_path = root / "ceiling-image"
@@ -655,8 +667,7 @@ class Ceiling:
         self.grpc_port = free_port()
         self.http_port = free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
-        self.logs = {name: root / f"ceiling-{name}.log" for name in ("service", "gateway")}
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        super().__init__({name: root / f"ceiling-{name}.log" for name in ("service", "gateway")})
 
     def _spawn(self, name: str, args: Sequence[str]) -> None:
         with self.logs[name].open("ab") as out:
@@ -691,27 +702,6 @@ class Ceiling:
             "gateway", ["--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port)]
         )
         self._wait("gateway", lambda: http_get_ok(self.url + "/healthz"))
-
-    @property
-    def pids(self) -> dict[str, int]:
-        return {name: proc.pid for name, proc in self.procs.items()}
-
-    def assert_alive(self) -> None:
-        for name, proc in self.procs.items():
-            if proc.poll() is not None:
-                tail = self.logs[name].read_text(errors="replace")[-3000:]
-                raise BenchError(f"the ceiling's {name} exited with {proc.returncode}:\n{tail}")
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 # -- one case ---------------------------------------------------------------------------
