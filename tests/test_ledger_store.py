@@ -63,6 +63,50 @@ async def test_partial_capture_releases_the_rest_once(store: LedgerStore) -> Non
     assert await store.ledger_sums(account.id) == (8_500, 0)
 
 
+async def test_settling_writes_the_same_entries_on_both_backends(store: LedgerStore) -> None:
+    """Hold, capture and release entries with their exact amounts, in that order, whatever
+    backend wrote them (PostgreSQL's per-request writes are SQL of their own)."""
+    account = await store.create_account("entries", 10_000)
+    partial = await store.place_hold(account.id, 4_000, request_id="r1", ttl_seconds=60)
+    assert await store.settle_hold(partial, 1_500, request_id="r1")
+    whole = await store.place_hold(account.id, 2_000, request_id="r2", ttl_seconds=60)
+    assert await store.settle_hold(whole, 2_000, request_id="r2")
+    none = await store.place_hold(account.id, 1_000, request_id="r3", ttl_seconds=60)
+    assert await store.settle_hold(none, 0, request_id="r3")
+    entries = [
+        (e.kind, e.available_delta_micros, e.held_delta_micros, e.hold_id, e.request_id)
+        for e in reversed(await store.ledger(account.id))
+    ]
+    assert entries == [
+        ("credit", 10_000, 0, None, ""),
+        ("hold", -4_000, 4_000, partial.id, "r1"),
+        ("capture", 0, -1_500, partial.id, "r1"),
+        ("release", 2_500, -2_500, partial.id, "r1"),
+        ("hold", -2_000, 2_000, whole.id, "r2"),
+        ("capture", 0, -2_000, whole.id, "r2"),
+        ("hold", -1_000, 1_000, none.id, "r3"),
+        ("release", 1_000, -1_000, none.id, "r3"),
+    ]
+    after = await store.get_account(account.id)
+    assert (after.available_micros, after.held_micros) == (6_500, 0)
+    assert await store.ledger_sums(account.id) == (6_500, 0)
+
+
+async def test_a_hold_checks_the_key_and_the_balance_and_moves_nothing_when_refused(
+    store: LedgerStore,
+) -> None:
+    account = await store.create_account("refusals", 5_000)
+    key = await store.create_key(account.id, "cd" * 32)
+    with pytest.raises(errors.InsufficientBalance):
+        await store.place_hold(account.id, 6_000, request_id="big", ttl_seconds=60, key_id=key.id)
+    await store.revoke_key(key.id)
+    with pytest.raises(errors.InvalidApiKey):
+        await store.place_hold(account.id, 1_000, request_id="r", ttl_seconds=60, key_id=key.id)
+    after = await store.get_account(account.id)
+    assert (after.available_micros, after.held_micros) == (5_000, 0)
+    assert [e.kind for e in await store.ledger(account.id)] == ["credit"]
+
+
 async def test_expired_hold_is_released_with_nothing_charged(store: LedgerStore) -> None:
     account = await store.create_account("crash", 5_000)
     hold = await store.place_hold(account.id, 5_000, request_id="r", ttl_seconds=0)
