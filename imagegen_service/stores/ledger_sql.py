@@ -539,6 +539,12 @@ SELECT count(*) FROM closed
 """
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """asyncpg resets a connection returned to its pool with one more query (RESET ALL,
+    UNLISTEN *, ...), a round trip per write. These writes are single statements that leave
+    no session state behind, so there is nothing to reset."""
+
+
 class _PostgresRunner:
     dialect = "postgresql"
 
@@ -562,7 +568,9 @@ class _PostgresRunner:
         if self._pool is None:
             async with self._pool_lock:
                 if self._pool is None:
-                    self._pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=10)
+                    self._pool = await asyncpg.create_pool(
+                        self._dsn, min_size=1, max_size=10, reset=_keep_session
+                    )
         return self._pool
 
     async def hold(self, hold: Hold, key_id: str | None, params: dict[str, Any]) -> None:

@@ -8,6 +8,8 @@ Settings come from options or, so that ``make bench VAR=...`` works, from enviro
     BENCH_CASES     which cases, e.g. "1,3" (default: all four)
     BENCH_THREADS   wrk threads (default 1, capped at the connections)
     BENCH_JSON      also write the figures as JSON to this file
+    BENCH_DATABASE_URL  keep the ledger in this PostgreSQL (postgresql://...) instead of
+                    each case's SQLite file; the harness runs `imagegen-admin db upgrade`
     BENCH_CEILING=0 skip the design's ceiling (tests/bench/ceiling.py: aiohttp + one
                     grpc.aio call to a service that does nothing), measured by default
     BENCH_PROFILE   also profile case 2 with py-spy (and count SQLite busy-handler sleeps

@@ -498,6 +498,10 @@ class Stack(_ProcessPair):
             IMAGEGEN_LOG_FORMAT="json",
             PYTHONPATH=str(REPO),
         )
+        # BENCH_DATABASE_URL: the ledger on that PostgreSQL instead of the SQLite file.
+        self.database_url = os.environ.get("BENCH_DATABASE_URL", "")
+        if self.database_url:
+            env["IMAGEGEN_DATABASE_URL"] = self.database_url
         self.env = env
         super().__init__({name: root / f"{name}.log" for name in ("service", "gateway")})
         self.url = f"http://127.0.0.1:{self.http_port}"
@@ -518,6 +522,8 @@ class Stack(_ProcessPair):
         return result
 
     def create_account(self) -> None:
+        if self.database_url:
+            self.admin("db", "upgrade")
         account = self.admin("accounts", "create", "bench", "--balance", OPENING_BALANCE_USD)
         self.account_id = account["id"]
         self.opening_micros = int(account["available_micros"])
@@ -1028,7 +1034,17 @@ def machine_lines(wrk: str, threads: int, seconds: float, warmup: float) -> list
         f"packages: {', '.join(versions)}",
         f"load:     {wrk_version(wrk)}, {threads} thread(s), {seconds:.0f} s per run after "
         f"{warmup:.0f} s warm-up, loopback; a fresh stack per case; local provider precomputed",
+        f"ledger:   {ledger_description()}",
     ]
+
+
+def ledger_description() -> str:
+    url = os.environ.get("BENCH_DATABASE_URL", "")
+    if not url:
+        return "SQLite, a new file per case"
+    parsed = urllib.parse.urlsplit(url)
+    where = f"{parsed.hostname}:{parsed.port or 5432}{parsed.path}"
+    return f"PostgreSQL at {where} (BENCH_DATABASE_URL), a new account per case"
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
