@@ -1,5 +1,5 @@
 """``make bench`` / ``python -m tests.bench``: the stack against its floor and the design's
-ceiling, with wrk.
+ceiling (and, when asked, the same work without the gRPC hop), with wrk.
 
 Settings come from options or, so that ``make bench VAR=...`` works, from environment:
 
@@ -12,6 +12,10 @@ Settings come from options or, so that ``make bench VAR=...`` works, from enviro
                     each case's SQLite file; the harness runs `imagegen-admin db upgrade`
     BENCH_CEILING=0 skip the design's ceiling (tests/bench/ceiling.py: aiohttp + one
                     grpc.aio call to a service that does nothing), measured by default
+    BENCH_INPROCESS=1  also measure the same work without the gRPC hop (--inprocess;
+                    tests/bench/inprocess.py: the real gateway's code calling the real
+                    service's pipeline in one process, an experiment for a design
+                    question), on its own data directory, with its billing checked
     BENCH_PROFILE   also profile case 2 with py-spy (and count SQLite busy-handler sleeps
                     with strace), raw stacks into this directory; py-spy is not a project
                     dependency: `.venv/bin/pip install py-spy`
@@ -58,6 +62,12 @@ def main() -> None:
         default=os.environ.get("BENCH_CEILING", "1") != "0",
         help="skip the design's ceiling (BENCH_CEILING=0)",
     )
+    parser.add_argument(
+        "--inprocess",
+        action="store_true",
+        default=os.environ.get("BENCH_INPROCESS", "0") == "1",
+        help="also measure the same work without the gRPC hop (BENCH_INPROCESS=1)",
+    )
     args = parser.parse_args()
     if args.duration < 1 or args.warmup < 1:
         sys.exit("bench: --duration and --warmup must be at least 1 second")
@@ -71,6 +81,7 @@ def main() -> None:
             profile_dir=args.profile,
             keep=args.keep,
             ceiling=args.ceiling,
+            inprocess=args.inprocess,
         )
     except BenchError as exc:
         sys.exit(f"bench: FAILED: {exc}")

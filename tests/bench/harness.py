@@ -8,7 +8,10 @@ the stack with wrk for a fixed time. It then serves the captured response verbat
 bare aiohttp server (``tests/bench/floor.py``) and drives that with the same wrk settings;
 then, unless told not to, the design's ceiling (``tests/bench/ceiling.py``: a minimal
 aiohttp gateway making one grpc.aio call to a service that does nothing, answering the same
-image), again with the same wrk settings.
+image), again with the same wrk settings. When asked (``BENCH_INPROCESS=1``), a third
+reference follows: the same work without the gRPC hop (``tests/bench/inprocess.py``: the
+real gateway's code calling the real service's pipeline in one process), on a data
+directory and TOML of its own, with the same wrk settings and the same billing check.
 
 A fresh stack per case keeps each process's peak RSS (VmHWM) specific to that case.
 After each case the account must show exactly price x images delivered spent and nothing
@@ -479,6 +482,14 @@ class _ProcessPair:
 class Stack(_ProcessPair):
     """Service and gateway as two processes, on their own data directory and TOML."""
 
+    # Its processes (one log file each), and the logs with the gateway's access lines and
+    # the service's generation lines: InProcess has one process writing both.
+    process_names: tuple[str, ...] = ("service", "gateway")
+    access_log = "gateway"
+    generation_log = "service"
+    # "the {label} did not ..." in error messages.
+    label = "stack"
+
     def __init__(self, root: Path) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
@@ -503,7 +514,7 @@ class Stack(_ProcessPair):
         if self.database_url:
             env["IMAGEGEN_DATABASE_URL"] = self.database_url
         self.env = env
-        super().__init__({name: root / f"{name}.log" for name in ("service", "gateway")})
+        super().__init__({name: root / f"{name}.log" for name in self.process_names})
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.account_id = ""
         self.secret = ""
@@ -552,7 +563,9 @@ class Stack(_ProcessPair):
             if http_get_ok(self.url + "/readyz"):
                 return
             time.sleep(0.1)
-        raise BenchError(f"the stack did not become ready in {READY_TIMEOUT:.0f} s; {self.root}")
+        raise BenchError(
+            f"the {self.label} did not become ready in {READY_TIMEOUT:.0f} s; {self.root}"
+        )
 
     # observations ---------------------------------------------------------------------
 
@@ -567,12 +580,12 @@ class Stack(_ProcessPair):
         available, held = self.account()
         served = Counter(
             int(e["status"])
-            for e in self._log_events("gateway")
+            for e in self._log_events(self.access_log)
             if e.get("event") == "http.request" and e.get("route") == ROUTE
         )
         charged = [
             int(e.get("cost_micros", 0))
-            for e in self._log_events("service")
+            for e in self._log_events(self.generation_log)
             if e.get("event") == "generation.charged"
             or (e.get("event") == "generation" and e.get("status") == "ok")
         ]
@@ -590,7 +603,7 @@ class Stack(_ProcessPair):
             if current == previous and current.held_micros == 0:
                 return current
             previous = current
-        raise BenchError(f"the stack did not settle in {QUIESCE_TIMEOUT:.0f} s: {previous}")
+        raise BenchError(f"the {self.label} did not settle in {QUIESCE_TIMEOUT:.0f} s: {previous}")
 
     def capture(self, case: Case) -> bytes:
         return generate(self.url, case, self.authorization)
@@ -710,6 +723,47 @@ class Ceiling(_ProcessPair):
         self._wait("gateway", lambda: http_get_ok(self.url + "/healthz"))
 
 
+class InProcess(Stack):
+    """tests/bench/inprocess.py: the real gateway's code calling the real service's pipeline
+    in one process, on a data directory and TOML of its own (``root``), with an account and
+    a key of its own. A Stack in everything but its processes: the same configuration,
+    ``imagegen-admin`` set-up (which creates the SQLite schema before the server starts),
+    account snapshots and billing checks; its one log holds both the access lines and
+    the generation lines."""
+
+    process_names = ("server",)
+    access_log = generation_log = "server"
+    label = "in-process server"
+    what = "in-process "
+
+    def start(self) -> None:
+        with self.logs["server"].open("ab") as out:
+            self.procs["server"] = subprocess.Popen(
+                [
+                    *(sys.executable, "-m", "tests.bench.inprocess"),
+                    *("--http-port", str(self.http_port)),
+                ],
+                env=self.env,
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            self.assert_alive()
+            if http_get_ok(self.url + "/healthz"):
+                return
+            time.sleep(0.1)
+        raise BenchError(
+            f"the in-process server did not become ready in {READY_TIMEOUT:.0f} s; {self.root}"
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.procs["server"].pid
+
+
 # -- one case ---------------------------------------------------------------------------
 
 
@@ -815,6 +869,28 @@ class CeilingResult:
 
 
 @dataclass
+class InProcessResult:
+    """The same work without the gRPC hop (tests/bench/inprocess.py), measured with the
+    case's wrk settings and checked like the stack."""
+
+    wrk: WrkResult
+    response_bytes: int  # of its answer to the case's request (the stack's size, checked)
+    process: ProcessFigures
+    billing: Billing
+    served_statuses: dict[int, int]
+    load: MachineLoad
+
+    @property
+    def cores(self) -> float:
+        return self.process.cpu_seconds / self.wrk.seconds if self.wrk.seconds else 0.0
+
+    def cpu_text(self) -> str:
+        """CPU ms per request as user+system."""
+        p, n = self.process, max(1, self.wrk.requests)
+        return f"{p.user_seconds * 1000 / n:.2f}+{(p.cpu_seconds - p.user_seconds) * 1000 / n:.2f}"
+
+
+@dataclass
 class CaseResult:
     case: Case
     response_bytes: int
@@ -827,14 +903,22 @@ class CaseResult:
     load: MachineLoad = field(default_factory=MachineLoad)
     floor_load: MachineLoad = field(default_factory=MachineLoad)
     ceiling: CeilingResult | None = None
+    inprocess: InProcessResult | None = None
+
+    def floor_share(self, rps: float) -> float:
+        """``rps`` as a share of the floor's."""
+        return rps / self.floor.rps if self.floor.rps else 0.0
+
+    def p50_added_over_floor(self, run: WrkResult) -> float:
+        return run.latency_ms("p50") - self.floor.latency_ms("p50")
 
     @property
     def rps_ratio(self) -> float:
-        return self.stack.rps / self.floor.rps if self.floor.rps else 0.0
+        return self.floor_share(self.stack.rps)
 
     @property
     def p50_added_ms(self) -> float:
-        return self.stack.latency_ms("p50") - self.floor.latency_ms("p50")
+        return self.p50_added_over_floor(self.stack)
 
     @property
     def measured_ceiling(self) -> CeilingResult:
@@ -844,19 +928,41 @@ class CaseResult:
 
     @property
     def ceiling_rps_ratio(self) -> float:
-        """The ceiling's rps as a share of the floor's."""
-        rps = self.measured_ceiling.wrk.rps
-        return rps / self.floor.rps if self.floor.rps else 0.0
+        return self.floor_share(self.measured_ceiling.wrk.rps)
 
     @property
     def ceiling_p50_added_ms(self) -> float:
-        return self.measured_ceiling.wrk.latency_ms("p50") - self.floor.latency_ms("p50")
+        return self.p50_added_over_floor(self.measured_ceiling.wrk)
 
     @property
     def ceiling_share(self) -> float:
         """Our rps as a share of the ceiling's."""
         rps = self.measured_ceiling.wrk.rps
         return self.stack.rps / rps if rps else 0.0
+
+    @property
+    def measured_inprocess(self) -> InProcessResult:
+        if self.inprocess is None:
+            raise BenchError(f"case {self.case.number}: the in-process server was not measured")
+        return self.inprocess
+
+    @property
+    def inprocess_rps_ratio(self) -> float:
+        return self.floor_share(self.measured_inprocess.wrk.rps)
+
+    @property
+    def inprocess_p50_added_ms(self) -> float:
+        return self.p50_added_over_floor(self.measured_inprocess.wrk)
+
+    @property
+    def inprocess_share(self) -> float:
+        """The in-process server's rps as a multiple of ours: what dropping the hop buys."""
+        return self.measured_inprocess.wrk.rps / self.stack.rps if self.stack.rps else 0.0
+
+    @property
+    def billing_exact(self) -> bool:
+        """The stack's billing, and the in-process server's when it was measured."""
+        return self.billing.exact and (self.inprocess is None or self.inprocess.billing.exact)
 
     @property
     def growth_per_in_flight_bytes(self) -> float:
@@ -909,6 +1015,70 @@ def measure_ceiling(
     return CeilingResult(result, len(answer), figures, meter.load)
 
 
+def size_without_origin(body: bytes, origin: str) -> int:
+    """The size of an answer without the origin of its absolute URLs: the ``url`` answers of
+    two servers differ there (their ports) and nowhere else."""
+    return len(body) - body.count(origin.encode()) * len(origin)
+
+
+def measure_inprocess(
+    case: Case,
+    wrk: str,
+    root: Path,
+    reference: tuple[bytes, str],
+    seconds: float,
+    warmup: float,
+    threads: int,
+) -> InProcessResult:
+    """Starts the in-process server on a data directory and TOML of its own, checks that it
+    answers the stack's answer (``reference``: the stack's body and origin) by size, then
+    warms it up, drives it and checks its billing exactly like the stack's."""
+    server = InProcess(root)
+    figures = ProcessFigures()
+    try:
+        server.create_account()
+        server.start()
+        answer = server.capture(case)
+        body, origin = reference
+        if size_without_origin(answer, server.url) != size_without_origin(body, origin):
+            raise BenchError(
+                f"case {case.number}: the in-process answer is {len(answer)} bytes, the "
+                f"stack's {len(body)} (URL origins aside): it does not do the same work"
+            )
+        server.quiesce()
+        figures.idle_kib = proc_status_kib(server.pid, "VmRSS")
+        log(f"case {case.number}: in process, warm-up {warmup:.0f} s then {seconds:.0f} s")
+        run_wrk(wrk, server.url, case, server.authorization, warmup, threads)
+        before = server.quiesce()
+        cpu_before = proc_cpu_times(server.pid)
+        cs_before = proc_context_switches(server.pid)
+        with RssSampler(server.pids) as sampler, LoadMeter([server.pid]) as meter:
+            result = run_wrk(wrk, server.url, case, server.authorization, seconds, threads)
+        user, system = proc_cpu_times(server.pid)
+        figures.user_seconds = user - cpu_before[0]
+        figures.cpu_seconds = user + system - sum(cpu_before)
+        figures.context_switches = proc_context_switches(server.pid) - cs_before
+        figures.sampled_peak_kib = sampler.peak_kib["server"]
+        after = server.quiesce()
+        figures.peak_kib = proc_status_kib(server.pid, "VmHWM")
+        server.assert_alive()
+    finally:
+        server.stop()
+    billing = Billing(
+        unit_price_micros=case.unit_price_micros,
+        images_per_request=case.n,
+        before=before,
+        after=after,
+        opening_micros=server.opening_micros,
+        wrk_ok=result.ok,
+        wrk_cut=result.cut,
+    )
+    served = after.served - before.served
+    return InProcessResult(
+        result, len(answer), figures, billing, dict(sorted(served.items())), meter.load
+    )
+
+
 def run_case(
     case: Case,
     wrk: str,
@@ -918,6 +1088,7 @@ def run_case(
     threads: int,
     *,
     with_ceiling: bool = True,
+    with_inprocess: bool = False,
 ) -> CaseResult:
     stack = Stack(root)
     figures = {"service": ProcessFigures(), "gateway": ProcessFigures()}
@@ -985,6 +1156,11 @@ def run_case(
         ceiling_result = measure_ceiling(
             case, wrk, ceiling, stack.authorization, seconds, warmup, threads
         )
+    inprocess_result = None
+    if with_inprocess:
+        inprocess_result = measure_inprocess(
+            case, wrk, root / "inprocess", (body, stack.url), seconds, warmup, threads
+        )
     return CaseResult(
         case=case,
         response_bytes=len(body),
@@ -997,6 +1173,7 @@ def run_case(
         load=meter.load,
         floor_load=floor_meter.load,
         ceiling=ceiling_result,
+        inprocess=inprocess_result,
     )
 
 
@@ -1096,6 +1273,12 @@ def verdicts(results: Sequence[CaseResult]) -> list[Verdict]:
                         f"({r.ceiling.wrk.rps:.0f} rps)"
                         if r.ceiling
                         else ""
+                    )
+                    + (
+                        f"; in process (no gRPC hop) {r.inprocess_rps_ratio:.1%} "
+                        f"({r.inprocess.wrk.rps:.0f} rps)"
+                        if r.inprocess
+                        else ""
                     ),
                 )
             )
@@ -1111,6 +1294,12 @@ def verdicts(results: Sequence[CaseResult]) -> list[Verdict]:
                         f"; the design's ceiling adds {r.ceiling_p50_added_ms:+.2f} ms "
                         f"({r.ceiling.wrk.latency_ms('p50'):.2f} ms)"
                         if r.ceiling
+                        else ""
+                    )
+                    + (
+                        f"; in process (no gRPC hop) adds {r.inprocess_p50_added_ms:+.2f} ms "
+                        f"({r.inprocess.wrk.latency_ms('p50'):.2f} ms)"
+                        if r.inprocess
                         else ""
                     ),
                 )
@@ -1211,6 +1400,7 @@ def report(results: Sequence[CaseResult]) -> list[str]:
         ],
     )
     lines += ceiling_lines(results)
+    lines += inprocess_lines(results)
     lines += [
         "",
         "Memory under load (idle = VmRSS before warm-up; peak = VmHWM; growth per in-flight "
@@ -1277,6 +1467,7 @@ def report(results: Sequence[CaseResult]) -> list[str]:
         "neither wrk nor the servers measured, e.g. other work on a shared machine)",
     ]
     show_ceiling = any(r.ceiling for r in results)
+    show_inprocess = any(r.inprocess for r in results)
 
     def ceiling_cores(r: CaseResult) -> list[str]:
         if not show_ceiling:
@@ -1290,6 +1481,17 @@ def report(results: Sequence[CaseResult]) -> list[str]:
             f"{r.ceiling.load.other_cores:.2f}",
         ]
 
+    def inprocess_cores(r: CaseResult) -> list[str]:
+        if not show_inprocess:
+            return []
+        if r.inprocess is None:
+            return ["-"] * 3
+        return [
+            f"{r.inprocess.cores:.2f}",
+            f"{r.inprocess.load.wrk_cores:.2f}",
+            f"{r.inprocess.load.other_cores:.2f}",
+        ]
+
     lines += table(
         [
             *("case", "stack: svc", "stack: gw", "stack: wrk", "stack: others"),
@@ -1299,6 +1501,7 @@ def report(results: Sequence[CaseResult]) -> list[str]:
                 if show_ceiling
                 else ()
             ),
+            *(("in-proc", "in-proc: wrk", "in-proc: others") if show_inprocess else ()),
         ],
         [
             [
@@ -1311,6 +1514,7 @@ def report(results: Sequence[CaseResult]) -> list[str]:
                 f"{r.floor_load.wrk_cores:.2f}",
                 f"{r.floor_load.other_cores:.2f}",
                 *ceiling_cores(r),
+                *inprocess_cores(r),
             ]
             for r in results
         ],
@@ -1320,6 +1524,7 @@ def report(results: Sequence[CaseResult]) -> list[str]:
             r.load.other_cores,
             r.floor_load.other_cores,
             r.ceiling.load.other_cores if r.ceiling else 0.0,
+            r.inprocess.load.other_cores if r.inprocess else 0.0,
         )
         if noisy > NOISY_OTHER_CORES:
             lines.append(
@@ -1386,6 +1591,82 @@ def ceiling_lines(results: Sequence[CaseResult]) -> list[str]:
     return lines
 
 
+def inprocess_lines(results: Sequence[CaseResult]) -> list[str]:
+    """The table of the same work without the gRPC hop, and notes on runs that misbehaved."""
+    measured = [(r, i) for r in results if (i := r.inprocess) is not None]
+    if not measured:
+        return []
+    lines = [
+        "",
+        "In process (the same work without the gRPC hop: tests/bench/inprocess.py, one "
+        "process, same wrk settings; 'ours' = the stack, CPU of both its processes)",
+    ]
+    lines += table(
+        [
+            "case",
+            "in-proc rps",
+            "in-proc p50 ms",
+            "in-proc p99 ms",
+            "200s",
+            "non-200",
+            "sock err",
+            "CPU ms/req usr+sys",
+            "our CPU ms/req",
+            "peak MiB",
+            "in-proc rps / floor",
+            "in-proc p50 added ms",
+            "in-proc rps / ours",
+            "billing",
+        ],
+        [
+            [
+                f"{r.case.number}",
+                f"{i.wrk.rps:.1f}",
+                f"{i.wrk.latency_ms('p50'):.2f}",
+                f"{i.wrk.latency_ms('p99'):.2f}",
+                str(i.wrk.ok),
+                str(i.wrk.non200),
+                str(i.wrk.socket_errors),
+                i.cpu_text(),
+                f"{sum(r.cpu_ms_per_request(name) for name in r.processes):.2f}",
+                f"{mib(i.process.peak_kib):.1f}",
+                f"{r.inprocess_rps_ratio:.1%}",
+                f"{r.inprocess_p50_added_ms:+.2f}",
+                f"{r.inprocess_share:.2f}x",
+                "exact" if i.billing.exact else "NOT exact",
+            ]
+            for r, i in measured
+        ],
+    )
+    for r, i in measured:
+        if i.wrk.non200 or i.wrk.socket_errors:
+            lines.append(
+                f"NOTE case {r.case.number}: the in-process server answered {i.wrk.non200} "
+                f"non-200 and had {i.wrk.socket_errors} socket errors (statuses "
+                f"{' '.join(f'{s}:{n}' for s, n in i.served_statuses.items())}; BENCH_KEEP=1 "
+                "keeps its log, inprocess/server.log)"
+            )
+        problems = i.billing.problems()
+        if problems:
+            lines.append(
+                f"NOTE case {r.case.number}: the in-process billing is NOT exact: "
+                + "; ".join(problems)
+            )
+    return lines
+
+
+def billing_json(billing: Billing) -> dict[str, Any]:
+    return {
+        "spent_micros": billing.spent_micros,
+        "expected_micros": billing.expected_micros,
+        "served_200": billing.served_200,
+        "wrk_ok": billing.wrk_ok,
+        "wrk_cut": billing.wrk_cut,
+        "held_micros": billing.after.held_micros,
+        "problems": billing.problems(),
+    }
+
+
 def results_json(results: Sequence[CaseResult], header: Sequence[str]) -> dict[str, Any]:
     return {
         "header": list(header),
@@ -1401,15 +1682,7 @@ def results_json(results: Sequence[CaseResult], header: Sequence[str]) -> dict[s
                 "growth_per_in_flight_bytes": r.growth_per_in_flight_bytes,
                 "processes": {n: vars(p) for n, p in r.processes.items()},
                 "floor_process": vars(r.floor_process),
-                "billing": {
-                    "spent_micros": r.billing.spent_micros,
-                    "expected_micros": r.billing.expected_micros,
-                    "served_200": r.billing.served_200,
-                    "wrk_ok": r.billing.wrk_ok,
-                    "wrk_cut": r.billing.wrk_cut,
-                    "held_micros": r.billing.after.held_micros,
-                    "problems": r.billing.problems(),
-                },
+                "billing": billing_json(r.billing),
                 "served_statuses": r.served_statuses,
                 "load": vars(r.load),
                 "floor_load": vars(r.floor_load),
@@ -1423,6 +1696,19 @@ def results_json(results: Sequence[CaseResult], header: Sequence[str]) -> dict[s
                     "stack_rps_share": r.ceiling_share,
                     "processes": {n: vars(p) for n, p in r.ceiling.processes.items()},
                     "load": vars(r.ceiling.load),
+                },
+                "inprocess": None
+                if r.inprocess is None
+                else {
+                    "wrk": r.inprocess.wrk.raw,
+                    "response_bytes": r.inprocess.response_bytes,
+                    "rps_ratio": r.inprocess_rps_ratio,
+                    "p50_added_ms": r.inprocess_p50_added_ms,
+                    "rps_over_stack": r.inprocess_share,
+                    "process": vars(r.inprocess.process),
+                    "billing": billing_json(r.inprocess.billing),
+                    "served_statuses": r.inprocess.served_statuses,
+                    "load": vars(r.inprocess.load),
                 },
             }
             for r in results
@@ -1646,6 +1932,7 @@ def run(
     profile_dir: Path | None,
     keep: bool,
     ceiling: bool = True,
+    inprocess: bool = False,
 ) -> int:
     wrk = ensure_wrk()
     header = machine_lines(wrk, threads, seconds, warmup)
@@ -1666,6 +1953,7 @@ def run(
                     warmup,
                     threads,
                     with_ceiling=ceiling,
+                    with_inprocess=inprocess,
                 )
             )
         print("\n".join(report(results)), flush=True)
@@ -1681,7 +1969,7 @@ def run(
             log(f"kept the working directory (configs, logs): {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
-    if not all(r.billing.exact for r in results):
+    if not all(r.billing_exact for r in results):
         print("\nbench: billing was NOT exact; see above", file=sys.stderr)
         return 1
     return 0
