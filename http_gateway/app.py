@@ -26,13 +26,20 @@ def channel_options(config: GatewayConfig) -> list[tuple[str, object]]:
     ]
 
 
-def create_app(config: GatewayConfig) -> web.Application:
+def bare_app(config: GatewayConfig) -> web.Application:
+    """The gateway's application without routes or gRPC channel: its middleware, body
+    limit, configuration and metrics."""
     app = web.Application(
         client_max_size=config.max_body_bytes, middlewares=[request_id_middleware]
     )
     app[views.CONFIG] = config
     app[MAX_BODY] = config.max_body_bytes
     app[METRICS] = GatewayMetrics()
+    return app
+
+
+def create_app(config: GatewayConfig) -> web.Application:
+    app = bare_app(config)
 
     async def grpc_channel(app: web.Application) -> AsyncIterator[None]:
         channel = grpc.aio.insecure_channel(config.service_address, options=channel_options(config))

@@ -11,8 +11,9 @@ Every operation is one transaction written once, as a plain function of a SQLAlc
 event loop's own thread: the writes that arrive during one turn of the loop go together in
 one transaction, each in its own savepoint, so one refused hold never undoes another; a
 write lock held by another process sends the batch to a writer thread instead, so the loop
-never waits for it; reads run on a reader thread. For PostgreSQL, every operation runs on
-the asyncpg pool through ``run_sync``.
+never waits for it; reads run on a reader thread. For PostgreSQL, a hold and a settlement
+are one statement each, sent straight to asyncpg (``_PG_HOLD``, ``_PG_SETTLE``); every other
+operation runs on SQLAlchemy's asyncpg pool through ``run_sync``.
 """
 
 from __future__ import annotations
@@ -353,7 +354,7 @@ class _SqliteRunner:
             outcomes = self._write_inline(work)
         except _Busy:
             self._in_thread = True
-            done = loop.run_in_executor(self._writer, self._write_batch, self._write_engine, work)
+            done = loop.run_in_executor(self._writer, self._write_batch, work)
             done.add_done_callback(lambda outcome: self._thread_done(loop, batch, outcome))
             return
         except Exception as exc:  # the commit failed: every write of the batch fails
@@ -444,11 +445,11 @@ class _SqliteRunner:
         return outcomes
 
     def _write_batch(
-        self, engine: sa.Engine, batch: list[tuple[Callable[..., Any], tuple[Any, ...]]]
+        self, batch: list[tuple[Callable[..., Any], tuple[Any, ...]]]
     ) -> list[tuple[bool, Any]]:
         """The batch in one transaction on the writer thread's connection, which waits for
         the lock. If the commit fails, every write of the batch fails with it."""
-        with engine.begin() as conn:
+        with self._write_engine.begin() as conn:
             return self._run_batch(_FastConnection(conn), batch)
 
     def _checkpoint(self) -> None:

@@ -65,9 +65,9 @@ from aiohttp import web
 
 from http_gateway import errors as gateway_errors
 from http_gateway import views
+from http_gateway.app import bare_app
 from http_gateway.config import GatewayConfig, load_gateway_config
-from http_gateway.metrics import METRICS, GatewayMetrics
-from http_gateway.middlewares import MAX_BODY, REQUEST_ID, request_id_middleware
+from http_gateway.middlewares import REQUEST_ID
 from http_gateway.validation import BodyError
 from imagegen_service.config import ConfigError, ServiceConfig, load_config
 from imagegen_service.errors import ImagegenError
@@ -172,12 +172,7 @@ async def generations(request: web.Request) -> web.StreamResponse:
 def create_app(config: ServiceConfig, gateway: GatewayConfig) -> web.Application:
     """The gateway's application (its middleware, app keys and body limit) with the one
     route, and the service's components started and stopped with it."""
-    app = web.Application(
-        client_max_size=gateway.max_body_bytes, middlewares=[request_id_middleware]
-    )
-    app[views.CONFIG] = gateway
-    app[MAX_BODY] = gateway.max_body_bytes
-    app[METRICS] = GatewayMetrics()
+    app = bare_app(gateway)
 
     async def service(app: web.Application) -> AsyncIterator[None]:
         # port=0: the gRPC server it also starts listens on a free port and stays idle.
