@@ -76,6 +76,20 @@ class UpstreamError(ImagegenError):
     # How long the upstream asked us to wait (its Retry-After); for our retries only,
     # never shown to the caller.
     retry_after_seconds: float | None = None
+    # The failure came after a paid submission reached the upstream (a 5xx or a timeout
+    # once the body was sent): the upstream may have done, and billed, the work. Such a call
+    # is repeated on the same deployment only where its provider says that is safe.
+    ambiguous: bool = False
+
+
+class UpstreamModelUnavailable(UpstreamError):
+    """The upstream says the model does not exist or was retired. Repeating the call on the
+    same deployment cannot help; another deployment may still serve the model."""
+
+    def __init__(self, message: str, *, upstream_model: str, provider: str) -> None:
+        super().__init__(message)
+        self.upstream_model = upstream_model
+        self.provider = provider
 
 
 class IdempotencyConflict(ImagegenError):

@@ -59,6 +59,9 @@ class ProviderRequest:
     # Edits: the images (the first is edited) and the optional mask; variations: one image.
     images: tuple[InputImage, ...] = ()
     mask: InputImage | None = None
+    # The model family whose rules shape the upstream payload (``families.py``); empty:
+    # the adapter recognises the family from ``upstream_model`` or sends the request as is.
+    family: str = ""
 
     @property
     def size(self) -> str:
@@ -127,6 +130,14 @@ class Provider(Protocol):
 # What a streamed call yields: partial renders and finished images in order (image i's
 # partials before image i), then optionally the usage of the whole request.
 StreamEvent = PartialImage | ProviderImage | TokenUsage
+
+
+@runtime_checkable
+class ModelListing(Protocol):
+    """A provider whose upstream lists the models it serves (``imagegen-admin providers
+    check``). Raises UpstreamError when the list cannot be had."""
+
+    async def list_models(self) -> frozenset[str]: ...
 
 
 @runtime_checkable

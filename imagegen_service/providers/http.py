@@ -21,7 +21,7 @@ import aiohttp
 import orjson
 from PIL import Image
 
-from imagegen_service.errors import UpstreamError
+from imagegen_service.errors import UpstreamError, UpstreamModelUnavailable
 from imagegen_service.providers.base import ProviderImage, ProviderRequest
 
 T = TypeVar("T")
@@ -84,6 +84,15 @@ class HttpUpstream:
     def trace_headers(request: ProviderRequest) -> dict[str, str]:
         """Carries our request id to the upstream, so one id follows a request end to end."""
         return {"X-Request-ID": request.request_id} if request.request_id else {}
+
+    def model_unavailable(self, upstream_model: str, status: int) -> UpstreamModelUnavailable:
+        """The upstream answered that ``upstream_model`` does not exist or was retired."""
+        return UpstreamModelUnavailable(
+            f"upstream {self.name!r} no longer offers the model {upstream_model!r} "
+            f"(HTTP {status})",
+            upstream_model=upstream_model,
+            provider=self.name,
+        )
 
     def unreadable(self, why: str) -> UpstreamError:
         return UpstreamError(f"unreadable answer from upstream {self.name!r}: {why}")
