@@ -135,9 +135,10 @@ StreamEvent = PartialImage | ProviderImage | TokenUsage
 @runtime_checkable
 class ModelListing(Protocol):
     """A provider whose upstream lists the models it serves (``imagegen-admin providers
-    check``). Raises UpstreamError when the list cannot be had."""
+    check``): the upstream model ids, or None where this upstream (or this way of reaching
+    it) offers no list. Raises UpstreamError when the list cannot be had."""
 
-    async def list_models(self) -> frozenset[str]: ...
+    async def list_models(self) -> frozenset[str] | None: ...
 
 
 @runtime_checkable
