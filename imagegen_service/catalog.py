@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imagegen_service import errors, inputs
+from imagegen_service.families import FAMILIES, Family, SizeRule, family_of
 from imagegen_service.money import parse_usd
 from imagegen_service.providers.base import OPERATIONS, InputImage, Operation
 
@@ -44,15 +45,50 @@ class Deployment:
 
 @dataclass(frozen=True, slots=True)
 class TokenPrices:
-    """Prices for upstreams that bill tokens, in micro-dollars per million tokens."""
+    """Prices for upstreams that bill tokens, in micro-dollars per million tokens. Text and
+    image input tokens are priced apart, as OpenAI bills gpt-image."""
 
     input_per_million: int
     output_per_million: int
+    # Image input tokens (edits); None: priced as text input.
+    input_image_per_million: int | None = None
 
-    def cost(self, input_tokens: int, output_tokens: int) -> int:
-        total = input_tokens * self.input_per_million + output_tokens * self.output_per_million
+    def cost(self, input_tokens: int, output_tokens: int, input_image_tokens: int = 0) -> int:
+        """``input_tokens`` counts every input token; ``input_image_tokens`` says how many of
+        them were image tokens, where the upstream reports the split."""
+        image_tokens = min(max(input_image_tokens, 0), input_tokens)
+        image_rate = (
+            self.input_per_million
+            if self.input_image_per_million is None
+            else self.input_image_per_million
+        )
+        total = (
+            (input_tokens - image_tokens) * self.input_per_million
+            + image_tokens * image_rate
+            + output_tokens * self.output_per_million
+        )
         # Round up: a fraction of a micro-dollar is still charged as one.
         return -(-total // 1_000_000)
+
+
+# One megapixel, as Black Forest Labs counts it for FLUX.2.
+MEGAPIXEL = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class MegapixelPrices:
+    """FLUX.2's price basis: the first started megapixel of the output at ``first``, every
+    further started megapixel at ``additional``, and the input images' started megapixels
+    (edits) at ``input``. Micro-dollars."""
+
+    first: int
+    additional: int
+    input: int = 0
+
+    def cost(self, pixels: int, input_pixels: int = 0) -> int:
+        started = max(1, -(-pixels // MEGAPIXEL))
+        input_started = -(-input_pixels // MEGAPIXEL) if input_pixels > 0 else 0
+        return self.first + self.additional * (started - 1) + self.input * input_started
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,13 +103,23 @@ class ImageModel:
     styles: tuple[str, ...]
     max_images: int
     max_prompt_chars: int
-    # Micro-dollars per image, keyed "SIZE/QUALITY", "SIZE", "*/QUALITY" or "default".
+    # Micro-dollars per image, keyed "SIZE/QUALITY", "SIZE", "*/QUALITY" or "default";
+    # ``operation_prices`` holds the same kind of table per operation (Stability prices an
+    # edit apart from a generation), consulted first.
     prices: Mapping[str, int]
     owned_by: str = "imagegen"
     created: int = 0
     # When set, a deployment that reports token usage is charged by tokens, never more
     # than the per-image price that was held.
     token_prices: TokenPrices | None = None
+    operation_prices: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    # When set, the per-image price is by megapixel (FLUX.2); keyed like the rate cards:
+    # "" (the base), "QUALITY", "OPERATION" or "OPERATION/QUALITY".
+    megapixel_prices: Mapping[str, MegapixelPrices] | None = None
+    # The family whose rules this model follows (families.py); "" for none.
+    family: str = ""
+    # Sizes beyond ``sizes`` that the model accepts (gpt-image-2, FLUX.2).
+    size_rule: SizeRule | None = None
     # The gpt-image parameters this model takes (a subset of PARAMETERS).
     parameters: frozenset[str] = frozenset()
     operations: tuple[Operation, ...] = ("generate",)
@@ -97,14 +143,45 @@ class ImageModel:
         no URLs at all); the others answer URLs, as dall-e does."""
         return "b64_json" if self.echoes_settings else "url"
 
-    def unit_price(self, size: str, quality: str, deployment: Deployment | None = None) -> int:
+    @property
+    def price_basis(self) -> str:
+        """How the upstream bills: "megapixel", "token" or "image"."""
+        if self.megapixel_prices is not None:
+            return "megapixel"
+        return "token" if self.token_prices is not None else "image"
+
+    def unit_price(
+        self,
+        size: str,
+        quality: str,
+        deployment: Deployment | None = None,
+        *,
+        operation: Operation = "generate",
+        input_pixels: int = 0,
+    ) -> int:
+        """The most one image of this size and quality costs: its per-image price, or its
+        megapixel price (input images of an edit included). Token-priced models hold this
+        and capture the tokens reported, never more."""
+        if self.megapixel_prices is not None and (deployment is None or deployment.prices is None):
+            card = self.megapixel_prices
+            for key in (f"{operation}/{quality}", operation, quality, ""):
+                if key in card:
+                    width, height = parse_size(size)
+                    return card[key].cost(width * height, input_pixels)
         prices = self.prices
         if deployment is not None and deployment.prices is not None:
             prices = deployment.prices
-        for key in (f"{size}/{quality}", size, f"*/{quality}", "default"):
-            if key in prices:
-                return prices[key]
+        tables = [self.operation_prices[operation]] if operation in self.operation_prices else []
+        for table in (*tables, prices):
+            for key in (f"{size}/{quality}", size, f"*/{quality}", "default"):
+                if key in table:
+                    return table[key]
         raise CatalogError(f"model {self.id!r} has no price for {size}/{quality}")
+
+    def accepts_size(self, width: int, height: int) -> bool:
+        if f"{width}x{height}" in self.sizes:
+            return True
+        return self.size_rule is not None and self.size_rule.problem(width, height) is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,11 +296,7 @@ class Catalog:
                 param="n",
             )
         size = size or m.default_size
-        if size not in m.sizes:
-            raise errors.InvalidParameter(
-                f"Invalid size '{size}' for model '{m.id}'. Supported sizes: {', '.join(m.sizes)}.",
-                param="size",
-            )
+        _check_size(m, size)
         quality = quality or m.default_quality
         if quality not in m.qualities:
             raise errors.InvalidParameter(
@@ -387,6 +460,26 @@ def _input_images(
     return tuple(images), mask
 
 
+def _check_size(m: ImageModel, size: str) -> None:
+    match = _SIZE.match(size)
+    if match and m.accepts_size(int(match.group(1)), int(match.group(2))):
+        return
+    supported = ", ".join(m.sizes)
+    if m.size_rule is None:
+        raise errors.InvalidParameter(
+            f"Invalid size '{errors.excerpt(size)}' for model '{m.id}'. Supported sizes: "
+            f"{supported}.",
+            param="size",
+        )
+    why = m.size_rule.problem(int(match.group(1)), int(match.group(2))) if match else None
+    raise errors.InvalidParameter(
+        f"Invalid size '{errors.excerpt(size)}' for model '{m.id}'"
+        + (f": {why}" if why else "")
+        + f". It takes {m.size_rule.describe()} (for example {supported}).",
+        param="size",
+    )
+
+
 def parse_size(size: str) -> tuple[int, int]:
     match = _SIZE.match(size)
     if not match:
@@ -409,16 +502,23 @@ def _int(raw: Any, where: str, default: int) -> int:
 
 
 def load_catalog(
-    models: Mapping[str, Any], non_image_models: Iterable[str] = (), providers: Iterable[str] = ()
+    models: Mapping[str, Any],
+    non_image_models: Iterable[str] = (),
+    providers: Iterable[str] = (),
+    provider_types: Mapping[str, str] | None = None,
 ) -> Catalog:
-    """Builds the catalog from parsed TOML, checking every model refers to a known provider."""
+    """Builds the catalog from parsed TOML, checking every model refers to a known provider.
+    A model of a known family (named by ``family``, or by its upstream id's prefix) takes
+    the family's rules for every key its table leaves out."""
     known_providers = set(providers)
     catalog = Catalog(non_image_models=frozenset(non_image_models))
-    for model_id, raw in models.items():
+    for model_id, table in models.items():
         where = f"models.{model_id}"
-        if not isinstance(raw, dict):
+        if not isinstance(table, dict):
             raise CatalogError(f"{where} must be a table")
-        deployments = _deployments(raw, model_id, where, known_providers)
+        deployments = _deployments(table, model_id, where, known_providers)
+        family = _family(table, deployments, where, provider_types or {})
+        raw: dict[str, Any] = {**family.defaults(), **table} if family else table
         sizes = _str_list(raw.get("sizes"), f"{where}.sizes")
         for size in sizes:
             parse_size(size)
@@ -429,6 +529,7 @@ def load_catalog(
             raise CatalogError(f"{where}.default_size must be one of its sizes")
         if default_quality not in qualities:
             raise CatalogError(f"{where}.default_quality must be one of its qualities")
+        prices, operation_prices = _price_card(raw.get("price_usd"), f"{where}.price_usd")
         model = ImageModel(
             id=model_id,
             deployments=deployments,
@@ -439,7 +540,13 @@ def load_catalog(
             styles=_str_list(raw.get("styles", []), f"{where}.styles"),
             max_images=_int(raw.get("max_images"), f"{where}.max_images", 1),
             max_prompt_chars=_int(raw.get("max_prompt_chars"), f"{where}.max_prompt_chars", 4000),
-            prices=_prices(raw.get("price_usd"), f"{where}.price_usd"),
+            prices=prices,
+            operation_prices=operation_prices,
+            megapixel_prices=_megapixel_prices(
+                raw.get("megapixel_price_usd"), f"{where}.megapixel_price_usd"
+            ),
+            family=family.name if family else "",
+            size_rule=family.size_rule if family else None,
             owned_by=str(raw.get("owned_by", "imagegen")),
             created=int(raw.get("created", 0)),
             token_prices=_token_prices(raw.get("token_price_usd"), f"{where}.token_price_usd"),
@@ -457,12 +564,43 @@ def load_catalog(
             ),
             max_input_images=_int(raw.get("max_input_images"), f"{where}.max_input_images", 16),
         )
-        for size in sizes:
-            for quality in qualities:
-                for deployment in deployments:
-                    model.unit_price(size, quality, deployment)
+        for operation in model.operations:
+            for size in sizes:
+                for quality in qualities:
+                    for deployment in deployments:
+                        model.unit_price(size, quality, deployment, operation=operation)
         catalog.models[model_id] = model
     return catalog
+
+
+def _family(
+    raw: dict[str, Any],
+    deployments: tuple[Deployment, ...],
+    where: str,
+    provider_types: Mapping[str, str],
+) -> Family | None:
+    """The family named by ``family`` (``""`` for none), else the one the first
+    deployment's upstream id belongs to, if its provider speaks that family."""
+    provider_type = provider_types.get(deployments[0].provider)
+    if "family" in raw:
+        name = raw["family"]
+        if name == "":
+            return None
+        family = FAMILIES.get(name) if isinstance(name, str) else None
+        if family is None:
+            raise CatalogError(
+                f"{where}.family: unknown {name!r}; known: {', '.join(sorted(FAMILIES))}"
+            )
+        if provider_type is not None and provider_type not in family.provider_types:
+            raise CatalogError(
+                f"{where}.family: {family.name} is served by provider types "
+                f"{', '.join(sorted(family.provider_types))}, not {provider_type!r}"
+            )
+        return family
+    family = family_of(deployments[0].upstream_model)
+    if family is None or provider_type not in family.provider_types:
+        return None
+    return family
 
 
 def _subset(raw: Any, allowed: tuple[str, ...], where: str) -> tuple[str, ...]:
@@ -480,6 +618,56 @@ def _operations(raw: Any, where: str) -> tuple[Operation, ...]:
     return tuple(op for op in OPERATIONS if op in values)
 
 
+def _price_card(raw: Any, where: str) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    """``price_usd``: per-image prices, with optional per-operation tables inside
+    (``edit = { default = "0.04" }``)."""
+    if not isinstance(raw, dict) or not raw:
+        raise CatalogError(f"{where} must be a table of decimal strings")
+    flat = {k: v for k, v in raw.items() if not isinstance(v, dict)}
+    per_operation = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            if key not in OPERATIONS:
+                raise CatalogError(
+                    f"{where}.{key}: a table inside price_usd names an operation "
+                    f"({', '.join(OPERATIONS)})"
+                )
+            per_operation[key] = _prices(value, f"{where}.{key}")
+    return (_prices(flat, where) if flat else {}), per_operation
+
+
+def _megapixel_prices(raw: Any, where: str) -> dict[str, MegapixelPrices] | None:
+    """``megapixel_price_usd = { first, additional, input }``, with optional tables inside
+    per quality, per operation, or per operation then quality."""
+    if raw is None:
+        return None
+    card: dict[str, MegapixelPrices] = {}
+
+    def read(table: Any, at: str, key: str, inherited: dict[str, Any]) -> None:
+        if not isinstance(table, dict):
+            raise CatalogError(f"{at} must be a table")
+        fields = {**inherited, **{k: v for k, v in table.items() if not isinstance(v, dict)}}
+        unknown = set(fields) - {"first", "additional", "input"}
+        if unknown:
+            raise CatalogError(f"{at}: unknown {', '.join(sorted(unknown))}")
+        if "first" not in fields or "additional" not in fields:
+            raise CatalogError(f"{at} needs 'first' and 'additional' (USD per megapixel)")
+        try:
+            card[key] = MegapixelPrices(
+                parse_usd(fields["first"]),
+                parse_usd(fields["additional"]),
+                parse_usd(fields.get("input", "0")),
+            )
+        except ValueError as exc:
+            raise CatalogError(f"{at}: {exc}") from None
+        for name, inner in table.items():
+            if isinstance(inner, dict):
+                read(inner, f"{at}.{name}", f"{key}/{name}" if key else name, fields)
+
+    read(raw, where, "", {})
+    return card
+
+
 def _prices(raw: Any, where: str) -> dict[str, int]:
     if not isinstance(raw, dict) or not raw:
         raise CatalogError(f"{where} must be a table of decimal strings")
@@ -492,10 +680,22 @@ def _prices(raw: Any, where: str) -> dict[str, int]:
 def _token_prices(raw: Any, where: str) -> TokenPrices | None:
     if raw is None:
         return None
-    if not isinstance(raw, dict) or set(raw) != {"input", "output"}:
-        raise CatalogError(f"{where} must have exactly 'input' and 'output' (USD per 1M tokens)")
+    if (
+        not isinstance(raw, dict)
+        or not {"input", "output"} <= set(raw)
+        or not set(raw) <= {"input", "input_image", "output"}
+    ):
+        raise CatalogError(
+            f"{where} must have 'input' and 'output', and may have 'input_image' "
+            "(USD per 1M tokens)"
+        )
     try:
-        return TokenPrices(parse_usd(raw["input"]), parse_usd(raw["output"]))
+        image = raw.get("input_image")
+        return TokenPrices(
+            parse_usd(raw["input"]),
+            parse_usd(raw["output"]),
+            None if image is None else parse_usd(image),
+        )
     except ValueError as exc:
         raise CatalogError(f"{where}: {exc}") from None
 

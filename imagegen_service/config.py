@@ -256,6 +256,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> ServiceConfig:
             _table(doc, "models"),
             non_image_models=catalog_table.get("non_image_models", []),
             providers=providers,
+            provider_types={name: c.type for name, c in providers.items()},
         )
         dev_balance = parse_usd(service.get("dev_account_balance_usd", "10.00"))
     except (CatalogError, ValueError) as exc:

@@ -5,6 +5,13 @@
 from __future__ import annotations
 
 
+def excerpt(value: str, limit: int = 40) -> str:
+    """A caller's value as an error message may echo it: a short, escaped prefix, so a huge
+    or strange value never bloats the status the caller gets back."""
+    shown = value[:limit].encode("unicode_escape").decode("ascii")
+    return shown + "..." if len(value) > limit else shown
+
+
 class ImagegenError(Exception):
     """An error the caller should see, with a stable machine-readable reason."""
 

@@ -181,7 +181,7 @@ class ImagePipeline:
         provider_request = _provider_request(request, request_id)
         deployments = self.router.check(request.model, provider_request, request.operation)
         # Hold the most that any deployment able to serve this request could charge.
-        unit = max(request.model.unit_price(request.size, request.quality, d) for d in deployments)
+        unit = max(_unit_price(request, d) for d in deployments)
         decision = None
         if self.rate_limiter is not None:
             decision = await self.rate_limiter.admit(key, request.n)
@@ -322,12 +322,25 @@ class ImagePipeline:
 def _cost(
     request: ValidatedRequest, deployment: Deployment, usage: TokenUsage, delivered: int
 ) -> int:
-    """Per image at the serving deployment's price; by tokens where the model has token
-    prices and the upstream reported usage, but never more than the per-image price."""
-    cost = request.model.unit_price(request.size, request.quality, deployment) * delivered
-    if request.model.token_prices is not None and usage.total_tokens > 0:
-        cost = min(cost, request.model.token_prices.cost(usage.input_tokens, usage.output_tokens))
+    """Per image at the serving deployment's price (by megapixel where the model is so
+    priced); by tokens where the model has token prices and the upstream reported usage,
+    but never more than the per-image price that was held."""
+    cost = _unit_price(request, deployment) * delivered
+    prices = request.model.token_prices
+    if prices is not None and usage.total_tokens > 0:
+        by_tokens = prices.cost(usage.input_tokens, usage.output_tokens, usage.input_image_tokens)
+        cost = min(cost, by_tokens)
     return cost
+
+
+def _unit_price(request: ValidatedRequest, deployment: Deployment) -> int:
+    return request.model.unit_price(
+        request.size,
+        request.quality,
+        deployment,
+        operation=request.operation,
+        input_pixels=sum(image.width * image.height for image in request.images),
+    )
 
 
 def _partial(event: PartialImage, request: ValidatedRequest) -> DeliveredPartial:
@@ -388,6 +401,7 @@ def _provider_request(request: ValidatedRequest, request_id: str) -> ProviderReq
         partial_images=request.partial_images,
         images=request.images,
         mask=request.mask,
+        family=request.model.family,
     )
 
 
