@@ -43,6 +43,7 @@ _PROVIDER_KEYS = frozenset(
         "max_connections",
         "max_concurrency",
         "max_retries",
+        "retry_ambiguous",
         "precomputed",
     }
 )
@@ -71,6 +72,9 @@ class ProviderConfig:
     max_concurrency: int = 16
     # Retries of a failed call (5xx, 429, timeout, ...) before failing over.
     max_retries: int = 2
+    # Whether a paid submission whose outcome is unknown (a timeout or 5xx after the body
+    # was sent) may be repeated on this provider; off, it fails over instead.
+    retry_ambiguous: bool = False
     # Local renderer only: serve one precomputed image per size (benchmarks).
     precomputed: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
@@ -196,11 +200,18 @@ def _provider(name: str, raw: Any) -> ProviderConfig:
             max_connections=int(raw.get("max_connections", 64)),
             max_concurrency=int(raw.get("max_concurrency", 16)),
             max_retries=int(raw.get("max_retries", 2)),
+            retry_ambiguous=_bool(raw.get("retry_ambiguous", False), f"providers.{name}"),
             precomputed=bool(raw.get("precomputed", False)),
             options={k: v for k, v in raw.items() if k not in _PROVIDER_KEYS},
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"providers.{name}: {exc}") from None
+
+
+def _bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{where}: retry_ambiguous must be true or false")
+    return value
 
 
 def _images(raw: Mapping[str, Any], env: Mapping[str, str], path: Path) -> ImageStoreConfig:

@@ -112,6 +112,20 @@ class ServiceMetrics:
             ("provider",),
             registry=self.registry,
         )
+        self.upstream_model_unavailable = Counter(
+            "imagegen_upstream_model_unavailable",
+            "Calls the upstream answered that the model does not exist or was retired.",
+            ("provider", "upstream_model"),
+            registry=self.registry,
+        )
+        self.upstream_ambiguous = Counter(
+            "imagegen_upstream_ambiguous",
+            "Paid submissions whose outcome was unknown (a timeout or 5xx after the body was "
+            "sent), by what followed: retried on the same deployment (it may be paid twice) "
+            "or failed_over.",
+            ("provider", "action"),
+            registry=self.registry,
+        )
         self.captured_micros = Counter(
             "imagegen_captured_microdollars",
             "Micro-dollars charged for delivered images.",
@@ -139,6 +153,12 @@ class ServiceMetrics:
 
     def failed_over(self, provider: str) -> None:
         self.provider_failovers.labels(provider).inc()
+
+    def model_unavailable(self, provider: str, upstream_model: str) -> None:
+        self.upstream_model_unavailable.labels(provider, upstream_model).inc()
+
+    def ambiguous(self, provider: str, action: str) -> None:
+        self.upstream_ambiguous.labels(provider, action).inc()
 
     # -- money (pipeline.py) ----------------------------------------------------------------
 

@@ -4,8 +4,12 @@ A public model maps to an ordered list of deployments (provider + upstream model
 deployment in order: skip it while its circuit breaker is open; otherwise call it, retrying
 a failure (5xx, 429, timeout, refused connection, unreadable answer) up to the provider's
 ``max_retries`` times with exponential backoff that honours ``Retry-After``; then fail over
-to the next deployment. Refusals and request errors are the caller's answer and are never
-retried or failed over. When every deployment has failed, the caller gets UpstreamError.
+to the next deployment. Two failures are never repeated on the same deployment: the
+upstream saying the model does not exist (it will not exist a second later), and a paid
+submission whose outcome is unknown (it may already be billed) unless the provider's
+``retry_ambiguous`` allows it. Refusals and request errors are the caller's answer and are
+never retried or failed over. When every deployment has failed, the caller gets
+UpstreamError.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import random
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import structlog
 
@@ -52,6 +57,7 @@ class RoutingPolicy:
 class ProviderLimits:
     max_retries: int = 2
     max_concurrency: int = 16
+    retry_ambiguous: bool = False
 
 
 @dataclass(slots=True)
@@ -131,22 +137,10 @@ class Router:
             except errors.UpstreamError as exc:
                 last_error = exc
                 tried += 1
-                self.metrics.failed_over(deployment.provider)
-                log.warning(
-                    "routing.failover",
-                    request_id=request.request_id,
-                    provider=deployment.provider,
-                    upstream_model=deployment.upstream_model,
-                    error=exc.message,
-                )
+                self._gave_up(deployment, request, exc)
                 continue
             return Routed(result, deployment, deployment.provider, tried)
-        if last_error is None:
-            raise errors.UpstreamError(
-                "Every provider for this model is failing and temporarily skipped; "
-                "retry in a minute."
-            )
-        raise errors.UpstreamError(f"The upstream provider failed: {last_error.message}")
+        raise _exhausted(last_error)
 
     async def stream(
         self,
@@ -164,17 +158,13 @@ class Router:
                 log.info("routing.skipped_open_circuit", provider=key[0], upstream_model=key[1])
                 continue
             provider = self.providers[deployment.provider]
-            limits = self.limits.get(deployment.provider, ProviderLimits())
-            semaphore = self._semaphores.setdefault(
-                deployment.provider, asyncio.Semaphore(limits.max_concurrency)
-            )
             routed = _for(request, deployment)
             attempt = 0
             while True:
                 started = False
                 try:
                     async with (
-                        semaphore,
+                        self._slot(deployment.provider),
                         self.metrics.provider_call(deployment.provider),
                         contextlib.aclosing(stream_events(provider, operation, routed)) as events,
                     ):
@@ -185,40 +175,20 @@ class Router:
                     self._failed(key)
                     if started:
                         raise
-                    delay = self._retry_delay(attempt, exc)
-                    if attempt < limits.max_retries and delay is not None and self._admit(key):
+                    delay = self._retry(deployment, routed, attempt, exc, key)
+                    if delay is not None:
                         attempt += 1
-                        self.metrics.retried(deployment.provider)
-                        log.info(
-                            "routing.retry",
-                            request_id=request.request_id,
-                            provider=deployment.provider,
-                            attempt=attempt,
-                            delay_seconds=round(delay, 3),
-                        )
                         await self.sleep(delay)
                         continue
                     last_error = exc
-                    self.metrics.failed_over(deployment.provider)
-                    log.warning(
-                        "routing.failover",
-                        request_id=request.request_id,
-                        provider=deployment.provider,
-                        upstream_model=deployment.upstream_model,
-                        error=exc.message,
-                    )
+                    self._gave_up(deployment, request, exc)
                     break
                 except BaseException:
                     self._release_trial(key)
                     raise
                 self._succeeded(key)
                 return
-        if last_error is None:
-            raise errors.UpstreamError(
-                "Every provider for this model is failing and temporarily skipped; "
-                "retry in a minute."
-            )
-        raise errors.UpstreamError(f"The upstream provider failed: {last_error.message}")
+        raise _exhausted(last_error)
 
     async def _with_retries(
         self,
@@ -228,29 +198,20 @@ class Router:
         operation: Operation = "generate",
     ) -> ProviderResult:
         provider = self.providers[deployment.provider]
-        limits = self.limits.get(deployment.provider, ProviderLimits())
-        semaphore = self._semaphores.setdefault(
-            deployment.provider, asyncio.Semaphore(limits.max_concurrency)
-        )
         attempt = 0
         while True:
             try:
-                async with semaphore, self.metrics.provider_call(deployment.provider):
+                async with (
+                    self._slot(deployment.provider),
+                    self.metrics.provider_call(deployment.provider),
+                ):
                     result = await call(provider, operation, request)
             except errors.UpstreamError as exc:
                 self._failed(key)
-                delay = self._retry_delay(attempt, exc)
-                if attempt >= limits.max_retries or delay is None or not self._admit(key):
+                delay = self._retry(deployment, request, attempt, exc, key)
+                if delay is None:
                     raise
                 attempt += 1
-                self.metrics.retried(deployment.provider)
-                log.info(
-                    "routing.retry",
-                    request_id=request.request_id,
-                    provider=deployment.provider,
-                    attempt=attempt,
-                    delay_seconds=round(delay, 3),
-                )
                 await self.sleep(delay)
                 continue
             except BaseException:
@@ -259,6 +220,79 @@ class Router:
                 raise
             self._succeeded(key)
             return result
+
+    def _slot(self, provider: str) -> contextlib.AbstractAsyncContextManager[Any]:
+        """The provider's concurrency slot. An adapter that counts its upstream tasks itself
+        (one request may start several: BFL) is not also counted here."""
+        if getattr(self.providers[provider], "limits_own_concurrency", False):
+            return contextlib.nullcontext()
+        limits = self.limits.get(provider, ProviderLimits())
+        return self._semaphores.setdefault(provider, asyncio.Semaphore(limits.max_concurrency))
+
+    def _retry(
+        self,
+        deployment: Deployment,
+        request: ProviderRequest,
+        attempt: int,
+        exc: errors.UpstreamError,
+        key: tuple[str, str],
+    ) -> float | None:
+        """How long to wait before repeating the failed call on the same deployment, or
+        None to give the deployment up."""
+        if isinstance(exc, errors.UpstreamModelUnavailable):
+            return None
+        limits = self.limits.get(deployment.provider, ProviderLimits())
+        delay = self._retry_delay(attempt, exc)
+        if attempt >= limits.max_retries or delay is None or not self._admit(key):
+            if exc.ambiguous:
+                self.metrics.ambiguous(deployment.provider, "failed_over")
+            return None
+        if exc.ambiguous:
+            if not limits.retry_ambiguous:
+                self.metrics.ambiguous(deployment.provider, "failed_over")
+                log.warning(
+                    "routing.ambiguous_not_repeated",
+                    request_id=request.request_id,
+                    provider=deployment.provider,
+                    upstream_model=deployment.upstream_model,
+                    error=exc.message,
+                )
+                return None
+            self.metrics.ambiguous(deployment.provider, "retried")
+        self.metrics.retried(deployment.provider)
+        log.info(
+            "routing.retry",
+            request_id=request.request_id,
+            provider=deployment.provider,
+            attempt=attempt + 1,
+            delay_seconds=round(delay, 3),
+            ambiguous=exc.ambiguous,
+        )
+        return delay
+
+    def _gave_up(
+        self, deployment: Deployment, request: ProviderRequest, exc: errors.UpstreamError
+    ) -> None:
+        self.metrics.failed_over(deployment.provider)
+        if isinstance(exc, errors.UpstreamModelUnavailable):
+            # The operator's one clear signal that the catalog names a retired model.
+            self.metrics.model_unavailable(deployment.provider, deployment.upstream_model)
+            log.error(
+                "upstream.model_unavailable",
+                request_id=request.request_id,
+                provider=deployment.provider,
+                upstream_model=deployment.upstream_model,
+                hint="the upstream no longer offers this model: update the catalog "
+                "(imagegen-admin providers check lists every such model)",
+            )
+            return
+        log.warning(
+            "routing.failover",
+            request_id=request.request_id,
+            provider=deployment.provider,
+            upstream_model=deployment.upstream_model,
+            error=exc.message,
+        )
 
     def _retry_delay(self, attempt: int, exc: errors.UpstreamError) -> float | None:
         backoff = min(
@@ -304,6 +338,20 @@ class Router:
         breaker = self._breakers.get(key)
         if breaker is not None:
             breaker.trial_in_flight = False
+
+
+def _exhausted(last_error: errors.UpstreamError | None) -> errors.UpstreamError:
+    """The caller's error once every deployment was given up on."""
+    if last_error is None:
+        return errors.UpstreamError(
+            "Every provider for this model is failing and temporarily skipped; retry in a minute."
+        )
+    if isinstance(last_error, errors.UpstreamModelUnavailable):
+        return errors.UpstreamError(
+            f"The model is unavailable upstream: provider '{last_error.provider}' no longer "
+            f"offers '{last_error.upstream_model}'."
+        )
+    return errors.UpstreamError(f"The upstream provider failed: {last_error.message}")
 
 
 def _for(request: ProviderRequest, deployment: Deployment) -> ProviderRequest:

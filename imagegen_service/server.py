@@ -112,7 +112,11 @@ async def start_service(config: ServiceConfig, *, port: int | None = None) -> Ru
     router = Router(
         providers,
         limits={
-            name: ProviderLimits(max_retries=c.max_retries, max_concurrency=c.max_concurrency)
+            name: ProviderLimits(
+                max_retries=c.max_retries,
+                max_concurrency=c.max_concurrency,
+                retry_ambiguous=c.retry_ambiguous,
+            )
             for name, c in config.providers.items()
         },
         policy=config.routing,

@@ -69,16 +69,22 @@ class HttpUpstream:
                 return await work(self.session())
         except TimeoutError as exc:
             # aiohttp's own timeouts subclass TimeoutError too, so they land here.
-            raise UpstreamError(
+            error = UpstreamError(
                 f"upstream {self.name!r} did not answer within {self.timeout_seconds:g} s"
-            ) from exc
+            )
+            # Unless the connection was never made, the request may have reached the
+            # upstream, which may be doing (and billing) the work.
+            error.ambiguous = not isinstance(exc, aiohttp.ConnectionTimeoutError)
+            raise error from exc
         except aiohttp.ClientError as exc:
             # Only the exception's class: its text may name internal hosts the caller should
             # not see. The chained cause keeps the details for our logs.
-            raise UpstreamError(
+            error = UpstreamError(
                 f"upstream {self.name!r} could not be reached or dropped the connection "
                 f"({type(exc).__name__})"
-            ) from exc
+            )
+            error.ambiguous = not isinstance(exc, aiohttp.ClientConnectorError)
+            raise error from exc
 
     @staticmethod
     def trace_headers(request: ProviderRequest) -> dict[str, str]:
@@ -151,10 +157,13 @@ class HttpUpstream:
             raise self.unreadable(f"item {index} is not valid base64") from None
 
     def inspect(self, data: bytes, index: int, revised_prompt: str = "") -> ProviderImage:
-        """Checks the bytes are a PNG, JPEG or WEBP image and reads its real pixel size."""
+        """Checks the bytes are a whole PNG, JPEG or WEBP image and reads its real pixel
+        size. An image cut short in transit is an upstream failure, never a delivery."""
         mime_type = sniff_mime(data)
         if mime_type is None:
             raise self.unreadable(f"item {index} is not a PNG, JPEG or WEBP image")
+        if not is_complete(data, mime_type):
+            raise self.unreadable(f"item {index} is cut short (an incomplete {mime_type} image)")
         try:
             # Image.open only parses the header, which is all .size needs.
             with Image.open(io.BytesIO(data)) as img:
@@ -212,6 +221,26 @@ def sniff_mime(data: bytes) -> str | None:
     if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "image/webp"
     return None
+
+
+# A PNG ends with its IEND chunk: length 0, the type, and the type's fixed CRC.
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+# What encoders may leave after a JPEG's end-of-image marker.
+_JPEG_PADDING = b"\x00\r\n \xff"
+
+
+def is_complete(data: bytes, mime_type: str) -> bool:
+    """Whether an image's bytes run to the end its format declares, without decoding it:
+    PNG's IEND chunk, JPEG's end-of-image marker, WEBP's RIFF length. A transfer cut short
+    fails this; a whole image of any size costs the same few comparisons."""
+    if mime_type == "image/png":
+        return data[-64:].rstrip(b"\x00").endswith(_PNG_END)
+    if mime_type == "image/jpeg":
+        return data[-64:].rstrip(_JPEG_PADDING).endswith(b"\xff\xd9")
+    if mime_type == "image/webp":
+        declared = int.from_bytes(data[4:8], "little") + 8
+        return len(data) >= declared
+    return False
 
 
 def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
