@@ -1,7 +1,8 @@
 """``imagegen-admin``: the operator's command line, on the service's own configuration.
 
 It works on the database directly, so it needs no running service:
-``accounts``, ``keys``, ``ledger`` and ``db``. ``--json`` prints machine-readable output.
+``accounts``, ``keys``, ``ledger`` and ``db``; ``providers check`` asks the upstreams which
+configured models they still offer. ``--json`` prints machine-readable output.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from imagegen_service import errors, keys
+from imagegen_service import catalog_check, errors, keys
 from imagegen_service.config import ConfigError, load_config
 from imagegen_service.money import format_usd, parse_usd
 from imagegen_service.stores.ledger_sql import (
@@ -188,7 +189,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=None, db="upgrade")
     p = db_cmds.add_parser("current", parents=[common], help="show the schema revision")
     p.set_defaults(run=None, db="current")
+
+    providers = groups.add_parser("providers", help="the configured upstream providers")
+    provider_cmds = providers.add_subparsers(dest="command", required=True)
+    p = provider_cmds.add_parser(
+        "check",
+        parents=[common],
+        help="ask each provider with a credential which catalog models it still offers; "
+        "exit 1 if any is missing, 2 if a provider could not be asked",
+    )
+    p.set_defaults(run=None, db=None, check=True)
     return parser
+
+
+def _check_providers(json_output: bool) -> int:
+    config = load_config()
+    rows = asyncio.run(catalog_check.check_catalog(config))
+    if json_output:
+        sys.stdout.write(orjson.dumps({"models": [_row_json(r) for r in rows]}).decode() + "\n")
+    else:
+        print(f"{'model':<28} {'provider':<14} {'upstream model':<34} status")
+        for r in rows:
+            detail = f" ({r.detail})" if r.detail else ""
+            print(f"{r.model:<28} {r.provider:<14} {r.upstream_model:<34} {r.status}{detail}")
+    return catalog_check.exit_status(rows)
+
+
+def _row_json(row: catalog_check.Row) -> dict[str, str]:
+    return {
+        "model": row.model,
+        "provider": row.provider,
+        "upstream_model": row.upstream_model,
+        "status": row.status,
+        "detail": row.detail,
+    }
 
 
 async def _run_db(database_url: str, action: str) -> dict[str, Any]:
@@ -215,6 +249,11 @@ async def _run(
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if getattr(args, "check", False):
+        try:
+            sys.exit(_check_providers(args.json))
+        except ConfigError as exc:
+            sys.exit(f"imagegen-admin: {exc}")
     try:
         config = load_config()
         if args.run is None:
