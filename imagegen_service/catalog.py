@@ -71,8 +71,9 @@ class TokenPrices:
         return -(-total // 1_000_000)
 
 
-# One megapixel, as Black Forest Labs counts it for FLUX.2.
-MEGAPIXEL = 1_000_000
+# One megapixel as Black Forest Labs bills FLUX.2: 1024 x 1024 pixels (its answers report
+# 1920x1080 as "output_mp": 1.98).
+MEGAPIXEL = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,9 +147,9 @@ class ImageModel:
     @property
     def price_basis(self) -> str:
         """How the upstream bills: "megapixel", "token" or "image"."""
-        if self.megapixel_prices is not None:
-            return "megapixel"
-        return "token" if self.token_prices is not None else "image"
+        if self.token_prices is not None:
+            return "token"
+        return "megapixel" if self.megapixel_prices is not None else "image"
 
     def unit_price(
         self,
@@ -529,7 +530,13 @@ def load_catalog(
             raise CatalogError(f"{where}.default_size must be one of its sizes")
         if default_quality not in qualities:
             raise CatalogError(f"{where}.default_quality must be one of its qualities")
-        prices, operation_prices = _price_card(raw.get("price_usd"), f"{where}.price_usd")
+        megapixel_prices = _megapixel_prices(
+            raw.get("megapixel_price_usd"), f"{where}.megapixel_price_usd"
+        )
+        prices: dict[str, int] = {}
+        operation_prices: dict[str, dict[str, int]] = {}
+        if megapixel_prices is None or "price_usd" in raw:
+            prices, operation_prices = _price_card(raw.get("price_usd"), f"{where}.price_usd")
         model = ImageModel(
             id=model_id,
             deployments=deployments,
@@ -542,9 +549,7 @@ def load_catalog(
             max_prompt_chars=_int(raw.get("max_prompt_chars"), f"{where}.max_prompt_chars", 4000),
             prices=prices,
             operation_prices=operation_prices,
-            megapixel_prices=_megapixel_prices(
-                raw.get("megapixel_price_usd"), f"{where}.megapixel_price_usd"
-            ),
+            megapixel_prices=megapixel_prices,
             family=family.name if family else "",
             size_rule=family.size_rule if family else None,
             owned_by=str(raw.get("owned_by", "imagegen")),
