@@ -65,9 +65,7 @@ def test_a_dated_id_of_a_known_family_needs_only_its_entry_and_prices() -> None:
         ("4096x2304", "between 16 and 3840"),
     ],
 )
-def test_a_size_that_breaks_the_family_rule_is_refused_naming_the_rule(
-    size: str, why: str
-) -> None:
+def test_a_size_that_breaks_the_family_rule_is_refused_naming_the_rule(size: str, why: str) -> None:
     catalog = load_config().catalog
     with pytest.raises(errors.InvalidParameter) as caught:
         _validate(catalog, "gpt-image-2", size=size)
@@ -106,7 +104,7 @@ def test_token_prices_charge_text_and_image_input_apart_and_round_up() -> None:
     prices = load_config().catalog.models["gpt-image-2"].token_prices
     assert prices is not None
     # 1,200 input tokens of which 1,000 image, 4,160 output:
-    # 200 × 5 + 1,000 × 8 + 4,160 × 30 = 133,800 USD per 1M tokens → 133,800 micro-dollars.
+    # 200 * 5 + 1,000 * 8 + 4,160 * 30 = 133,800 USD per 1M tokens → 133,800 micro-dollars.
     assert prices.cost(1_200, 4_160, input_image_tokens=1_000) == 133_800
     # A fraction of a micro-dollar is charged as one.
     assert prices.cost(1, 0) == 5
@@ -180,4 +178,3 @@ def test_the_seeds_imagen_3_is_an_alias_served_by_googles_current_image_model() 
     assert [d.upstream_model for d in model.deployments] == ["gemini-3.1-flash-image"]
     request = _validate(catalog, "imagen-3", size="1024x1024")
     assert request.size == "1024x1024"
-
