@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.bench import image_checks
+
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 LUA_SCRIPT = HERE / "generations.lua"
@@ -1957,6 +1959,7 @@ def run(
                 )
             )
         print("\n".join(report(results)), flush=True)
+        print("\n" + "\n".join(image_checks.measure()), flush=True)
         if json_path is not None:
             json_path.write_text(json.dumps(results_json(results, header), indent=2) + "\n")
         if profile_dir is not None:
