@@ -251,9 +251,11 @@ class Catalog:
             raise errors.ModelNotFound(self.unavailable[model_id], param="model")
         if model_id in self.non_image_models:
             raise errors.ModelNotSupported(
-                f"The model '{model_id}' cannot generate images.", param="model"
+                f"The model '{errors.excerpt(model_id)}' cannot generate images.", param="model"
             )
-        raise errors.ModelNotFound(f"The model '{model_id}' does not exist.", param="model")
+        raise errors.ModelNotFound(
+            f"The model '{errors.excerpt(model_id)}' does not exist.", param="model"
+        )
 
     def validate(
         self,
@@ -301,14 +303,15 @@ class Catalog:
         quality = quality or m.default_quality
         if quality not in m.qualities:
             raise errors.InvalidParameter(
-                f"Invalid quality '{quality}' for model '{m.id}'. Supported: "
+                f"Invalid quality '{errors.excerpt(quality)}' for model '{m.id}'. Supported: "
                 f"{', '.join(m.qualities)}.",
                 param="quality",
             )
         if style and style not in m.styles:
             supported = ", ".join(m.styles) if m.styles else "none"
             raise errors.InvalidParameter(
-                f"Invalid style '{style}' for model '{m.id}'. Supported: {supported}.",
+                f"Invalid style '{errors.excerpt(style)}' for model '{m.id}'. "
+                f"Supported: {supported}.",
                 param="style",
             )
         response_format = response_format or (
@@ -316,7 +319,8 @@ class Catalog:
         )
         if response_format not in RESPONSE_FORMATS:
             raise errors.InvalidParameter(
-                f"Invalid response_format '{response_format}'. Supported: url, b64_json.",
+                f"Invalid response_format '{errors.excerpt(response_format)}'. "
+                "Supported: url, b64_json.",
                 param="response_format",
             )
         if seed is not None and not 0 <= seed < 2**32:
@@ -406,7 +410,8 @@ def _gpt_image_options(m: ImageModel, opts: Options, response_format: str) -> di
 def _one_of(value: str, allowed: tuple[str, ...], param: str) -> None:
     if value not in allowed:
         raise errors.InvalidParameter(
-            f"Invalid {param} '{value}'. Supported: {', '.join(allowed)}.", param=param
+            f"Invalid {param} '{errors.excerpt(value)}'. Supported: {', '.join(allowed)}.",
+            param=param,
         )
 
 

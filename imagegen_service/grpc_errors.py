@@ -14,6 +14,9 @@ from grpc_status import rpc_status
 from imagegen_service import errors
 
 DOMAIN = "imagegen"
+# The status message and ErrorInfo travel in trailing metadata, which a client caps (8 KiB
+# by default): whatever an error says, it stays far below that.
+MAX_MESSAGE_CHARS = 1000
 
 _CODES: dict[str, grpc.StatusCode] = {
     errors.InvalidParameter.reason: grpc.StatusCode.INVALID_ARGUMENT,
@@ -33,14 +36,14 @@ _CODES: dict[str, grpc.StatusCode] = {
 
 def to_status(error: errors.ImagegenError) -> grpc.Status:
     code = _CODES.get(error.reason, grpc.StatusCode.INTERNAL)
-    info = error_details_pb2.ErrorInfo(
-        reason=error.reason, domain=DOMAIN, metadata=error.metadata()
-    )
+    metadata = {k: v[:MAX_MESSAGE_CHARS] for k, v in error.metadata().items()}
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
-    status = status_pb2.Status(
-        code=getattr(code_pb2, code.name), message=error.message, details=[detail]
-    )
+    message = error.message
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[: MAX_MESSAGE_CHARS - 3] + "..."
+    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=[detail])
     return rpc_status.to_status(status)
 
 

@@ -644,3 +644,33 @@ async def test_failover_needs_the_dearest_price_available(
         await assert_openai_error(resp, 402, "insufficient_balance")
     assert fake.hits == 0
     await stack.assert_untouched(account_id, FAKE_DALLE)
+
+
+# -- long values echoed in errors ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("size", "é" * 2000),
+        ("size", "9" * 5000),
+        ("model", "m" * 9000),
+        ("quality", "q" * 4000),
+        ("style", "s" * 3000),
+        ("response_format", "r" * 6000),
+    ],
+    ids=["size-accented", "size-digits", "model", "quality", "style", "response-format"],
+)
+async def test_a_long_value_is_refused_as_400_with_a_short_excerpt_not_a_500(
+    stack: Stack, http: aiohttp.ClientSession, fake: FakeOpenAIUpstream, field: str, value: str
+) -> None:
+    account_id, key, _ = await stack.new_account(OPENING)
+    body = {**_OK, "model": "local-sketch", field: value}
+    async with http.post(stack.http_url + GENERATIONS, json=body, headers=bearer(key)) as resp:
+        code = "model_not_found" if field == "model" else "invalid_value"
+        error = await assert_openai_error(resp, 400, code, param=field, should_retry=False)
+    # The caller's value comes back as a short escaped prefix at most, never whole.
+    assert len(error["message"]) < 300
+    assert value[:41] not in error["message"]
+    assert fake.hits == 0
+    await stack.assert_untouched(account_id, OPENING)
