@@ -22,6 +22,10 @@ OPENING = 1_000_000
 # The model's price, in micro-dollars (BFL's list price for Kontext [pro]).
 KONTEXT = 40_000
 FILL = 50_000
+# FLUX.2 [pro] by megapixel (1024 x 1024 pixels): the first output megapixel, then each
+# started input megapixel.
+FLUX2_FIRST = 30_000
+FLUX2_INPUT = 15_000
 
 
 def _config_toml(root: str, upstream_url: str) -> str:
@@ -63,6 +67,15 @@ def _config_toml(root: str, upstream_url: str) -> str:
 
         [models.flux-fill.price_usd]
         default = "0.05"
+
+        [models.flux-2-pro]
+        provider = "bfl"
+        owned_by = "black-forest-labs"
+
+        [models.flux-2-pro.megapixel_price_usd]
+        first = "0.03"
+        additional = "0.015"
+        input = "0.015"
         """
     )
 
@@ -163,3 +176,31 @@ async def test_a_masked_edit_goes_to_the_fill_model_with_bfls_mask(
     with Image.open(io.BytesIO(base64.b64decode(submit.body["mask"]))) as sent:
         assert (sent.getpixel((256, 128)), sent.getpixel((10, 10))) == (255, 0)
     await stack.assert_balance(account_id, OPENING - FILL)
+
+
+async def test_a_flux2_edit_with_several_images_through_the_stack(
+    stack: Stack, fake: FakeBflUpstream
+) -> None:
+    account_id, key, _ = await stack.new_account(OPENING)
+    first, second = image_bytes(768, 512), image_bytes(512, 512, "JPEG")
+    async with stack.openai_client(key) as client:
+        answer = await client.images.edit(
+            model="flux-2-pro",
+            image=[("a.png", first, "image/png"), ("b.jpg", second, "image/jpeg")],
+            prompt="put the cat from the second image on the sofa of the first",
+            size="1024x1024",
+            n=2,
+            response_format="b64_json",
+        )
+    assert answer.data is not None and len(answer.data) == 2
+    for item in answer.data:
+        with Image.open(io.BytesIO(base64.b64decode(item.b64_json or ""))) as edited:
+            assert edited.size == (1024, 1024)
+    assert [submit.path for submit in fake.submits] == ["/v1/flux-2-pro"] * 2
+    for submit in fake.submits:
+        assert base64.b64decode(submit.body["input_image"]) == first
+        assert base64.b64decode(submit.body["input_image_2"]) == second
+        assert (submit.body["width"], submit.body["height"]) == (1024, 1024)
+        assert "aspect_ratio" not in submit.body
+    # Each image: one output megapixel, plus the inputs' 0.625 MP as one started megapixel.
+    await stack.assert_balance(account_id, OPENING - 2 * (FLUX2_FIRST + FLUX2_INPUT))

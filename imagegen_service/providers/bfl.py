@@ -1,21 +1,35 @@
 """Adapter for Black Forest Labs' FLUX API (``https://api.bfl.ai``): submit, poll, download.
 
-The wire format, as documented at docs.bfl.ai and in https://api.bfl.ai/openapi.json:
+The wire format, as documented at docs.bfl.ai (API reference and "Integration guidelines") and
+in https://api.bfl.ai/openapi.json:
 
 * ``POST {base_url}/v1/{model}`` with the header ``x-key: <key>`` and a JSON body answers
-  ``{"id", "polling_url", ...}``: the task is queued, not done.
+  ``{"id", "polling_url", "cost", "input_mp", "output_mp"}``: the task is queued, not done.
+  ``cost`` is in credits (1 credit = 0.01 USD); it is logged, while billing stays with the
+  catalog. An unknown model is FastAPI's 404 on that route: UpstreamModelUnavailable.
 * ``GET polling_url`` (same ``x-key``) answers ``{"id", "status", "result", "progress", ...}``.
   ``status`` is ``Pending`` (or another in-progress word) until it is ``Ready``, when
   ``result.sample`` is a signed URL that expires after about ten minutes. Refusals arrive here
   as ``Request Moderated`` (the prompt) or ``Content Moderated`` (the output); failures as
   ``Error``, ``Failed`` or ``Task not found``.
-* The sample is downloaded at once, without the key: it lives on a delivery host, not the API.
+* BFL's guidelines say to poll the returned ``polling_url`` as is: the global host hands out
+  regional ones (``api.eu1.bfl.ai``, ``api.eu2.bfl.ai``, ...). It is polled only on a host of
+  BFL's own (``bfl.ai`` or ``*.bfl.ai``) or the configured base host; any other host would
+  receive the key, so the task is given up instead (UpstreamError). Without a ``polling_url``
+  the configured host's ``/v1/get_result?id=`` is polled. Redirects are never followed with
+  the key.
+* The sample is downloaded at once, without the key: it lives on a delivery host.
 
-Two request shapes, chosen by the upstream model id:
+Request shapes, chosen by the model family (``ProviderRequest.family``, else the upstream id):
 
-* width/height models (``flux-pro-1.1``, ``flux-dev`` and anything not listed below) take
-  ``width``/``height`` in multiples of 32 within 256..1440. The requested size keeps its aspect
-  ratio, is scaled into that range and snapped to multiples of 32 (see ``pixel_size_for``).
+* FLUX.2 (family ``flux-2``: ``flux-2-pro``, ``-max``, ``-flex``, ``-klein-4b``, ``-klein-9b``)
+  takes ``width``/``height`` as asked: ``check`` refuses a size breaking the family's rule
+  (multiples of 16, at least 64, at most 4 MP) and ``webp`` (FLUX.2 makes jpeg or png only).
+  Edits send the images as ``input_image``, ``input_image_2`` .. ``input_image_8`` (klein:
+  up to ``_4``) plus the size; FLUX.2 takes no mask. ``safety_tolerance`` is 0..5 there.
+* width/height FLUX.1 models (``flux-pro-1.1``, ``flux-dev`` and anything not listed below)
+  take ``width``/``height`` in multiples of 32 within 256..1440. The requested size keeps its
+  aspect ratio, is scaled into that range and snapped to multiples of 32 (``pixel_size_for``).
 * aspect-ratio models (``flux-pro-1.1-ultra*``, ``flux-kontext-*``) take ``aspect_ratio``; the
   upstream picks the pixels (about 4 MP for ultra, about 1 MP for Kontext).
 
@@ -32,9 +46,25 @@ both APIs define it; an image with neither is refused by ``check``. The output h
 size.
 
 One image per task: for ``n > 1`` the adapter submits ``n`` tasks concurrently (``seed + i``
-when seeded) under the one deadline of the call and merges what comes back. Refused tasks are
-counted in ``filtered``; when every task is refused the call raises ContentPolicy. Any other
-failure of any task fails the whole call, and the other tasks are abandoned.
+when seeded) under the one deadline of the call. BFL limits the tasks an account has active
+(24; 6 for ``flux-kontext-max``, answered with 429), so the adapter gates every task, submit to
+result, with its own semaphore of ``max_concurrency`` slots (``limits_own_concurrency``): an
+``n=4`` request takes four slots, and the router does not count calls for this provider.
+
+BFL never paid twice, in the manner of BFL's own Python SDK (black-forest-labs/blackforest:
+polls are retried, submissions never):
+
+* A poll that fails (5xx, 429, a dropped or refused connection, a poll that hangs) is retried
+  with backoff, honouring Retry-After, within the call's deadline: 429 means keep polling.
+* A submission is never repeated inside the adapter. When its outcome is unknown (5xx, a
+  timeout or a dropped connection once the connection was made, an unreadable 200) and so is
+  the outcome of a task that was accepted (the deadline passed, polling broke down, the sample
+  could not be fetched), the error raised has ``ambiguous = True`` and the router will not
+  repeat the call on this deployment. Refused connections and 4xx answers are not ambiguous.
+* Tasks that deliver are returned even when others fail; moderated tasks count as
+  ``filtered`` (delivered nor charged); a failed task is logged and never resubmitted. Only
+  when no task delivered does the call raise: ContentPolicy when every task was refused, else
+  the first task's error (ambiguous if any task's failure was).
 """
 
 from __future__ import annotations
@@ -42,18 +72,25 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import ipaddress
 import math
 import urllib.parse
-from collections.abc import Coroutine, Mapping, Sequence
-from typing import Any, NoReturn
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, NoReturn
 
 import aiohttp
 import orjson
+import structlog
 from PIL import Image
 
 from imagegen_service.config import ConfigError, ProviderConfig
-from imagegen_service.errors import ContentPolicy, InvalidParameter, UpstreamError
+from imagegen_service.errors import (
+    ContentPolicy,
+    ImagegenError,
+    InvalidParameter,
+    UpstreamError,
+)
+from imagegen_service.families import FAMILIES, family_of
 from imagegen_service.providers.base import (
     InputImage,
     ProviderImage,
@@ -65,12 +102,17 @@ from imagegen_service.providers.http import (
     HttpUpstream,
     json_object,
     read_capped,
+    retry_after_seconds,
 )
 from imagegen_service.providers.sizes import MAX_DISTORTION, aspect_ratio_for
 
 __all__ = ["BFL_BASE_URL", "BflProvider", "from_config", "pixel_size_for"]
 
+log = structlog.get_logger("imagegen.providers.bfl")
+
 BFL_BASE_URL = "https://api.bfl.ai"
+# Hosts that may receive the key when a submit answer names them as its polling_url.
+BFL_DOMAIN = "bfl.ai"
 
 # FluxPro11Inputs / FluxDevInputs: "multiple of 32", 256..1440 on each side.
 SIDE_STEP = 32
@@ -88,10 +130,27 @@ ASPECT_RATIOS = ("21:9", "16:9", "3:2", "4:3", "1:1", "3:4", "2:3", "9:16", "9:2
 MIN_SAFETY_TOLERANCE = 0
 MAX_SAFETY_TOLERANCE = 6
 
+# FLUX.2 (docs.bfl.ai, "Generate or edit an image with FLUX.2 [pro]" / [max] / [flex] /
+# [klein 4B] / [klein 9B]): Flux2Inputs takes input_image .. input_image_8 (klein: "like Pro
+# but max 4 images"), output_format "jpeg" | "png", safety_tolerance 0..5.
+FLUX2_FAMILY = "flux-2"
+FLUX2_IMAGE_FIELDS = ("input_image", *(f"input_image_{i}" for i in range(2, 9)))
+FLUX2_KLEIN_PREFIX = "flux-2-klein"
+FLUX2_KLEIN_MAX_IMAGES = 4
+FLUX2_OUTPUT_FORMATS = ("jpeg", "png")
+FLUX2_MAX_SAFETY_TOLERANCE = 5
+
+# BFL's limit on the tasks one account has active at a time (429 beyond it).
+DEFAULT_MAX_CONCURRENCY = 24
+
 DEFAULT_POLL_INTERVAL_SECONDS = 0.5
 MAX_POLL_INTERVAL_SECONDS = 2.0
 # Long generations poll less often; short ones still get their first answers quickly.
 POLL_INTERVAL_GROWTH = 1.25
+# A failed poll waits twice as long as the one before (or the Retry-After), up to this.
+MAX_POLL_BACKOFF_SECONDS = 8.0
+# One poll that hangs longer than this is abandoned and retried (the deadline still rules).
+POLL_REQUEST_TIMEOUT_SECONDS = 15.0
 
 _CONTENT_POLICY_MESSAGE = "The prompt was refused by the provider's content policy."
 _REFUSED_STATUSES = frozenset({"Request Moderated", "Content Moderated"})
@@ -119,14 +178,14 @@ _PARAM_NAMES: Mapping[str, str] = {
     "prompt": "prompt",
     "seed": "seed",
     "output_format": "output_format",
-    "input_image": "image",
-    "input_image_2": "image",
-    "input_image_3": "image",
-    "input_image_4": "image",
+    **dict.fromkeys(FLUX2_IMAGE_FIELDS, "image"),
     "image": "image",
     "mask": "mask",
 }
 _MAX_UPSTREAM_MESSAGE = 300
+
+# Where a task stands; what a failure there means for the money (see ``_Task.ambiguous``).
+_Stage = Literal["queued", "submitting", "submitted", "downloading", "done"]
 
 
 def uses_aspect_ratio(upstream_model: str) -> bool:
@@ -139,6 +198,14 @@ def edits_images(upstream_model: str) -> bool:
 
 def fills(upstream_model: str) -> bool:
     return upstream_model.startswith(FILL_MODEL_PREFIX)
+
+
+def is_flux2(request: ProviderRequest) -> bool:
+    """Whether the request is shaped by FLUX.2's rules (its family, named or recognised)."""
+    if request.family:
+        return request.family == FLUX2_FAMILY
+    family = family_of(request.upstream_model)
+    return family is not None and family.name == FLUX2_FAMILY
 
 
 def fill_mask(mask: InputImage) -> bytes:
@@ -177,8 +244,57 @@ def pixel_size_for(width: int, height: int) -> tuple[int, int]:
     return snap(width), snap(height)
 
 
+@dataclass(frozen=True, slots=True)
+class _Submitted:
+    """A task BFL accepted, as its submit answer describes it."""
+
+    task_id: str
+    polling_url: Any
+    cost: float | None = None
+    input_mp: float | None = None
+    output_mp: float | None = None
+
+
+@dataclass(slots=True)
+class _Task:
+    """One image's task: where it got to and how it ended."""
+
+    index: int
+    stage: _Stage = "queued"
+    submitted: _Submitted | None = None
+    image: ProviderImage | None = None
+    refused: bool = False
+    error: ImagegenError | None = None
+    # The failure may have cost money at BFL (see the module docstring).
+    ambiguous: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.image is not None or self.refused or self.error is not None
+
+
+@dataclass(slots=True)
+class _Slots:
+    """The adapter's task semaphore, made for the loop that uses it."""
+
+    size: int
+    semaphore: asyncio.Semaphore | None = None
+    loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
+
+    def get(self) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()
+        if self.semaphore is None or self.loop is not loop:
+            self.semaphore, self.loop = asyncio.Semaphore(self.size), loop
+        return self.semaphore
+
+
 class BflProvider(HttpUpstream):
     """Black Forest Labs' asynchronous FLUX API; see the module docstring."""
+
+    # BFL limits active tasks, and a call of n images is n tasks: this adapter gates each task
+    # itself (``max_concurrency`` slots), and the router does not wrap its calls in a
+    # semaphore of its own.
+    limits_own_concurrency = True
 
     def __init__(
         self,
@@ -190,25 +306,71 @@ class BflProvider(HttpUpstream):
         max_connections: int = 64,
         safety_tolerance: int | None = None,
         poll_interval_seconds: float = DEFAULT_POLL_INTERVAL_SECONDS,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
     ) -> None:
         super().__init__(name, timeout_seconds=timeout_seconds, max_connections=max_connections)
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
         self._base_url = base_url.rstrip("/")
         self._api_key = api_key or None
         self._safety_tolerance = safety_tolerance
         self._poll_interval = poll_interval_seconds
         self._max_poll_interval = max(MAX_POLL_INTERVAL_SECONDS, poll_interval_seconds)
+        self.max_concurrency = max_concurrency
+        self._slots = _Slots(max_concurrency)
 
     # -- what can be served ---------------------------------------------------------------
 
     def check(self, request: ProviderRequest) -> None:
-        """Sizes whose aspect ratio FLUX cannot come close to are refused before any money
-        moves; everything else is mapped (see ``pixel_size_for`` and ``ASPECT_RATIOS``).
-        An edit (``request.images``) is checked by ``_edit_fields`` instead; the fill model
-        makes edits only."""
-        if request.images:
+        """FLUX.2: the family's size rule, jpeg or png, no mask, at most 8 images (klein 4).
+        FLUX.1: sizes whose aspect ratio FLUX cannot come close to are refused before any money
+        moves; everything else is mapped (see ``pixel_size_for`` and ``ASPECT_RATIOS``). An
+        edit (``request.images``) is checked by ``_edit_fields`` instead; the fill model makes
+        edits only."""
+        if is_flux2(request):
+            self._check_flux2(request)
+        elif request.images:
             self._check_edit(request)
         else:
             self._size_fields(request)
+
+    def _check_flux2(self, request: ProviderRequest) -> None:
+        if request.output_format not in FLUX2_OUTPUT_FORMATS:
+            raise InvalidParameter(
+                f"output_format {request.output_format!r} is not available for this model: "
+                f"FLUX.2 makes {' or '.join(FLUX2_OUTPUT_FORMATS)} images only.",
+                param="output_format",
+            )
+        rule = FAMILIES[FLUX2_FAMILY].size_rule
+        problem = rule.problem(request.width, request.height) if rule is not None else None
+        if rule is not None and problem is not None:
+            raise InvalidParameter(
+                f"The size {request.size} is not available for this model: {problem} "
+                f"({rule.describe()}).",
+                param="size",
+            )
+        if request.mask is not None:
+            raise InvalidParameter(
+                "this model edits by instruction and takes no mask", param="mask"
+            )
+        limit = (
+            FLUX2_KLEIN_MAX_IMAGES
+            if request.upstream_model.startswith(FLUX2_KLEIN_PREFIX)
+            else len(FLUX2_IMAGE_FIELDS)
+        )
+        if len(request.images) > limit:
+            raise InvalidParameter(
+                f"This model takes at most {limit} images; got {len(request.images)}.",
+                param="image",
+            )
+
+    def _flux2_fields(self, request: ProviderRequest) -> dict[str, Any]:
+        """FLUX.2: the size as asked and, for an edit, the images (base64) in order."""
+        self._check_flux2(request)
+        fields: dict[str, Any] = {"width": request.width, "height": request.height}
+        for key, image in zip(FLUX2_IMAGE_FIELDS, request.images, strict=False):
+            fields[key] = _b64(image.data)
+        return fields
 
     def _size_fields(self, request: ProviderRequest) -> dict[str, Any]:
         if fills(request.upstream_model):
@@ -237,7 +399,8 @@ class BflProvider(HttpUpstream):
             return
         if not edits_images(request.upstream_model):
             raise InvalidParameter(
-                "This model does not edit images (flux-kontext-* and flux-pro-1.0-fill do).",
+                "This model does not edit images (flux-2-*, flux-kontext-* and "
+                "flux-pro-1.0-fill do).",
                 param="model",
             )
         if request.mask is not None:
@@ -266,8 +429,12 @@ class BflProvider(HttpUpstream):
             )
 
     def _edit_fields(self, request: ProviderRequest) -> dict[str, Any]:
-        """Kontext: the images in ``input_image`` .. ``input_image_4``; fill: ``image`` and
-        ``mask`` (BFL's convention); all base64."""
+        """FLUX.2: see ``_flux2_fields``; Kontext: the images in ``input_image`` ..
+        ``input_image_4``; fill: ``image`` and ``mask`` (BFL's convention); all base64."""
+        if is_flux2(request):
+            if not request.images:
+                raise InvalidParameter("You must provide an image.", param="image")
+            return self._flux2_fields(request)
         self._check_edit(request)
         if fills(request.upstream_model):
             fields = {"image": _b64(request.images[0].data)}
@@ -282,49 +449,129 @@ class BflProvider(HttpUpstream):
     # -- one call ---------------------------------------------------------------------------
 
     async def generate(self, request: ProviderRequest) -> ProviderResult:
-        return await self._run(request, self._size_fields(request))
+        fields = self._flux2_fields(request) if is_flux2(request) else self._size_fields(request)
+        return await self._run(request, fields)
 
     async def edit(self, request: ProviderRequest) -> ProviderResult:
-        """A Kontext or fill edit: the submit/poll/download flow of ``generate`` with the
-        images in place of the size (the output follows the first image's shape)."""
+        """A FLUX.2, Kontext or fill edit: the submit/poll/download flow of ``generate`` with
+        the images in the payload."""
         return await self._run(request, self._edit_fields(request))
 
     async def _run(self, request: ProviderRequest, fields: Mapping[str, Any]) -> ProviderResult:
-        """``request.n`` tasks, each submitting ``fields`` with the common ones."""
+        """``request.n`` tasks, each submitting ``fields`` with the common ones, under one
+        deadline; what each task ended as decides the answer (see the module docstring)."""
+        if request.n < 1:
+            raise InvalidParameter("n must be at least 1.", param="n")
+        session = self.session()
+        tasks = [_Task(index) for index in range(request.n)]
+        runners = [
+            asyncio.ensure_future(self._one_task(session, request, fields, task)) for task in tasks
+        ]
+        try:
+            await asyncio.wait(runners, timeout=self.timeout_seconds)
+        finally:
+            # Past the deadline (or when our caller gives up) no task keeps polling or holds a
+            # connection; a cancelled task keeps the stage it reached.
+            for runner in runners:
+                runner.cancel()
+            await asyncio.gather(*runners, return_exceptions=True)
+        for runner in runners:
+            if not runner.cancelled() and (unexpected := runner.exception()) is not None:
+                raise unexpected
+        for task in tasks:
+            if not task.finished:
+                task.error = self._deadline_error()
+                task.ambiguous = task.stage != "queued"
+        return self._outcome(request, tasks)
 
-        async def call(session: aiohttp.ClientSession) -> ProviderResult:
-            outcomes = await _all_or_nothing(
-                [self._one_image(session, request, fields, i) for i in range(request.n)]
+    def _outcome(self, request: ProviderRequest, tasks: list[_Task]) -> ProviderResult:
+        images = [task.image for task in tasks if task.image is not None]
+        filtered = sum(1 for task in tasks if task.refused)
+        failed = [task for task in tasks if task.error is not None]
+        ambiguous = sum(1 for task in failed if task.ambiguous)
+        accepted = [task.submitted for task in tasks if task.submitted is not None]
+        facts: dict[str, Any] = {
+            "provider": self.name,
+            "request_id": request.request_id,
+            "upstream_model": request.upstream_model,
+            "tasks": len(tasks),
+            "delivered": len(images),
+            "filtered": filtered,
+            "failed": len(failed),
+            "failed_ambiguous": ambiguous,
+            # What BFL's submit answers reported: credits (1 credit = 0.01 USD) and megapixels.
+            "cost_credits": _total(s.cost for s in accepted),
+            "input_mp": _total(s.input_mp for s in accepted),
+            "output_mp": _total(s.output_mp for s in accepted),
+        }
+        if failed:
+            log.warning(
+                "bfl.tasks_failed",
+                **facts,
+                errors=[task.error.message for task in failed if task.error is not None],
             )
-            images = [image for image in outcomes if image is not None]
-            if not images:
-                raise ContentPolicy(_CONTENT_POLICY_MESSAGE)
-            return ProviderResult(images=images, filtered=request.n - len(images))
+        else:
+            log.info("bfl.tasks", **facts)
+        if images:
+            # The failed tasks are neither resubmitted nor charged: the caller gets fewer
+            # images than asked, each one paid for once.
+            return ProviderResult(images=images, filtered=filtered)
+        if not failed:
+            raise ContentPolicy(_CONTENT_POLICY_MESSAGE)
+        error = failed[0].error
+        assert error is not None
+        if isinstance(error, UpstreamError) and ambiguous:
+            error.ambiguous = True
+        raise error
 
-        return await self.within_deadline(call)
-
-    async def _one_image(
+    async def _one_task(
         self,
         session: aiohttp.ClientSession,
         request: ProviderRequest,
         fields: Mapping[str, Any],
-        index: int,
-    ) -> ProviderImage | None:
-        """One task from submit to downloaded bytes; None when the upstream refused it."""
-        payload = self._payload(request, fields, index)
-        task = await self._submit(session, request, payload)
-        if task is None:
-            return None
-        answer = await self._poll(session, task, index)
-        if answer is None:
-            return None
-        result = answer.get("result")
-        sample = result.get("sample") if isinstance(result, dict) else None
-        if not isinstance(sample, str) or not sample:
-            raise self.unreadable(f"task {index} is ready but has no sample")
-        # The signed link expires within minutes: fetch it now, and without our key.
-        data = await self.download(session, sample, index)
-        return self.inspect(data, index)
+        task: _Task,
+    ) -> None:
+        """One task from submit to downloaded bytes; records how it ended in ``task``."""
+        payload = self._payload(request, fields, task.index)
+        try:
+            # A slot is an active task at BFL: held from submit until its final status.
+            async with self._slots.get():
+                task.stage = "submitting"
+                submitted = await self._submit(session, request, payload)
+                if submitted is None:
+                    task.refused = True
+                    return
+                task.stage, task.submitted = "submitted", submitted
+                polling_url = self._polling_url(submitted.polling_url)
+                answer = await self._poll(session, submitted.task_id, polling_url, task.index)
+            status = answer["status"]
+            if status in _REFUSED_STATUSES:
+                task.refused = True
+                return
+            failure = _FAILED_STATUSES.get(status)
+            if failure is not None:
+                # BFL's own verdict: the task ended without an image (not ambiguous).
+                task.error = UpstreamError(
+                    f"upstream {self.name!r}: task {task.index} failed ({failure})"
+                )
+                return
+            result = answer.get("result")
+            sample = result.get("sample") if isinstance(result, dict) else None
+            if not isinstance(sample, str) or not sample:
+                raise self.unreadable(f"task {task.index} is ready but has no sample")
+            task.stage = "downloading"
+            # The signed link expires within minutes: fetch it now, and without our key.
+            data = await self.download(session, sample, task.index)
+            task.image = self.inspect(data, task.index)
+            task.stage = "done"
+        except ImagegenError as exc:
+            task.error = exc
+            task.ambiguous = _paid(task.stage) or getattr(exc, "ambiguous", False)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            error = self._transport_error(exc)
+            error.__cause__ = exc
+            task.error = error
+            task.ambiguous = _paid(task.stage)
 
     def _payload(
         self, request: ProviderRequest, fields: Mapping[str, Any], index: int
@@ -338,7 +585,11 @@ class BflProvider(HttpUpstream):
             # Distinct seeds, or n tasks would return n copies of one image.
             payload["seed"] = request.seed + index
         if self._safety_tolerance is not None:
-            payload["safety_tolerance"] = self._safety_tolerance
+            tolerance = self._safety_tolerance
+            if is_flux2(request):
+                # FLUX.2 takes 0..5 where FLUX.1 takes 0..6: the most permissive it has.
+                tolerance = min(tolerance, FLUX2_MAX_SAFETY_TOLERANCE)
+            payload["safety_tolerance"] = tolerance
         return payload
 
     def _headers(self) -> dict[str, str]:
@@ -351,29 +602,56 @@ class BflProvider(HttpUpstream):
 
     async def _submit(
         self, session: aiohttp.ClientSession, request: ProviderRequest, payload: dict[str, Any]
-    ) -> tuple[str, str | None] | None:
-        """(task id, trusted polling URL or None), or None when the prompt was refused."""
+    ) -> _Submitted | None:
+        """The accepted task, or None when the prompt was refused. Never repeated: an error
+        raised after the request may have reached BFL is ``ambiguous``."""
         # The model is a path segment: quoting keeps an odd catalog id from changing the route.
         route = urllib.parse.quote(request.upstream_model, safe="")
-        async with session.post(
-            f"{self._base_url}/v1/{route}",
-            data=orjson.dumps(payload),
-            headers={
-                **self._headers(),
-                **self.trace_headers(request),
-                "Content-Type": "application/json",
-            },
-        ) as resp:
-            if not 200 <= resp.status < 300:
-                body = await read_capped(resp, MAX_ERROR_BODY_BYTES, truncate=True)
-                if self._is_refusal(resp.status, body):
-                    return None
-                self._raise_for_status(resp.status, resp.headers, body)
-            answer = await self.read_json(resp)
+        try:
+            async with session.post(
+                f"{self._base_url}/v1/{route}",
+                data=orjson.dumps(payload),
+                headers={
+                    **self._headers(),
+                    **self.trace_headers(request),
+                    "Content-Type": "application/json",
+                },
+                # A redirect would carry the x-key header to wherever it points.
+                allow_redirects=False,
+            ) as resp:
+                if not 200 <= resp.status < 300:
+                    body = await read_capped(resp, MAX_ERROR_BODY_BYTES, truncate=True)
+                    if self._is_refusal(resp.status, body):
+                        return None
+                    self._raise_for_status(request, resp.status, resp.headers, body)
+                answer = await self._accepted(resp)
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            # No connection was made, so nothing was sent: not ambiguous.
+            raise self._transport_error(exc) from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            error = self._transport_error(exc)
+            error.ambiguous = True
+            raise error from exc
         task_id = answer.get("id")
         if not isinstance(task_id, str) or not task_id:
-            raise self.unreadable("the submitted task has no id")
-        return task_id, self._trusted_polling_url(answer.get("polling_url"))
+            error = self.unreadable("the submitted task has no id")
+            error.ambiguous = True
+            raise error
+        return _Submitted(
+            task_id=task_id,
+            polling_url=answer.get("polling_url"),
+            cost=_number(answer.get("cost")),
+            input_mp=_number(answer.get("input_mp")),
+            output_mp=_number(answer.get("output_mp")),
+        )
+
+    async def _accepted(self, resp: aiohttp.ClientResponse) -> dict[str, Any]:
+        """A 2xx submit answer: BFL has the task even when we cannot read the answer."""
+        try:
+            return await self.read_json(resp)
+        except UpstreamError as exc:
+            exc.ambiguous = True
+            raise
 
     def _is_refusal(self, status: int, body: bytes | None) -> bool:
         if status != 400:
@@ -382,7 +660,11 @@ class BflProvider(HttpUpstream):
         return any(word in text for word in _REFUSAL_WORDS)
 
     def _raise_for_status(
-        self, status: int, headers: Mapping[str, str], body: bytes | None
+        self,
+        request: ProviderRequest,
+        status: int,
+        headers: Mapping[str, str],
+        body: bytes | None,
     ) -> NoReturn:
         if status in (400, 422):
             detail = json_object(body).get("detail")
@@ -392,96 +674,156 @@ class BflProvider(HttpUpstream):
                 text or f"upstream {self.name!r} rejected the request (HTTP {status})",
                 param=_PARAM_NAMES.get(field or ""),
             )
+        if status == 404:
+            # FastAPI's answer for a route it does not have: BFL does not (or no longer)
+            # serve this model. Another deployment may.
+            raise self.model_unavailable(request.upstream_model, status)
         # BFL's 401/403 bodies describe our key; 402/429/5xx texts help nobody downstream.
-        raise self.status_error(status, headers, _STATUS_CODES.get(status, ""))
+        error = self.status_error(status, headers, _STATUS_CODES.get(status, ""))
+        # A 5xx says nothing about whether the task was queued (and will be billed).
+        error.ambiguous = status >= 500
+        raise error
 
     def _scrub(self, text: str) -> str:
         if self._api_key:
             text = text.replace(self._api_key, "***")
         return text
 
-    def _trusted_polling_url(self, value: Any) -> str | None:
-        """``polling_url`` if it may be sent our key, else None (poll via ``get_result``).
+    def _polling_url(self, value: Any) -> str | None:
+        """``polling_url`` as returned, if it may be sent our key; None when the answer has
+        none (``/v1/get_result`` on the configured host is polled instead).
 
-        The global endpoint hands out regional polling hosts (api.bfl.ai -> api.eu4.bfl.ai), so
-        a sibling of the configured host is trusted; any other host would receive the key, so
-        the adapter polls through the configured endpoint instead.
+        BFL's hosts (``bfl.ai`` and ``*.bfl.ai``: the global endpoint hands out regional
+        polling hosts such as api.eu1.bfl.ai) and the configured base host may get the key.
+        Any other host, or plain http where the base is https, would leak it: the task is
+        given up with an UpstreamError and nothing is sent there.
         """
-        if not isinstance(value, str) or not value:
+        if value is None or value == "":
             return None
+        if not isinstance(value, str):
+            raise self.unreadable("the polling_url is not a string")
         url = urllib.parse.urlsplit(value)
         base = urllib.parse.urlsplit(self._base_url)
-        if url.scheme not in ("http", "https") or not url.hostname or not base.hostname:
-            return None
-        if base.scheme == "https" and url.scheme != "https":
-            return None
-        host, base_host = url.hostname.lower(), base.hostname.lower()
-        if host == base_host:
+        host = (url.hostname or "").lower()
+        trusted = host == (base.hostname or "").lower() or (
+            host == BFL_DOMAIN or host.endswith("." + BFL_DOMAIN)
+        )
+        secure = url.scheme == "https" or (url.scheme == "http" and base.scheme == "http")
+        if host and trusted and secure:
             return value
-        parent = _parent_domain(base_host)
-        return value if parent and host.endswith("." + parent) else None
+        raise UpstreamError(
+            f"upstream {self.name!r} named a polling URL outside Black Forest Labs' hosts; "
+            "it was not polled, so the task's result is unknown"
+        )
 
     # -- poll -------------------------------------------------------------------------------
 
     async def _poll(
-        self, session: aiohttp.ClientSession, task: tuple[str, str | None], index: int
-    ) -> dict[str, Any] | None:
-        """The ``Ready`` answer, or None when moderation refused the task. Bounded only by the
-        call's deadline, which ``within_deadline`` enforces."""
-        task_id, polling_url = task
+        self,
+        session: aiohttp.ClientSession,
+        task_id: str,
+        polling_url: str | None,
+        index: int,
+    ) -> dict[str, Any]:
+        """The task's final answer (``Ready``, refused or failed). A poll that fails for a
+        reason that may pass (429, 5xx, a connection that breaks or hangs) is retried with
+        backoff; only the call's deadline, which ``_run`` enforces, ends the polling."""
         url = polling_url or f"{self._base_url}/v1/get_result"
         params = None if polling_url else {"id": task_id}
         interval = self._poll_interval
+        delay = interval
+        failures = 0
+        poll_timeout = aiohttp.ClientTimeout(
+            total=min(POLL_REQUEST_TIMEOUT_SECONDS, self.timeout_seconds)
+        )
         while True:
-            await asyncio.sleep(interval)
-            interval = min(interval * POLL_INTERVAL_GROWTH, self._max_poll_interval)
-            async with session.get(url, params=params, headers=self._headers()) as resp:
-                if resp.status != 200:
-                    raise self.status_error(
-                        resp.status, resp.headers, _STATUS_CODES.get(resp.status, "")
-                    )
-                answer = await self.read_json(resp)
+            await asyncio.sleep(delay)
+            try:
+                async with session.get(
+                    url,
+                    params=params,
+                    headers=self._headers(),
+                    allow_redirects=False,
+                    timeout=poll_timeout,
+                ) as resp:
+                    if resp.status == 429 or resp.status >= 500:
+                        failures += 1
+                        delay = self._poll_backoff(failures, retry_after_seconds(resp.headers))
+                        log.debug(
+                            "bfl.poll_retry",
+                            provider=self.name,
+                            task=index,
+                            status=resp.status,
+                            delay_seconds=round(delay, 3),
+                        )
+                        continue
+                    if resp.status != 200:
+                        raise self.status_error(
+                            resp.status, resp.headers, _STATUS_CODES.get(resp.status, "")
+                        )
+                    answer = await self.read_json(resp)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                # The deadline arrives as a cancellation, never here: this is one poll's
+                # connection or its own timeout, and the next poll may well work.
+                failures += 1
+                delay = self._poll_backoff(failures, None)
+                log.debug(
+                    "bfl.poll_retry",
+                    provider=self.name,
+                    task=index,
+                    error=type(exc).__name__,
+                    delay_seconds=round(delay, 3),
+                )
+                continue
             status = answer.get("status")
             if not isinstance(status, str):
                 raise self.unreadable(f"task {index} has no status")
-            if status == "Ready":
+            if status == "Ready" or status in _REFUSED_STATUSES or status in _FAILED_STATUSES:
                 return answer
-            if status in _REFUSED_STATUSES:
-                return None
-            failure = _FAILED_STATUSES.get(status)
-            if failure is not None:
-                raise UpstreamError(f"upstream {self.name!r}: task {index} failed ({failure})")
             # "Pending", "Queued", "Processing", "Reasoning", "Generating", and any word added
             # later: a new failure word costs at worst the deadline, while treating a new
             # progress word as a failure would break every call.
+            failures = 0
+            delay = interval
+            interval = min(interval * POLL_INTERVAL_GROWTH, self._max_poll_interval)
+
+    def _poll_backoff(self, failures: int, retry_after: float | None) -> float:
+        backoff = self._poll_interval * float(1 << min(failures, 16))
+        return min(max(backoff, retry_after or 0.0), MAX_POLL_BACKOFF_SECONDS)
+
+    # -- errors -----------------------------------------------------------------------------
+
+    def _deadline_error(self) -> UpstreamError:
+        return UpstreamError(
+            f"upstream {self.name!r} did not answer within {self.timeout_seconds:g} s"
+        )
+
+    def _transport_error(self, exc: BaseException) -> UpstreamError:
+        """As ``HttpUpstream.within_deadline`` words it: only the exception's class, since its
+        text may name hosts the caller should not see."""
+        if isinstance(exc, TimeoutError):
+            return self._deadline_error()
+        return UpstreamError(
+            f"upstream {self.name!r} could not be reached or dropped the connection "
+            f"({type(exc).__name__})"
+        )
 
 
-async def _all_or_nothing(
-    coroutines: Sequence[Coroutine[Any, Any, ProviderImage | None]],
-) -> list[ProviderImage | None]:
-    """Runs the per-image coroutines concurrently. The first failure cancels the others, so
-    no task keeps polling (or holding a connection) for a call that has already failed."""
-    tasks = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
-    try:
-        return list(await asyncio.gather(*tasks))
-    finally:
-        pending = [task for task in tasks if not task.done()]
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+def _paid(stage: _Stage) -> bool:
+    """Whether a task that failed at ``stage`` had been accepted by BFL (and so may be
+    billed): from its submit answer on, its result is lost rather than never made."""
+    return stage in ("submitted", "downloading", "done")
 
 
-def _parent_domain(host: str) -> str:
-    """``bfl.ai`` for ``api.bfl.ai``; ``""`` for IP addresses and names of two labels or fewer."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        pass
-    else:
-        return ""
-    labels = host.split(".")
-    return ".".join(labels[1:]) if len(labels) >= 3 else ""
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _total(values: Any) -> float | None:
+    numbers = [value for value in values if value is not None]
+    return round(sum(numbers), 4) if numbers else None
 
 
 def _detail_text(body: Mapping[str, Any]) -> str:
@@ -524,9 +866,16 @@ def _option_int(options: Mapping[str, Any], key: str, name: str) -> int | None:
 
 
 def from_config(config: ProviderConfig, credential: str | None) -> BflProvider:
-    """Options: ``safety_tolerance`` (0..6, unset: BFL's default of 2) and
-    ``poll_interval_seconds`` (first wait between polls, default 0.5, growing to 2 s)."""
+    """Options: ``safety_tolerance`` (0..6, unset: BFL's default of 2; FLUX.2 is sent at most
+    5) and ``poll_interval_seconds`` (first wait between polls, default 0.5, growing to 2 s).
+    ``max_concurrency`` is the number of BFL tasks (images) this provider keeps active at once
+    across all calls; BFL's own account limit is 24 (6 for flux-kontext-max)."""
     options = config.options
+    if config.max_concurrency < 1:
+        raise ConfigError(
+            f"providers.{config.name}.max_concurrency must be at least 1; "
+            f"got {config.max_concurrency}"
+        )
     safety = _option_int(options, "safety_tolerance", config.name)
     if safety is not None and not MIN_SAFETY_TOLERANCE <= safety <= MAX_SAFETY_TOLERANCE:
         raise ConfigError(
@@ -547,4 +896,5 @@ def from_config(config: ProviderConfig, credential: str | None) -> BflProvider:
         max_connections=config.max_connections,
         safety_tolerance=safety,
         poll_interval_seconds=float(interval),
+        max_concurrency=config.max_concurrency,
     )

@@ -11,7 +11,9 @@ Typical use::
 Routes, as the real API has them:
 
 * ``POST /v1/{model}`` for the FLUX.1 models (``flux-pro-1.1``, ``flux-dev``, ``flux-pro``,
-  ``flux-pro-1.1-ultra``, ``flux-kontext-pro``, ``flux-kontext-max``). Checks ``x-key``
+  ``flux-pro-1.1-ultra``, ``flux-kontext-pro``, ``flux-kontext-max``) and the FLUX.2 models
+  (``flux-2-pro``, ``flux-2-max``, ``flux-2-flex``, ``flux-2-klein-4b``, ``flux-2-klein-9b``);
+  an unknown model is FastAPI's 404 ``{"detail": "Not Found"}``. Checks ``x-key``
   (missing or wrong: 403 ``{"detail": "Not authenticated - Invalid Authentication"}``),
   validates the body against that model's schema like FastAPI does (unknown fields, types,
   ranges, multiples of 32, aspect-ratio range: 422 ``{"detail": [{type, loc, msg, input}]}``),
@@ -21,15 +23,29 @@ Routes, as the real API has them:
   keeps the input image's aspect ratio at about 1 MP, as the real model does.
   ``flux-pro-1.0-fill`` takes ``image`` (required) and an optional ``mask`` the same size as it
   (base64 images; white = fill) and makes an image of the input's size.
+  FLUX.2 (docs.bfl.ai, "Generate or edit an image with FLUX.2 [pro]" and its siblings) takes
+  ``width``/``height`` (at least 64; this fake also insists on multiples of 16 and at most
+  4 MP, BFL's documented grid and ceiling), ``output_format`` ``jpeg`` or ``png`` only,
+  ``safety_tolerance`` 0..5, and ``input_image`` .. ``input_image_8`` (klein: ``_4``); it makes
+  an image of exactly ``width`` x ``height``. Its answer carries ``cost`` (credits; the numbers
+  here are illustrative, not BFL's price list), ``input_mp`` and ``output_mp``.
+  Active tasks (submitted, not yet seen finished by a poll) are counted: past 24 per account
+  (6 for ``flux-kontext-max``) a submit is refused with 429, as BFL does; ``max_active`` is the
+  high-water mark.
 * ``GET /v1/get_result?id=...`` (also the ``polling_url``) checks ``x-key`` and answers
   ``{"id", "status", "result", "progress", "details", "preview"}``: ``Pending`` for the
   task's first ``pending_polls`` polls, then its outcome. A ``Ready`` result's ``sample`` points
-  into this server's delivery route.
+  into this server's delivery route. A task's ``poll_errors`` answer its first polls with
+  those HTTP statuses (or ``"drop"``: the connection is cut mid-answer) before that. The
+  ``polling_url`` may name another host (``polling_host``, e.g. ``api.eu1.bfl.ai``) on this
+  server's port: a test resolves that name to 127.0.0.1.
 * ``GET /delivery/{id}/sample.{ext}`` serves the image WITHOUT asking for ``x-key`` (the real
   samples live on a signed-URL blob store), or the scripted expiry.
 
 Behaviours answer one submit each (``script``), then ``default``; they are built with the
 functions below. Recorded requests: ``requests`` (all), ``submits``, ``polls``, ``downloads``.
+``dropped()`` accepts the task and then cuts the connection before the answer is complete: the
+caller cannot know the task exists, but it runs (and is paid for).
 """
 
 from __future__ import annotations
@@ -52,8 +68,10 @@ from PIL import Image
 from tests.fakes.loopback import LoopbackServer, RecordedRequest, image_bytes
 
 __all__ = [
+    "FLUX2_MODELS",
     "Behaviour",
     "FakeBflUpstream",
+    "dropped",
     "failed",
     "garbage",
     "garbage_poll",
@@ -73,8 +91,8 @@ __all__ = [
     "wrong_content_type",
 ]
 
-BehaviourKind = Literal["task", "error", "raw", "truncated"]
-SampleKind = Literal["ok", "expired", "missing"]
+BehaviourKind = Literal["task", "error", "raw", "truncated", "dropped"]
+SampleKind = Literal["ok", "expired", "missing", "half"]
 
 AUTH_FAILED = {"detail": "Not authenticated - Invalid Authentication"}
 # Seen on real answers; the adapter must not depend on either.
@@ -83,6 +101,16 @@ _POLL_RETRY_AFTER = "1"
 _COMMON_FIELDS = frozenset(
     {"prompt", "prompt_upsampling", "seed", "safety_tolerance", "output_format"}
     | {"webhook_url", "webhook_secret"}
+)
+INPUT_IMAGE_FIELDS = ("input_image", *(f"input_image_{i}" for i in range(2, 9)))
+# FLUX.2's schemas (docs.bfl.ai API reference, Flux2Inputs): no aspect_ratio, no
+# prompt_upsampling except on flex; klein takes four input images, the others eight.
+_FLUX2_FIELDS = frozenset(
+    {"prompt", "seed", "width", "height", "safety_tolerance", "output_format"}
+    | {"webhook_url", "webhook_secret"}
+)
+FLUX2_MODELS = frozenset(
+    {"flux-2-pro", "flux-2-max", "flux-2-flex", "flux-2-klein-4b", "flux-2-klein-9b"}
 )
 # Fields of each request schema in https://api.bfl.ai/openapi.json.
 SCHEMAS: Mapping[str, frozenset[str]] = {
@@ -96,6 +124,27 @@ SCHEMAS: Mapping[str, frozenset[str]] = {
     "flux-kontext-max": _COMMON_FIELDS
     | {"aspect_ratio", "input_image", "input_image_2", "input_image_3", "input_image_4"},
     "flux-pro-1.0-fill": _COMMON_FIELDS | {"image", "mask", "steps", "guidance"},
+    "flux-2-pro": _FLUX2_FIELDS | set(INPUT_IMAGE_FIELDS),
+    "flux-2-max": _FLUX2_FIELDS | set(INPUT_IMAGE_FIELDS),
+    "flux-2-flex": _FLUX2_FIELDS
+    | set(INPUT_IMAGE_FIELDS)
+    | {"prompt_upsampling", "guidance", "steps"},
+    "flux-2-klein-4b": _FLUX2_FIELDS | set(INPUT_IMAGE_FIELDS[:4]),
+    "flux-2-klein-9b": _FLUX2_FIELDS | set(INPUT_IMAGE_FIELDS[:4]),
+}
+# BFL's limit on active tasks per account, and flux-kontext-max's own lower one.
+ACCOUNT_ACTIVE_TASKS = 24
+_MODEL_ACTIVE_TASKS = {"flux-kontext-max": 6}
+FLUX2_MAX_PIXELS = 4 * 1024 * 1024
+# BFL's megapixel in input_mp / output_mp: 1024 x 1024 pixels (1920x1080 is reported as 1.98).
+MEGAPIXEL = 1024 * 1024
+# Illustrative credits per output megapixel (1 credit = 0.01 USD), for the answer's `cost`.
+_FLUX2_CREDITS_PER_MP = {
+    "flux-2-pro": 3.0,
+    "flux-2-max": 7.0,
+    "flux-2-flex": 6.0,
+    "flux-2-klein-4b": 1.4,
+    "flux-2-klein-9b": 1.5,
 }
 # Pixels the aspect-ratio models make: ultra ~4 MP (16:9 -> 2752x1536), Kontext ~1 MP.
 _AREA = {
@@ -119,10 +168,15 @@ class Behaviour:
         forever). ``error``: ``status`` with ``{"detail": detail}``. ``raw``: ``status``,
         ``body``, ``content_type`` exactly. ``truncated``: a task answer cut in half.
     delay: seconds before the submit answers; ``stop()`` cuts it short.
-    sample: ``ok``, or ``expired`` (403 from the blob store) / ``missing`` (404) on download.
+    sample: ``ok``, or ``expired`` (403 from the blob store) / ``missing`` (404) on download,
+        or ``half``: a 200 with the first half of the image (well framed, cut short).
     polling_url: ``True``: this server's get_result URL; ``None``: left out of the answer; a
         string: sent as is.
+    polling_host: with ``polling_url=True``, the host name the URL gives instead of
+        127.0.0.1 (same scheme and port), e.g. ``api.eu1.bfl.ai``.
     poll_body: when set, every poll of the task answers 200 with these bytes as JSON.
+    poll_errors: how the task's first polls fail, one each: an HTTP status (with
+        ``{"detail": ...}``, and ``poll_retry_after`` as Retry-After if set) or ``"drop"``.
     """
 
     kind: BehaviourKind = "task"
@@ -132,7 +186,10 @@ class Behaviour:
     outcome: str = "Ready"
     sample: SampleKind = "ok"
     polling_url: bool | str | None = True
+    polling_host: str | None = None
     poll_body: bytes | None = None
+    poll_errors: tuple[int | Literal["drop"], ...] = ()
+    poll_retry_after: str | None = None
     status: int = 200
     detail: Any = None
     body: bytes = b""
@@ -145,14 +202,25 @@ def ok(
     pending_polls: int = 0,
     in_progress: str = "Pending",
     polling_url: bool | str | None = True,
+    polling_host: str | None = None,
     sample: SampleKind = "ok",
+    poll_errors: tuple[int | Literal["drop"], ...] = (),
+    poll_retry_after: str | None = None,
 ) -> Behaviour:
     return Behaviour(
         pending_polls=pending_polls,
         in_progress=in_progress,
         polling_url=polling_url,
+        polling_host=polling_host,
         sample=sample,
+        poll_errors=poll_errors,
+        poll_retry_after=poll_retry_after,
     )
+
+
+def dropped() -> Behaviour:
+    """The task is accepted (and will run), then the connection is cut mid-answer."""
+    return Behaviour(kind="dropped")
 
 
 def slow(seconds: float) -> Behaviour:
@@ -249,6 +317,7 @@ _NAMED: dict[str, Callable[[], Behaviour]] = {
     "garbage": garbage,
     "garbage_poll": garbage_poll,
     "truncated": truncated,
+    "dropped": dropped,
     "wrong_content_type": wrong_content_type,
     "server_error": server_error,
     "service_unavailable": service_unavailable,
@@ -264,10 +333,15 @@ class _Task:
     model: str
     body: dict[str, Any]
     polls: int = 0
+    failed_polls: int = 0
 
 
 def real_size(model: str, body: Mapping[str, Any]) -> tuple[int, int]:
     """The pixel size the real model makes for a validated request body."""
+    if model in FLUX2_MODELS:
+        if "width" in body and "height" in body:
+            return int(body["width"]), int(body["height"])
+        return _input_size(body.get("input_image")) or (1024, 1024)
     if model == "flux-pro-1.0-fill":
         return _input_size(body.get("image")) or (1024, 1024)
     if model in _AREA:
@@ -298,9 +372,6 @@ def _input_size(value: Any) -> tuple[int, int] | None:
     except (binascii.Error, ValueError, OSError):
         return None
     return (width, height) if width > 0 and height > 0 else None
-
-
-INPUT_IMAGE_FIELDS = ("input_image", "input_image_2", "input_image_3", "input_image_4")
 
 
 def _snap32(value: float) -> int:
@@ -395,15 +466,32 @@ def validate(model: str, body: Any) -> list[dict[str, Any]]:
         problems.append(
             _problem("value_error", "mask", "Value error, mask and image sizes differ", mask_size)
         )
-    integer("width", 256, 1440, 32)
-    integer("height", 256, 1440, 32)
-    integer("safety_tolerance", 0, 6)
-    if body.get("output_format") not in (None, "jpeg", "png", "webp"):
+    if model in FLUX2_MODELS:
+        integer("width", 64, 1 << 16, 16)
+        integer("height", 64, 1 << 16, 16)
+        width, height = body.get("width"), body.get("height")
+        if (
+            isinstance(width, int)
+            and isinstance(height, int)
+            and not problems
+            and width * height > FLUX2_MAX_PIXELS
+        ):
+            problems.append(
+                _problem("value_error", "width", "Value error, at most 4 megapixels", width)
+            )
+        integer("safety_tolerance", 0, 5)
+        formats: tuple[str, ...] = ("jpeg", "png")
+    else:
+        integer("width", 256, 1440, 32)
+        integer("height", 256, 1440, 32)
+        integer("safety_tolerance", 0, 6)
+        formats = ("jpeg", "png", "webp")
+    if body.get("output_format") not in (None, *formats):
         problems.append(
             _problem(
                 "enum",
                 "output_format",
-                "Input should be 'jpeg', 'png' or 'webp'",
+                "Input should be " + " or ".join(f"'{f}'" for f in formats),
                 body["output_format"],
             )
         )
@@ -424,10 +512,20 @@ def validate(model: str, body: Any) -> list[dict[str, Any]]:
 class FakeBflUpstream(LoopbackServer[Behaviour]):
     """Black Forest Labs' FLUX API on 127.0.0.1; see the module docstring."""
 
-    def __init__(self, api_key: str = "bfl-test-key", *, default: Behaviour | None = None) -> None:
+    def __init__(
+        self,
+        api_key: str = "bfl-test-key",
+        *,
+        default: Behaviour | None = None,
+        active_limit: int = ACCOUNT_ACTIVE_TASKS,
+    ) -> None:
         super().__init__(default or ok())
         self.api_key = api_key
         self.tasks: dict[str, _Task] = {}
+        # Tasks submitted and not yet seen finished by a poll, and the most there ever were.
+        self.active: set[str] = set()
+        self.max_active = 0
+        self.active_limit = active_limit
 
     def script(self, *behaviours: Behaviour | str) -> None:
         """Queue behaviours (or their names); each answers one later submit, in order."""
@@ -444,6 +542,8 @@ class FakeBflUpstream(LoopbackServer[Behaviour]):
     def reset(self) -> None:
         super().reset()
         self.tasks.clear()
+        self.active.clear()
+        self.max_active = 0
 
     @property
     def submits(self) -> list[RecordedRequest]:
@@ -452,6 +552,23 @@ class FakeBflUpstream(LoopbackServer[Behaviour]):
     @property
     def polls(self) -> list[RecordedRequest]:
         return [r for r in self.requests if r.path == "/v1/get_result"]
+
+    @property
+    def port(self) -> int:
+        return int(self.origin.rsplit(":", 1)[1])
+
+    def _over_limit(self, model: str) -> bool:
+        if len(self.active) >= self.active_limit:
+            return True
+        own = _MODEL_ACTIVE_TASKS.get(model)
+        return own is not None and sum(
+            1 for task_id in self.active if self.tasks[task_id].model == model
+        ) >= min(own, self.active_limit)
+
+    def _start(self, task_id: str, task: _Task) -> None:
+        self.tasks[task_id] = task
+        self.active.add(task_id)
+        self.max_active = max(self.max_active, len(self.active))
 
     @property
     def downloads(self) -> list[RecordedRequest]:
@@ -465,7 +582,7 @@ class FakeBflUpstream(LoopbackServer[Behaviour]):
     def _authorised(self, request: web.Request) -> bool:
         return request.headers.get("x-key") == self.api_key
 
-    async def _submit(self, request: web.Request) -> web.Response:
+    async def _submit(self, request: web.Request) -> web.StreamResponse:
         recorded = await self.record(request)
         model = request.match_info["model"]
         if not self._authorised(request):
@@ -476,6 +593,11 @@ class FakeBflUpstream(LoopbackServer[Behaviour]):
         if problems:
             return _json(422, {"detail": problems})
 
+        if self._over_limit(model):
+            return _json(
+                429,
+                {"detail": "You have reached the maximum number of active tasks. Please wait."},
+            )
         behaviour = self.next_behaviour()
         await self.pause(behaviour.delay)
         if behaviour.kind == "error":
@@ -489,18 +611,23 @@ class FakeBflUpstream(LoopbackServer[Behaviour]):
             )
 
         task_id = str(uuid.uuid4())
-        self.tasks[task_id] = _Task(behaviour, model, recorded.body)
-        answer: dict[str, Any] = {"id": task_id, "cost": None, "input_mp": None, "output_mp": None}
+        self._start(task_id, _Task(behaviour, model, recorded.body))
+        answer: dict[str, Any] = {"id": task_id, **_usage(model, recorded.body)}
         if behaviour.polling_url is True:
-            answer["polling_url"] = f"{self.origin}/v1/get_result?id={task_id}"
+            origin = self.origin
+            if behaviour.polling_host:
+                origin = f"http://{behaviour.polling_host}:{self.port}"
+            answer["polling_url"] = f"{origin}/v1/get_result?id={task_id}"
         elif isinstance(behaviour.polling_url, str):
             answer["polling_url"] = behaviour.polling_url
         payload = orjson.dumps(answer)
+        if behaviour.kind == "dropped":
+            return await _cut_short(request, payload)
         if behaviour.kind == "truncated":
             payload = payload[: len(payload) // 2]
         return web.Response(body=payload, content_type="application/json")
 
-    async def _get_result(self, request: web.Request) -> web.Response:
+    async def _get_result(self, request: web.Request) -> web.StreamResponse:
         await self.record(request)
         if not self._authorised(request):
             return _json(403, AUTH_FAILED)
@@ -531,8 +658,17 @@ class FakeBflUpstream(LoopbackServer[Behaviour]):
             return _json(200, {**base, "status": "Task not found"})
         if task.behaviour.poll_body is not None:
             return web.Response(body=task.behaviour.poll_body, content_type="application/json")
-        task.polls += 1
         behaviour = task.behaviour
+        if task.failed_polls < len(behaviour.poll_errors):
+            failure = behaviour.poll_errors[task.failed_polls]
+            task.failed_polls += 1
+            if failure == "drop":
+                return await _cut_short(request, orjson.dumps({**base, "status": "Pending"}))
+            headers = (
+                {"Retry-After": behaviour.poll_retry_after} if behaviour.poll_retry_after else {}
+            )
+            return _json(failure, {"detail": "Internal Server Error"}, headers)
+        task.polls += 1
         if behaviour.outcome == "never" or task.polls <= behaviour.pending_polls:
             progress = round(min(task.polls / (behaviour.pending_polls + 1), 0.99), 2)
             return _json(
@@ -540,6 +676,7 @@ class FakeBflUpstream(LoopbackServer[Behaviour]):
                 {**base, "status": behaviour.in_progress, "progress": progress},
                 {"Retry-After": _POLL_RETRY_AFTER},
             )
+        self.active.discard(task_id)
         if behaviour.outcome != "Ready":
             details = (
                 {"Moderation Reasons": ["Content"]} if "Moderated" in behaviour.outcome else None
@@ -572,4 +709,33 @@ class FakeBflUpstream(LoopbackServer[Behaviour]):
         fmt = task.body.get("output_format") or _DEFAULT_FORMAT.get(task.model, "jpeg")
         pil_format, mime_type = _PIL_FORMATS[fmt]
         width, height = real_size(task.model, task.body)
-        return web.Response(body=_image(width, height, pil_format), content_type=mime_type)
+        data = _image(width, height, pil_format)
+        if task.behaviour.sample == "half":
+            data = data[: len(data) // 2]
+        return web.Response(body=data, content_type=mime_type)
+
+
+def _usage(model: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    """The submit answer's ``cost``, ``input_mp`` and ``output_mp`` (null for FLUX.1 here)."""
+    if model not in FLUX2_MODELS:
+        return {"cost": None, "input_mp": None, "output_mp": None}
+    width, height = real_size(model, body)
+    output_mp = round(width * height / MEGAPIXEL, 2)
+    input_mp = 0.0
+    for key in INPUT_IMAGE_FIELDS:
+        size = _input_size(body.get(key))
+        if size is not None:
+            input_mp += size[0] * size[1] / MEGAPIXEL
+    credits = _FLUX2_CREDITS_PER_MP[model] * max(1.0, output_mp + input_mp)
+    return {"cost": round(credits, 2), "input_mp": round(input_mp, 2), "output_mp": output_mp}
+
+
+async def _cut_short(request: web.Request, payload: bytes) -> web.StreamResponse:
+    """Announces ``payload`` in full, sends half of it, then drops the connection."""
+    resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+    resp.content_length = len(payload)
+    await resp.prepare(request)
+    await resp.write(payload[: len(payload) // 2])
+    if request.transport is not None:
+        request.transport.close()
+    return resp
