@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import time
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ from imagegen_service.errors import (
     ImagegenError,
     InvalidParameter,
     UpstreamError,
+    UpstreamModelUnavailable,
 )
 from imagegen_service.providers.base import InputImage, ProviderRequest
 from imagegen_service.providers.stability import (
@@ -29,11 +31,14 @@ from imagegen_service.providers.stability import (
 )
 from tests.fakes.loopback import error_texts, free_port, image_bytes, provider_request
 from tests.fakes.stability_upstream import (
+    RETIRED_SD3_MODELS,
+    SD3_MODELS,
     Behaviour,
     FakeStabilityUpstream,
     bad_request,
     content_filtered,
     content_moderation,
+    dropped,
     ok,
     payload_too_large,
     payment_required,
@@ -140,7 +145,7 @@ async def test_seeds_past_stabilitys_maximum_wrap_to_1_not_to_random_0(
         ("sd3.5-large", "sd3", "sd3.5-large"),
         ("sd3.5-large-turbo", "sd3", "sd3.5-large-turbo"),
         ("sd3.5-medium", "sd3", "sd3.5-medium"),
-        ("sd3-large", "sd3", "sd3-large"),
+        ("sd3.5-flash", "sd3", "sd3.5-flash"),
     ],
 )
 async def test_the_upstream_model_picks_the_endpoint_and_sd3_sends_its_model(
@@ -464,7 +469,7 @@ async def test_one_failed_call_fails_the_request_without_waiting_for_the_others(
         ("garbage", "not a PNG, JPEG or WEBP image"),
         ("garbage_json", "not JSON"),
         ("truncated", "dropped the connection"),
-        ("half_image", "item 0 is truncated"),
+        ("half_image", "item 0 is cut short"),
         ("wrong_content_type", "content type 'text/html'"),
     ],
 )
@@ -789,3 +794,131 @@ async def test_the_fake_rejects_a_misnamed_edit_field(fake: FakeStabilityUpstrea
         ) as resp:
             assert resp.status == 400
             assert (await resp.json())["errors"] == ["init_image: unknown field for this endpoint"]
+
+
+# -- models Stability does not offer -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", sorted(RETIRED_SD3_MODELS - {"sd3", "sd3-turbo"}))
+async def test_a_retired_sd3_model_is_unavailable_and_not_an_invalid_request(
+    fake: FakeStabilityUpstream, provider: StabilityProvider, model: str
+) -> None:
+    with pytest.raises(UpstreamModelUnavailable) as raised:
+        await provider.generate(make_request(upstream_model=model))
+
+    assert raised.value.upstream_model == model
+    assert raised.value.provider == "stability"
+    assert fake.hits == 1
+    assert fake.requests[0].body["model"] == model
+
+
+async def test_a_404_on_the_route_is_an_unavailable_model(
+    fake: FakeStabilityUpstream, provider: StabilityProvider
+) -> None:
+    fake.script(stability_error(404, "not_found", "/v2beta/stable-image/generate/ultra"))
+
+    with pytest.raises(UpstreamModelUnavailable, match=r"HTTP 404") as raised:
+        await provider.generate(make_request(upstream_model="stable-image-ultra"))
+    assert raised.value.upstream_model == "stable-image-ultra"
+
+
+async def test_the_fake_serves_only_the_live_sd3_models(fake: FakeStabilityUpstream) -> None:
+    assert {"sd3.5-large", "sd3.5-large-turbo", "sd3.5-medium", "sd3.5-flash"} == SD3_MODELS
+    async with aiohttp.ClientSession() as session:
+        for model, status in [("sd3.5-flash", 200), ("sd3-large", 400), ("sd3-medium", 400)]:
+            form = aiohttp.FormData(default_to_multipart=True)
+            form.add_field("prompt", "x")
+            form.add_field("model", model)
+            async with session.post(
+                fake.base_url + "/v2beta/stable-image/generate/sd3",
+                data=form,
+                headers={"Authorization": f"Bearer {API_KEY}", "Accept": "image/*"},
+            ) as resp:
+                assert resp.status == status, model
+        async with session.post(
+            fake.base_url + "/v2beta/stable-image/generate/sdxl",
+            data=aiohttp.FormData({"prompt": "x"}, default_to_multipart=True),
+            headers={"Authorization": f"Bearer {API_KEY}"},
+        ) as resp:
+            assert resp.status == 404
+
+
+# -- ambiguous failures: paid work whose outcome is unknown -----------------------------------
+
+
+@pytest.mark.parametrize(
+    "behaviour",
+    [server_error(), service_unavailable(), slow(2.0), dropped(), "truncated", "garbage"],
+    ids=["500", "503", "timeout", "dropped", "truncated", "garbage"],
+)
+async def test_a_call_that_may_have_been_billed_fails_as_ambiguous_and_is_not_repeated(
+    fake: FakeStabilityUpstream, behaviour: Behaviour | str
+) -> None:
+    fake.script(behaviour)
+    adapter = StabilityProvider(
+        "stability", base_url=fake.base_url, api_key=API_KEY, timeout_seconds=0.5
+    )
+    try:
+        with pytest.raises(UpstreamError) as raised:
+            await adapter.generate(make_request())
+        await fake.pause(0.1)
+    finally:
+        await adapter.aclose()
+
+    assert raised.value.ambiguous is True
+    assert fake.hits == 1
+
+
+@pytest.mark.parametrize(
+    "behaviour",
+    [
+        rate_limited(retry_after=1),
+        payment_required(),
+        stability_error(401, "unauthorized", "bad key"),
+        stability_error(403, "forbidden", "This key may not use this endpoint."),
+    ],
+    ids=["429", "402", "401", "403"],
+)
+async def test_a_call_stability_refused_outright_is_not_ambiguous(
+    fake: FakeStabilityUpstream, provider: StabilityProvider, behaviour: Behaviour
+) -> None:
+    fake.script(behaviour)
+
+    with pytest.raises(UpstreamError) as raised:
+        await provider.generate(make_request())
+    assert raised.value.ambiguous is False
+
+
+async def test_a_refused_connection_is_not_ambiguous() -> None:
+    adapter = StabilityProvider(
+        "stability", base_url=f"http://127.0.0.1:{free_port()}", api_key=API_KEY
+    )
+    try:
+        with pytest.raises(UpstreamError, match="could not be reached") as raised:
+            await adapter.generate(make_request())
+    finally:
+        await adapter.aclose()
+    assert raised.value.ambiguous is False
+
+
+async def test_a_429_after_a_sibling_delivered_is_ambiguous_since_that_image_was_paid(
+    fake: FakeStabilityUpstream, provider: StabilityProvider
+) -> None:
+    # The 429 comes last, once the first image is made (and billed).
+    fake.script("ok", dataclasses.replace(rate_limited(retry_after=1), delay=0.2))
+
+    with pytest.raises(UpstreamError, match="HTTP 429") as raised:
+        await provider.generate(make_request(n=2))
+    assert raised.value.ambiguous is True
+    assert fake.hits == 2
+
+
+async def test_an_edit_server_error_is_ambiguous(
+    fake: FakeStabilityUpstream, provider: StabilityProvider
+) -> None:
+    fake.script(server_error())
+
+    with pytest.raises(UpstreamError) as raised:
+        await provider.edit(edit_request())
+    assert raised.value.ambiguous is True
+    assert fake.hits == 1

@@ -1,14 +1,26 @@
-"""Adapter for Stability AI's Stable Image generate API (v2beta): Core, Ultra and SD3.x.
+"""Adapter for Stability AI's Stable Image generate API (v2beta): Core, Ultra and SD3.5.
 
 Wire format (platform.stability.ai/docs/api-reference, "Generate"):
 ``POST {base_url}/v2beta/stable-image/generate/{core|ultra|sd3}`` with a multipart/form-data
 body (multipart even though no file is sent: the API rejects other encodings) holding
 ``prompt``, ``aspect_ratio``, ``output_format``, optionally ``seed``, and for ``sd3`` the
-``model`` (``sd3.5-large``, ``sd3.5-large-turbo``, ``sd3.5-medium``, ``sd3-large``, ...).
+``model``. The live ``sd3`` models are the SD3.5 family (``sd3.5-large``,
+``sd3.5-large-turbo``, ``sd3.5-medium``, ``sd3.5-flash``); the SD3.0 ids (``sd3-large``,
+``sd3-large-turbo``, ``sd3-medium``) are sent as configured and, where Stability no longer
+takes them, come back as a model the upstream does not offer (below).
 
 Stability makes ONE image per call: ``n`` images are ``n`` concurrent calls under one deadline.
 With a seed, call ``i`` uses ``seed + i``, so the images differ yet stay reproducible. If any
 call fails (other than a refusal) the others are cancelled and the request fails as a whole.
+
+A model the upstream does not offer is UpstreamModelUnavailable (the router fails over rather
+than retrying): a 404 on the route, or a 400 that blames the ``model`` field (we send only the
+catalog's upstream id there, so the caller cannot have got it wrong). Every call is paid
+work: an UpstreamError raised once any call may have been billed (a 5xx; a timeout or a
+dropped connection once connected; an image answer that could not be read; or an image that
+was made and then discarded because a sibling failed) carries ``ambiguous = True``, and the
+router does not repeat it on this deployment. A refused connection and 4xx answers (Stability
+bills neither: its moderation answer says "you were not charged") are not ambiguous.
 
 We send ``Accept: image/*``: the answer is the raw image (with ``finish-reason`` and ``seed``
 response headers), a quarter smaller than base64 inside JSON and with no decode pass, which
@@ -37,7 +49,7 @@ import asyncio
 import io
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import aiohttp
 from PIL import Image, ImageOps
@@ -103,7 +115,6 @@ _FIELD_PARAMS: Mapping[str, str] = {
     "image": "image",
     "mask": "mask",
 }
-_PNG_END = b"IEND\xaeB`\x82"
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +142,26 @@ class _Plan:
     url: str
     model: str | None
     aspect_ratio: str
+
+
+@dataclass(slots=True)
+class _Call:
+    """How far one call got: whether Stability may have done (and billed) its work."""
+
+    started: bool = False
+    # The connection was never made, so nothing was sent.
+    never_connected: bool = False
+    # The answer's HTTP status, once it arrived.
+    status: int | None = None
+
+    @property
+    def maybe_billed(self) -> bool:
+        if not self.started or self.never_connected:
+            return False
+        if self.status is None:
+            # Sent, and then a timeout, a dropped connection or a cancellation.
+            return True
+        return self.status >= 500 or 200 <= self.status < 300
 
 
 class StabilityProvider(HttpUpstream):
@@ -188,16 +219,22 @@ class StabilityProvider(HttpUpstream):
         too_large_param: str,
     ) -> ProviderResult:
         """``request.n`` concurrent calls, call ``i`` posting ``form(i)``, all or nothing."""
+        calls = [_Call() for _ in range(request.n)]
 
         async def call(session: aiohttp.ClientSession) -> list[ProviderImage | None]:
             return await _all_or_nothing(
                 [
-                    self._call_one(session, request, url, form(i), i, too_large_param)
+                    self._call_one(session, request, url, form(i), i, too_large_param, calls[i])
                     for i in range(request.n)
                 ]
             )
 
-        outcomes = await self.within_deadline(call)
+        try:
+            outcomes = await self.within_deadline(call)
+        except UpstreamError as exc:
+            # Never repeat on this deployment what Stability may already have billed.
+            exc.ambiguous = exc.ambiguous or any(c.maybe_billed for c in calls)
+            raise
         images = [image for image in outcomes if image is not None]
         if not images:
             raise ContentPolicy(_CONTENT_POLICY_MESSAGE)
@@ -294,14 +331,23 @@ class StabilityProvider(HttpUpstream):
         form: aiohttp.FormData,
         index: int,
         too_large_param: str,
+        state: _Call,
     ) -> ProviderImage | None:
         """One image, or None when Stability refused it on content grounds."""
-        async with session.post(url, data=form, headers=self._headers(request)) as resp:
-            if not 200 <= resp.status < 300:
-                body = await read_capped(resp, MAX_ERROR_BODY_BYTES, truncate=True)
-                self._raise_unless_refusal(resp.status, resp.headers, body, too_large_param)
-                return None
-            return await self._read_image(resp, index)
+        state.started = True
+        try:
+            async with session.post(url, data=form, headers=self._headers(request)) as resp:
+                state.status = resp.status
+                if not 200 <= resp.status < 300:
+                    body = await read_capped(resp, MAX_ERROR_BODY_BYTES, truncate=True)
+                    self._raise_unless_refusal(
+                        request, resp.status, resp.headers, body, too_large_param
+                    )
+                    return None
+                return await self._read_image(resp, index)
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
+            state.never_connected = True
+            raise
 
     async def _read_image(self, resp: aiohttp.ClientResponse, index: int) -> ProviderImage | None:
         content_type = resp.content_type
@@ -324,11 +370,8 @@ class StabilityProvider(HttpUpstream):
                 f"content type {content_type!r}, expected image/png, image/jpeg, image/webp "
                 "or application/json"
             )
-        image = self.inspect(data, index)
-        # inspect() reads only the header, so an image cut short in transit would pass it.
-        if not _complete(data, image.mime_type):
-            raise self.unreadable(f"item {index} is truncated")
-        return image
+        # inspect() also refuses an image cut short in transit.
+        return self.inspect(data, index)
 
     def _refused(self, finish_reason: Any, index: int) -> bool:
         if finish_reason is None:
@@ -343,6 +386,7 @@ class StabilityProvider(HttpUpstream):
 
     def _raise_unless_refusal(
         self,
+        request: ProviderRequest,
         status: int,
         headers: Mapping[str, str],
         body: bytes | None,
@@ -353,9 +397,16 @@ class StabilityProvider(HttpUpstream):
         name = short_identifier(error.get("name"))
         if name == "content_moderation" and status in (400, 403, 422):
             return
+        if status == 404:
+            # No such route (engine) at Stability any more.
+            self._unavailable(request, status)
         if status in (400, 413, 422):
             message = self._first_error(error)
             param = _param_for(message) or (too_large_param if status == 413 else None)
+            if param == "model":
+                # Only the catalog's upstream id is sent as `model`: Stability no longer
+                # offers it (e.g. an SD3.0 id), which is no fault of the caller's request.
+                self._unavailable(request, status)
             raise InvalidParameter(
                 message or f"upstream {self.name!r} rejected the request (HTTP {status})",
                 param=param,
@@ -371,6 +422,9 @@ class StabilityProvider(HttpUpstream):
                 # a Retry-After this long makes the router fail over instead of retrying.
                 failure.retry_after_seconds = MAX_RETRY_AFTER_SECONDS
         raise failure
+
+    def _unavailable(self, request: ProviderRequest, status: int) -> NoReturn:
+        raise self.model_unavailable(request.upstream_model, status)
 
     def _first_error(self, error: Mapping[str, Any]) -> str:
         errors = error.get("errors")
@@ -439,17 +493,6 @@ def _param_for(message: str) -> str | None:
 def _header_text(value: str) -> str:
     # Header values must be printable ASCII; anything else could break or inject headers.
     return "".join(c for c in value if " " <= c <= "~").strip()[:_MAX_CLIENT_HEADER]
-
-
-def _complete(data: bytes, mime_type: str) -> bool:
-    """Whether the image bytes run to their format's end marker."""
-    if mime_type == "image/png":
-        return data.endswith(_PNG_END)
-    if mime_type == "image/jpeg":
-        return data.rstrip(b"\x00\r\n").endswith(b"\xff\xd9")
-    if mime_type == "image/webp":
-        return int.from_bytes(data[4:8], "little") + 8 <= len(data)
-    return False
 
 
 def from_config(config: ProviderConfig, credential: str | None) -> StabilityProvider:

@@ -25,13 +25,18 @@ Route: ``POST /v2beta/stable-image/generate/{core|ultra|sd3}``, as Stability ser
 * Images have Stability's real pixel size for the aspect ratio (about 1 megapixel for core
   and sd3; Ultra, about 4 megapixels, is modelled as the same table doubled) in the
   requested ``output_format``.
+* ``sd3``'s ``model`` is one of the live SD3.5 models (``sd3.5-large``, ``sd3.5-large-turbo``,
+  ``sd3.5-medium``, ``sd3.5-flash``); anything else, the retired SD3.0 ids included, is a
+  400 ``bad_request`` blaming ``model``, Stability's answer for a value outside a field's
+  enum. An unknown route is 404 ``not_found``.
 
 Behaviours (one per request, then ``default``): ``ok``, ``slow``, ``content_filtered``,
 ``content_moderation``, ``bad_request``, ``stability_error``, ``rate_limited``,
 ``server_error``, ``service_unavailable``, ``payment_required``, ``payload_too_large``,
 ``unknown_finish_reason``, ``garbage``, ``garbage_json``, ``truncated`` (the connection drops
-mid-body), ``half_image`` (a well-framed answer holding half an image),
-``wrong_content_type``, ``raw``. ``script`` also takes these names as plain strings.
+mid-body), ``dropped`` (the request is read, then the connection drops with no answer),
+``half_image`` (a well-framed answer holding half an image), ``wrong_content_type``, ``raw``.
+``script`` also takes these names as plain strings.
 """
 
 from __future__ import annotations
@@ -54,11 +59,14 @@ from tests.fakes.loopback import LoopbackServer, RecordedRequest, image_bytes
 
 __all__ = [
     "PIXEL_SIZES",
+    "RETIRED_SD3_MODELS",
+    "SD3_MODELS",
     "Behaviour",
     "FakeStabilityUpstream",
     "bad_request",
     "content_filtered",
     "content_moderation",
+    "dropped",
     "garbage",
     "garbage_json",
     "half_image",
@@ -76,7 +84,7 @@ __all__ = [
     "wrong_content_type",
 ]
 
-BehaviourKind = Literal["ok", "error", "raw", "truncated", "half_image"]
+BehaviourKind = Literal["ok", "error", "raw", "truncated", "half_image", "dropped"]
 
 # Stability's output sizes for core and sd3 (about one megapixel).
 PIXEL_SIZES: Mapping[str, tuple[int, int]] = {
@@ -92,19 +100,10 @@ PIXEL_SIZES: Mapping[str, tuple[int, int]] = {
 }
 _ULTRA_SCALE = 2
 _OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
-_SD3_MODELS = frozenset(
-    {
-        "sd3",
-        "sd3-turbo",
-        "sd3-large",
-        "sd3-large-turbo",
-        "sd3-medium",
-        "sd3.5-large",
-        "sd3.5-large-turbo",
-        "sd3.5-medium",
-        "sd3.5-flash",
-    }
-)
+# The models the sd3 route serves today: the SD3.5 family.
+SD3_MODELS = frozenset({"sd3.5-large", "sd3.5-large-turbo", "sd3.5-medium", "sd3.5-flash"})
+# SD3.0 ids the route no longer takes.
+RETIRED_SD3_MODELS = frozenset({"sd3", "sd3-turbo", "sd3-large", "sd3-large-turbo", "sd3-medium"})
 _COMMON_FIELDS = frozenset(
     {"prompt", "aspect_ratio", "negative_prompt", "seed", "style_preset", "output_format"}
 )
@@ -133,7 +132,8 @@ class Behaviour:
         follows it. ``error``: ``status`` with Stability's ``{"id", "name", "errors"}``.
         ``raw``: ``status``, ``body`` and ``content_type`` as given. ``truncated``: an ok
         answer whose connection drops halfway through the body. ``half_image``: an ok
-        answer whose body is half an image, with a matching Content-Length.
+        answer whose body is half an image, with a matching Content-Length. ``dropped``:
+        the request is read in full, then the connection is closed without an answer.
     delay: seconds to wait before answering; ``stop()`` cuts it short.
     """
 
@@ -245,6 +245,10 @@ def truncated() -> Behaviour:
     return Behaviour(kind="truncated")
 
 
+def dropped() -> Behaviour:
+    return Behaviour(kind="dropped")
+
+
 def half_image() -> Behaviour:
     return Behaviour(kind="half_image")
 
@@ -268,6 +272,7 @@ _NAMED: dict[str, Callable[[], Behaviour]] = {
     "garbage": garbage,
     "garbage_json": garbage_json,
     "truncated": truncated,
+    "dropped": dropped,
     "half_image": half_image,
     "wrong_content_type": wrong_content_type,
 }
@@ -368,6 +373,10 @@ class FakeStabilityUpstream(LoopbackServer[Behaviour]):
     ) -> web.StreamResponse:
         behaviour = self.next_behaviour()
         await self.pause(behaviour.delay)
+        if behaviour.kind == "dropped":
+            if request.transport is not None:
+                request.transport.close()
+            return web.Response(status=500)
         if behaviour.kind == "error":
             return _error(
                 behaviour.status, behaviour.name, *behaviour.errors, headers=behaviour.headers
@@ -512,8 +521,8 @@ def _validate(endpoint: str, fields: Mapping[str, str], files: Mapping[str, byte
     if seed is not None and not (seed.isdigit() and 0 <= int(seed) <= _MAX_SEED):
         return f"seed: must be an integer between 0 and {_MAX_SEED}"
     if endpoint == "sd3":
-        if fields.get("model", "sd3.5-large") not in _SD3_MODELS:
-            return f"model: must be one of {', '.join(sorted(_SD3_MODELS))}"
+        if fields.get("model", "sd3.5-large") not in SD3_MODELS:
+            return f"model: must be one of {', '.join(sorted(SD3_MODELS))}"
         if fields.get("mode", "text-to-image") != "text-to-image":
             return "mode: image-to-image needs an image"
     return ""
