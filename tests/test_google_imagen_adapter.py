@@ -20,10 +20,12 @@ from imagegen_service.errors import (
     ImagegenError,
     InvalidParameter,
     UpstreamError,
+    UpstreamModelUnavailable,
 )
 from imagegen_service.providers.base import Editing, InputImage, ProviderRequest, supports
 from imagegen_service.providers.google_imagen import (
     GoogleImagenProvider,
+    VertexImagenProvider,
     from_config,
     vertex_from_config,
 )
@@ -449,24 +451,54 @@ async def test_no_credential_fails_before_any_call(fake: FakeGoogleImagen) -> No
     ("behaviour", "code"),
     [
         (google_error(403, "PERMISSION_DENIED", "Requests to this API are blocked."), "403"),
-        (google_error(404, "NOT_FOUND", "models/x is not found"), "404"),
+        (google_error(404, "NOT_FOUND", "Requested entity was not found."), "404"),
         (invalid_argument("Imagen API is only accessible to billed users at this time."), "400"),
         (google_error(400, "FAILED_PRECONDITION", "User location is not supported."), "400"),
     ],
-    ids=["403-blocked-key", "404", "unbilled", "failed-precondition"],
+    ids=["403-blocked-key", "404-not-a-model", "unbilled", "failed-precondition"],
 )
 async def test_account_problems_are_upstream_errors(
     fake: FakeGoogleImagen, provider: GoogleImagenProvider, behaviour: Behaviour, code: str
 ) -> None:
     fake.script(behaviour)
 
-    with pytest.raises(UpstreamError, match=f"HTTP {code}"):
+    with pytest.raises(UpstreamError, match=f"HTTP {code}") as raised:
         await provider.generate(make_request())
+    assert not isinstance(raised.value, UpstreamModelUnavailable)
 
 
-async def test_an_unknown_model_is_an_upstream_error(provider: GoogleImagenProvider) -> None:
-    with pytest.raises(UpstreamError, match=r"HTTP 404 \(NOT_FOUND\)"):
-        await provider.generate(make_request(upstream_model="dall-e-3"))
+@pytest.mark.parametrize("model", ["dall-e-3", MODEL])
+async def test_a_model_google_does_not_have_is_model_unavailable_on_the_gemini_api(
+    fake: FakeGoogleImagen, provider: GoogleImagenProvider, model: str
+) -> None:
+    # Every Imagen model was shut down in August 2026: without private access, Google answers
+    # 404 NOT_FOUND for it as for an id it never had.
+    fake.retired.add(MODEL)
+
+    with pytest.raises(UpstreamModelUnavailable) as raised:
+        await provider.generate(make_request(upstream_model=model, n=6))
+
+    assert (raised.value.upstream_model, raised.value.provider) == (model, "imagen")
+    assert raised.value.message == (
+        f"upstream 'imagen' no longer offers the model {model!r} (HTTP 404)"
+    )
+
+
+async def test_a_model_google_does_not_have_is_model_unavailable_on_vertex(
+    vertex_fake: FakeGoogleImagen, vertex: GoogleImagenProvider
+) -> None:
+    vertex_fake.retired.update({MODEL, EDIT_MODEL})
+
+    with pytest.raises(UpstreamModelUnavailable) as generated:
+        await vertex.generate(make_request(upstream_model=MODEL))
+    assert isinstance(vertex, VertexImagenProvider)
+    with pytest.raises(UpstreamModelUnavailable) as edited:
+        await vertex.edit(make_request(upstream_model=EDIT_MODEL, images=(input_image(64, 64),)))
+
+    assert (generated.value.upstream_model, edited.value.upstream_model) == (MODEL, EDIT_MODEL)
+    assert generated.value.provider == edited.value.provider == "vertex"
+    assert TOKEN not in error_texts(edited.value)
+    assert "Publisher Model" not in error_texts(edited.value)
 
 
 async def test_another_bad_request_becomes_invalid_parameter_with_a_scrubbed_message(
@@ -742,6 +774,31 @@ def test_bad_options_are_config_errors_at_construction(
     config = ProviderConfig(name="g", type="vertex-imagen", options=options)
     with pytest.raises(ConfigError, match=match):
         make(config, TOKEN)
+
+
+async def test_allow_all_on_the_gemini_api_is_refused_by_check_before_any_call(
+    fake: FakeGoogleImagen, vertex_fake: FakeGoogleImagen
+) -> None:
+    gemini = from_config(gemini_config(fake.base_url, person_generation="ALLOW_ALL"), API_KEY)
+    vertex = vertex_from_config(
+        vertex_config(vertex_fake.base_url, person_generation="allow_all"), TOKEN
+    )
+    try:
+        with pytest.raises(InvalidParameter) as raised:
+            gemini.check(make_request())
+        assert "person_generation 'allow_all'" in raised.value.message
+        assert "Vertex AI" in raised.value.message
+        with pytest.raises(InvalidParameter):
+            await gemini.generate(make_request())
+        assert fake.hits == 0
+
+        # Vertex AI takes it.
+        vertex.check(make_request())
+        await vertex.generate(make_request())
+    finally:
+        await gemini.aclose()
+        await vertex.aclose()
+    assert vertex_fake.requests[0].body["parameters"]["personGeneration"] == "allow_all"
 
 
 # --- edits (Vertex AI only) ----------------------------------------------------------------

@@ -1,5 +1,16 @@
 """Adapter for Google Imagen (``imagen-3.0-*``, ``imagen-4.0-*``) through its ``:predict``
-method, reached two ways:
+method: for operators with private access only.
+
+Google shut every Imagen model down on the Gemini API and on Vertex AI in August 2026, and
+google-genai deprecates ``generate_images`` (3.3.0 offers it on Vertex AI only, see
+``models.py``). Google's replacements are Gemini image models (``gemini-3.1-flash-image`` for
+Imagen 4 and 4 Fast, ``gemini-3-pro-image`` for Imagen 4 Ultra), served by the ``gemini`` and
+``vertex-gemini`` provider types (``gemini_image.py``). These adapters stay for operators whose
+project still has private access to an Imagen model; for everyone else Google answers 404
+NOT_FOUND, which is raised as ``UpstreamModelUnavailable`` so that the router fails over at once
+and ``imagegen-admin providers check`` names the model to take out of the catalog.
+
+Imagen is reached two ways:
 
 * the Gemini API (``generativelanguage.googleapis.com``), authenticated by an API key in the
   ``x-goog-api-key`` header: ``POST {base}/models/{model}:predict``;
@@ -71,8 +82,12 @@ __all__ = [
     "IMAGEN_PIXEL_SIZES",
     "IMAGEN_RATIOS",
     "GoogleImagenProvider",
+    "RotatingCredential",
     "VertexImagenProvider",
+    "credential_file",
     "from_config",
+    "google_error_object",
+    "is_model_not_found",
     "vertex_base_url",
     "vertex_from_config",
 ]
@@ -127,7 +142,7 @@ class _Chunk:
     filtered: int
 
 
-class _Credential:
+class RotatingCredential:
     """The secret to send: fixed, or read from a file again whenever the file changes, so
     that a rotated token (a refreshed Kubernetes Secret, a sidecar writing access tokens) is
     picked up without a restart."""
@@ -212,7 +227,7 @@ class GoogleImagenProvider(HttpUpstream):
         # Everything up to the model id, e.g. ".../v1beta/models/".
         self._prefix = endpoint_prefix
         self._vertex = vertex
-        self._credential = _Credential(credential, credential_file)
+        self._credential = RotatingCredential(credential, credential_file)
         self._person_generation = person_generation
         self._add_watermark = add_watermark
         self._per_call = max_images_per_call
@@ -222,9 +237,18 @@ class GoogleImagenProvider(HttpUpstream):
         return f"{self._prefix}{quote(model, safe='@')}:predict"
 
     def check(self, request: ProviderRequest) -> None:
+        if not self._vertex and self._person_generation == "allow_all":
+            # Refused here, before money moves, rather than by a paid round trip: the router
+            # skips this deployment and uses another (a vertex-imagen one) where there is one.
+            raise InvalidParameter(
+                "This deployment is configured with person_generation 'allow_all', which "
+                "Imagen on the Gemini API does not take (Vertex AI does); the operator must "
+                "set 'allow_adult' or 'dont_allow', or serve the model through vertex-imagen."
+            )
         aspect_ratio_for(request.width, request.height, IMAGEN_RATIOS)
 
     async def generate(self, request: ProviderRequest) -> ProviderResult:
+        self.check(request)
         aspect_ratio = aspect_ratio_for(request.width, request.height, IMAGEN_RATIOS)
 
         def body(count: int, index: int) -> dict[str, Any]:
@@ -338,20 +362,28 @@ class GoogleImagenProvider(HttpUpstream):
         ) as resp:
             if resp.status != 200:
                 body = await read_capped(resp, MAX_ERROR_BODY_BYTES, truncate=True)
-                self._raise_for_status(resp.status, resp.headers, body)
+                self._raise_for_status(
+                    resp.status, resp.headers, body, upstream_model=request.upstream_model
+                )
             return await self.read_json(resp)
 
     def _raise_for_status(
-        self, status: int, headers: Mapping[str, str], body: bytes | None
+        self,
+        status: int,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        *,
+        upstream_model: str = "",
     ) -> NoReturn:
-        error = json_object(body).get("error")
-        if not isinstance(error, dict):
-            error = {}
+        error = google_error_object(body)
         raw_message = error.get("message")
         message = raw_message if isinstance(raw_message, str) else ""
         google_status = short_identifier(error.get("status"))
         reason = _error_info_reason(error.get("details"))
         code = self._credential.scrub(reason or google_status)
+
+        if upstream_model and is_model_not_found(status, google_status, message):
+            raise self.model_unavailable(upstream_model, status)
 
         if status == 400 and not reason.startswith("API_KEY"):
             if _REFUSAL.search(message):
@@ -483,6 +515,36 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
+def google_error_object(body: bytes | None) -> dict[str, Any]:
+    """The ``error`` object of Google's error body ``{"error": {code, message, status,
+    details}}``; Vertex AI may wrap it in a one-item list, which google-genai's
+    ``errors.APIError`` unwraps the same way."""
+    parsed: Any = json_object(body)
+    if not parsed and body:
+        try:
+            listed = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            listed = None
+        if isinstance(listed, list) and len(listed) == 1 and isinstance(listed[0], dict):
+            parsed = listed[0]
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    return error if isinstance(error, dict) else {}
+
+
+def is_model_not_found(status: int, google_status: str, message: str) -> bool:
+    """Whether Google's answer says the model does not exist (or no longer does): HTTP 404
+    with status NOT_FOUND and a message about a model, as the Gemini API words it ("models/x
+    is not found for API version v1beta, or is not supported for predict") and as Vertex AI
+    does ("Publisher Model `projects/.../models/x` was not found or your project does not
+    have access to it"). A 404 about anything else (a wrong path, a proxy's page) is not."""
+    return (
+        status == 404
+        and google_status in ("", "NOT_FOUND")
+        and "model" in message.lower()
+        and "not found" in message.lower()
+    )
+
+
 def _details(raw: Any) -> list[dict[str, Any]]:
     return [d for d in raw if isinstance(d, dict)] if isinstance(raw, list) else []
 
@@ -543,7 +605,7 @@ def _option_int(config: ProviderConfig, key: str, default: int) -> int:
     return value
 
 
-def _credential_file(config: ProviderConfig, credential: str | None) -> str:
+def credential_file(config: ProviderConfig, credential: str | None) -> str:
     """The file to follow for rotations, when it (not the environment variable) is where
     the credential came from."""
     path = config.api_key_file
@@ -560,7 +622,7 @@ def _credential_file(config: ProviderConfig, credential: str | None) -> str:
 def _common(config: ProviderConfig, credential: str | None) -> dict[str, Any]:
     return {
         "credential": credential,
-        "credential_file": _credential_file(config, credential),
+        "credential_file": credential_file(config, credential),
         "person_generation": _option_str(config, "person_generation", "allow_adult"),
         "add_watermark": _option_bool(config, "add_watermark"),
         "max_images_per_call": _option_int(config, "max_images_per_call", MAX_IMAGES_PER_CALL),

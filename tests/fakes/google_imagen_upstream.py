@@ -18,6 +18,10 @@ Routes (the real paths; ``base_url`` ends in ``/v1beta`` or ``/v1``):
   with ``Authorization: Bearer <token>``; none or wrong → 401 UNAUTHENTICATED; another project
   or location → 403 IAM_PERMISSION_DENIED. ``fake.token`` may be changed to model a rotation.
 
+Model ids that are not Imagen's, and those in ``retired`` (Google shut every Imagen model down
+in August 2026; only projects with private access still reach one), answer 404 NOT_FOUND with
+Google's wording for a model that does not exist.
+
 Edits (Vertex only, as on Google): the instance may also carry ``referenceImages``, which only an
 editing model (``imagen-3.0-capability-*``) takes: exactly one ``REFERENCE_TYPE_RAW`` and at
 most one ``REFERENCE_TYPE_MASK`` (the mask with ``maskImageConfig``: a known ``maskMode``, an
@@ -313,10 +317,14 @@ class FakeGoogleImagen(LoopbackServer[Behaviour]):
         secret: str,
         project: str = "test-project",
         location: str = "us-central1",
+        retired: Sequence[str] = (),
         default: Behaviour | None = None,
     ) -> None:
         super().__init__(default or ok())
         self.vertex = vertex
+        # Model ids answered with Google's 404 NOT_FOUND, as for every Imagen model since
+        # Google shut them down (August 2026) unless a project keeps private access.
+        self.retired = set(retired)
         # The API key (Gemini API) or access token (Vertex) the fake accepts; tests may change
         # it to model a rotation.
         self.token = secret
@@ -373,11 +381,12 @@ class FakeGoogleImagen(LoopbackServer[Behaviour]):
         model, _, method = request.match_info["model"].rpartition(":")
         if method != "predict" or not model:
             raise _Rejected(_error_response(404, "NOT_FOUND", "Method not found."))
-        if not model.startswith(("imagen-", "imagegeneration")):
+        if not model.startswith(("imagen-", "imagegeneration")) or model in self.retired:
             if self.vertex:
                 message = (
                     f"Publisher Model `projects/{self.project}/locations/{self.location}/"
-                    f"publishers/google/models/{model}` not found."
+                    f"publishers/google/models/{model}` was not found or your project does not "
+                    "have access to it. Please ensure you are using a valid model version."
                 )
             else:
                 message = (
