@@ -219,7 +219,7 @@ FAMILIES: Mapping[str, Family] = {
             name="flux-2",
             provider_types=frozenset({"bfl"}),
             prefixes=("flux-2",),
-            sizes=("1024x1024", "1536x1024", "1024x1536", "1920x1080", "1080x1920", "2048x2048"),
+            sizes=("1024x1024", "1536x1024", "1024x1536", "1920x1088", "1088x1920", "2048x2048"),
             size_rule=SizeRule(
                 multiple_of=16, min_edge=64, max_edge=4096, max_pixels=4 * 1024 * 1024
             ),

@@ -80,6 +80,9 @@ class Scenario:
     options: str = ""
     # One upstream call per image (n images = n calls), rather than one call for all.
     call_per_image: bool = False
+    # A 5xx answer to a submission may already be billed (BFL bills on submit): never
+    # repeated on the same deployment.
+    server_error_is_ambiguous: bool = False
     # Generation calls only (BFL's polls and downloads are not calls).
     generation_requests: Callable[[Any], list[RecordedRequest]] = lambda fake: fake.requests
     sent_size: Callable[[RecordedRequest], str] = lambda seen: seen.body["size"]
@@ -195,7 +198,6 @@ SCENARIOS = [
             "non2xx": gemini.refused_with_400,
             "in200": gemini.prompt_blocked,
             "in200-finish": gemini.finish_refusal,
-            "in200-text": gemini.text_instead_of_image,
         },
         wide_size="1792x1024",
         wide_sent="16:9",
@@ -244,6 +246,7 @@ SCENARIOS = [
         wide_pixels=(1440, 832),
         options="poll_interval_seconds = 0.01",
         call_per_image=True,
+        server_error_is_ambiguous=True,
         generation_requests=lambda fake: fake.submits,
         sent_size=lambda seen: f"{seen.body['width']}x{seen.body['height']}",
     ),
@@ -550,8 +553,10 @@ async def test_when_every_deployment_fails_the_caller_gets_502_and_pays_nothing(
     case.b.script(case.s.server_error())
     async with await case.post(model=f"{case.s.model}-failover") as resp:
         await _assert_upstream_error(case, resp)
-    # The first deployment was tried and retried, then the second once.
-    assert (case.s.calls(case.a), case.s.calls(case.b)) == (2, 1)
+    # The first deployment was tried and retried (unless its failure may have been billed),
+    # then the second once.
+    first = 1 if case.s.server_error_is_ambiguous else 2
+    assert (case.s.calls(case.a), case.s.calls(case.b)) == (first, 1)
     await case.stack.assert_not_charged(case.account_id, OPENING)
     await _assert_ledger_sums_to_balance(case.stack, case.account_id)
 

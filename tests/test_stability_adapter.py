@@ -848,8 +848,8 @@ async def test_the_fake_serves_only_the_live_sd3_models(fake: FakeStabilityUpstr
 
 @pytest.mark.parametrize(
     "behaviour",
-    [server_error(), service_unavailable(), slow(2.0), dropped(), "truncated", "garbage"],
-    ids=["500", "503", "timeout", "dropped", "truncated", "garbage"],
+    [slow(2.0), dropped(), "truncated", "garbage"],
+    ids=["timeout", "dropped", "truncated", "garbage"],
 )
 async def test_a_call_that_may_have_been_billed_fails_as_ambiguous_and_is_not_repeated(
     fake: FakeStabilityUpstream, behaviour: Behaviour | str
@@ -876,10 +876,12 @@ async def test_a_call_that_may_have_been_billed_fails_as_ambiguous_and_is_not_re
         payment_required(),
         stability_error(401, "unauthorized", "bad key"),
         stability_error(403, "forbidden", "This key may not use this endpoint."),
+        server_error(),
+        service_unavailable(),
     ],
-    ids=["429", "402", "401", "403"],
+    ids=["429", "402", "401", "403", "500", "503"],
 )
-async def test_a_call_stability_refused_outright_is_not_ambiguous(
+async def test_a_call_stability_refused_or_failed_outright_is_not_ambiguous(
     fake: FakeStabilityUpstream, provider: StabilityProvider, behaviour: Behaviour
 ) -> None:
     fake.script(behaviour)
@@ -913,12 +915,13 @@ async def test_a_429_after_a_sibling_delivered_is_ambiguous_since_that_image_was
     assert fake.hits == 2
 
 
-async def test_an_edit_server_error_is_ambiguous(
+async def test_an_edit_server_error_is_not_ambiguous_since_nothing_was_made(
     fake: FakeStabilityUpstream, provider: StabilityProvider
 ) -> None:
+    # Stability bills a generation that succeeded; a 5xx made nothing.
     fake.script(server_error())
 
     with pytest.raises(UpstreamError) as raised:
         await provider.edit(edit_request())
-    assert raised.value.ambiguous is True
+    assert raised.value.ambiguous is False
     assert fake.hits == 1

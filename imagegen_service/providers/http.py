@@ -94,8 +94,7 @@ class HttpUpstream:
     def model_unavailable(self, upstream_model: str, status: int) -> UpstreamModelUnavailable:
         """The upstream answered that ``upstream_model`` does not exist or was retired."""
         return UpstreamModelUnavailable(
-            f"upstream {self.name!r} no longer offers the model {upstream_model!r} "
-            f"(HTTP {status})",
+            f"upstream {self.name!r} no longer offers the model {upstream_model!r} (HTTP {status})",
             upstream_model=upstream_model,
             provider=self.name,
         )

@@ -16,11 +16,12 @@ call fails (other than a refusal) the others are cancelled and the request fails
 A model the upstream does not offer is UpstreamModelUnavailable (the router fails over rather
 than retrying): a 404 on the route, or a 400 that blames the ``model`` field (we send only the
 catalog's upstream id there, so the caller cannot have got it wrong). Every call is paid
-work: an UpstreamError raised once any call may have been billed (a 5xx; a timeout or a
-dropped connection once connected; an image answer that could not be read; or an image that
-was made and then discarded because a sibling failed) carries ``ambiguous = True``, and the
-router does not repeat it on this deployment. A refused connection and 4xx answers (Stability
-bills neither: its moderation answer says "you were not charged") are not ambiguous.
+work: an UpstreamError raised once any call may have been billed (a timeout or a dropped
+connection once connected; an image answer that could not be read; or an image that was made
+and then discarded because a sibling failed) carries ``ambiguous = True``, and the router does
+not repeat it on this deployment. Stability bills only a generation that succeeded, so a
+refused connection, 4xx answers (its moderation answer says "you were not charged") and 5xx
+answers are not ambiguous.
 
 We send ``Accept: image/*``: the answer is the raw image (with ``finish-reason`` and ``seed``
 response headers), a quarter smaller than base64 inside JSON and with no decode pass, which
@@ -161,7 +162,8 @@ class _Call:
         if self.status is None:
             # Sent, and then a timeout, a dropped connection or a cancellation.
             return True
-        return self.status >= 500 or 200 <= self.status < 300
+        # Stability bills a generation that succeeded; a 5xx made nothing and bills nothing.
+        return 200 <= self.status < 300
 
 
 class StabilityProvider(HttpUpstream):
