@@ -1,10 +1,13 @@
-"""The Azure OpenAI adapter, driven against the loopback fake in its Azure mode."""
+"""The Azure OpenAI adapter, driven against the loopback fake in its Azure mode: the
+deployment routes with a dated api-version, the v1 API, API keys and Entra ID tokens."""
 
 from __future__ import annotations
 
 import base64
 import io
+import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -13,8 +16,14 @@ import pytest
 from PIL import Image
 
 from imagegen_service.config import ProviderConfig
-from imagegen_service.errors import ContentPolicy, ImagegenError, InvalidParameter, UpstreamError
-from imagegen_service.providers.base import InputImage, ProviderRequest
+from imagegen_service.errors import (
+    ContentPolicy,
+    ImagegenError,
+    InvalidParameter,
+    UpstreamError,
+    UpstreamModelUnavailable,
+)
+from imagegen_service.providers.base import InputImage, ModelListing, ProviderRequest
 from imagegen_service.providers.openai_compat import (
     AZURE_API_VERSION,
     AZURE_GPT_IMAGE_API_VERSION,
@@ -38,11 +47,14 @@ from tests.fakes.openai_upstream import (
 )
 
 AZURE_KEY = "0123456789abcdef0123456789abcdef"
+ENTRA_TOKEN = "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9.entra-access-token.signature"
 DEPLOYMENTS = {
     "gpt-image-1": "gpt-image-1",
     "dall-e-3": "dall-e-3",
     "team-dalle": "dall-e-3",
     "painter": "gpt-image-1",
+    "canvas": "gpt-image-2",
+    "flare": "gpt-image-2.5-flare",
 }
 
 
@@ -53,7 +65,11 @@ def make_request(**overrides: Any) -> ProviderRequest:
 
 @pytest.fixture
 async def fake() -> AsyncIterator[FakeOpenAIUpstream]:
-    async with FakeOpenAIUpstream(api_key=AZURE_KEY, azure_deployments=DEPLOYMENTS) as upstream:
+    async with FakeOpenAIUpstream(
+        api_key=AZURE_KEY,
+        azure_deployments=DEPLOYMENTS,
+        azure_tokens={ENTRA_TOKEN},
+    ) as upstream:
         yield upstream
 
 
@@ -318,11 +334,13 @@ async def test_a_wrong_key_is_an_upstream_error(fake: FakeOpenAIUpstream) -> Non
     assert "ffffffff" not in error_texts(raised.value)
 
 
-async def test_a_missing_deployment_is_an_upstream_error(
+async def test_a_missing_deployment_is_model_unavailable_after_one_call(
     fake: FakeOpenAIUpstream, provider: AzureOpenAIProvider
 ) -> None:
-    with pytest.raises(UpstreamError, match=r"HTTP 404 \(DeploymentNotFound\)"):
+    with pytest.raises(UpstreamModelUnavailable, match=r"HTTP 404") as raised:
         await provider.generate(make_request(upstream_model="gpt-image-1-mini"))
+    assert raised.value.upstream_model == "gpt-image-1-mini"
+    assert fake.hits == 1
 
 
 async def test_an_unsupported_api_version_is_an_upstream_error_not_the_callers(
@@ -582,3 +600,376 @@ async def test_an_edit_with_a_wrong_key_is_an_upstream_error(fake: FakeOpenAIUps
         await adapter.aclose()
     assert "wrong-key-wrong-key" not in raised.value.message
     assert fake.requests[0].path == "/openai/deployments/gpt-image-1/images/edits"
+
+
+# -- classic deployment routes: newer families, user, Entra ID -----------------------------
+
+
+async def test_a_gpt_image_2_deployment_takes_a_free_size_and_the_callers_user_as_user(
+    fake: FakeOpenAIUpstream, provider: AzureOpenAIProvider
+) -> None:
+    result = await provider.generate(
+        make_request(
+            upstream_model="canvas",
+            family="gpt-image-2",
+            width=1536,
+            height=864,
+            quality="high",
+            user="u-1",
+        )
+    )
+
+    assert [(i.width, i.height) for i in result.images] == [(1536, 864)]
+    seen = fake.requests[0]
+    assert seen.path == "/openai/deployments/canvas/images/generations"
+    # The dated versions document `user`; safety_identifier is left to the v1 API.
+    assert seen.body == {
+        "prompt": "a lighthouse at dusk",
+        "n": 1,
+        "size": "1536x864",
+        "quality": "high",
+        "user": "u-1",
+    }
+
+
+async def test_the_catalogs_family_shapes_a_deployment_whose_name_says_nothing(
+    fake: FakeOpenAIUpstream, provider: AzureOpenAIProvider
+) -> None:
+    # Without a family (or deployment_model) "canvas" is an unknown id: the legacy payload,
+    # which the gpt-image-2 deployment refuses for its response_format.
+    with pytest.raises(InvalidParameter) as raised:
+        await provider.generate(make_request(upstream_model="canvas"))
+    assert raised.value.param == "response_format"
+
+    await provider.generate(make_request(upstream_model="canvas", family="gpt-image-2"))
+    assert "response_format" not in fake.requests[-1].body
+
+
+def write_token(path: Path, token: str) -> None:
+    path.write_text(token + "\n")
+
+
+async def test_an_entra_id_token_file_is_sent_as_bearer_on_the_deployment_routes(
+    fake: FakeOpenAIUpstream, tmp_path: Path
+) -> None:
+    token_file = tmp_path / "token"
+    write_token(token_file, ENTRA_TOKEN)
+    adapter = azure(fake, api_key=None, token_file=str(token_file))
+    try:
+        result = await adapter.generate(make_request(upstream_model="painter", family="gpt-image"))
+    finally:
+        await adapter.aclose()
+
+    assert len(result.images) == 1
+    seen = fake.requests[0]
+    assert seen.path == "/openai/deployments/painter/images/generations"
+    assert seen.query == {"api-version": AZURE_GPT_IMAGE_API_VERSION}
+    assert seen.headers["Authorization"] == f"Bearer {ENTRA_TOKEN}"
+    assert "api-key" not in seen.headers
+
+
+# -- the v1 API ----------------------------------------------------------------------------
+
+
+def azure_v1(fake: FakeOpenAIUpstream, **options: Any) -> AzureOpenAIProvider:
+    return azure(fake, api="v1", **options)
+
+
+async def test_v1_posts_to_the_v1_route_with_the_deployment_as_model_and_no_api_version(
+    fake: FakeOpenAIUpstream,
+) -> None:
+    adapter = azure_v1(fake)
+    try:
+        result = await adapter.generate(
+            make_request(
+                upstream_model="canvas",
+                family="gpt-image-2",
+                width=1536,
+                height=864,
+                quality="hd",
+                output_format="jpeg",
+                user="u-2",
+                request_id="req-v1",
+            )
+        )
+    finally:
+        await adapter.aclose()
+
+    assert [(i.mime_type, i.width, i.height) for i in result.images] == [("image/jpeg", 1536, 864)]
+    seen = fake.requests[0]
+    assert (seen.method, seen.path, seen.query) == ("POST", "/openai/v1/images/generations", {})
+    assert seen.headers["api-key"] == AZURE_KEY
+    assert "Authorization" not in seen.headers
+    assert seen.headers["X-Request-ID"] == "req-v1"
+    assert seen.body == {
+        "model": "canvas",
+        "prompt": "a lighthouse at dusk",
+        "n": 1,
+        "size": "1536x864",
+        "quality": "high",
+        "output_format": "jpeg",
+        "safety_identifier": "u-2",
+    }
+
+
+async def test_v1_names_the_configured_deployment_and_follows_its_model(
+    fake: FakeOpenAIUpstream,
+) -> None:
+    adapter = azure_v1(fake, deployment="flare", deployment_model="gpt-image-2.5-flare")
+    try:
+        adapter.check(make_request(upstream_model="house", width=1536, height=864, quality="max"))
+        await adapter.generate(make_request(upstream_model="house", quality="xhigh"))
+    finally:
+        await adapter.aclose()
+
+    assert fake.requests[0].body["model"] == "flare"
+    assert fake.requests[0].body["quality"] == "xhigh"
+
+
+async def test_v1_with_an_entra_id_token_file_sends_bearer_and_rereads_a_changed_file(
+    fake: FakeOpenAIUpstream, tmp_path: Path
+) -> None:
+    token_file = tmp_path / "token"
+    write_token(token_file, "expired-token")
+    adapter = azure_v1(fake, api_key=None, token_file=str(token_file))
+    try:
+        with pytest.raises(UpstreamError, match=r"HTTP 401") as raised:
+            await adapter.generate(make_request(upstream_model="canvas", family="gpt-image-2"))
+        assert "expired-token" not in error_texts(raised.value)
+        stamp = token_file.stat().st_mtime_ns
+        write_token(token_file, ENTRA_TOKEN)
+        # A refresher may rewrite the file within the same clock tick: the size still tells.
+        os.utime(token_file, ns=(stamp, stamp))
+        result = await adapter.generate(make_request(upstream_model="canvas", family="gpt-image-2"))
+    finally:
+        await adapter.aclose()
+
+    assert len(result.images) == 1
+    assert [seen.headers["Authorization"] for seen in fake.requests] == [
+        "Bearer expired-token",
+        f"Bearer {ENTRA_TOKEN}",
+    ]
+    assert all("api-key" not in seen.headers for seen in fake.requests)
+
+
+@pytest.mark.parametrize("state", ["missing", "empty"])
+async def test_an_unusable_token_file_is_an_upstream_error_that_names_no_path(
+    fake: FakeOpenAIUpstream, tmp_path: Path, state: str
+) -> None:
+    token_file = tmp_path / "secret-dir" / "token"
+    if state == "empty":
+        token_file.parent.mkdir()
+        token_file.write_text("  \n")
+    adapter = azure_v1(fake, api_key=None, token_file=str(token_file))
+    try:
+        with pytest.raises(UpstreamError, match="Entra ID token file") as raised:
+            await adapter.generate(make_request(upstream_model="canvas", family="gpt-image-2"))
+    finally:
+        await adapter.aclose()
+    assert "secret-dir" not in raised.value.message
+    assert fake.hits == 0
+
+
+async def test_an_error_echoing_the_entra_token_never_shows_it(
+    fake: FakeOpenAIUpstream, tmp_path: Path
+) -> None:
+    token_file = tmp_path / "token"
+    write_token(token_file, ENTRA_TOKEN)
+    fake.script(http_error(400, message=f"Token {ENTRA_TOKEN} is odd", param="prompt"))
+    adapter = azure_v1(fake, api_key=None, token_file=str(token_file))
+    try:
+        with pytest.raises(InvalidParameter) as raised:
+            await adapter.generate(make_request(upstream_model="canvas", family="gpt-image-2"))
+    finally:
+        await adapter.aclose()
+    assert ENTRA_TOKEN not in error_texts(raised.value)
+
+
+async def test_v1_edit_posts_the_form_with_the_deployment_as_model(
+    fake: FakeOpenAIUpstream,
+) -> None:
+    images = (png_input(), png_input(512, 512))
+    mask = alpha_mask()
+    adapter = azure_v1(fake)
+    try:
+        result = await adapter.edit(
+            make_request(
+                upstream_model="canvas", family="gpt-image-2", images=images, mask=mask, user="u-3"
+            )
+        )
+    finally:
+        await adapter.aclose()
+
+    assert len(result.images) == 1
+    seen = fake.requests[0]
+    assert (seen.path, seen.query) == ("/openai/v1/images/edits", {})
+    form = seen.body
+    assert isinstance(form, Form)
+    assert form.fields == {
+        "model": "canvas",
+        "prompt": "a lighthouse at dusk",
+        "n": "1",
+        "size": "1024x1024",
+        "safety_identifier": "u-3",
+    }
+    assert [p.data for p in form.files["image[]"]] == [i.data for i in images]
+    assert [p.data for p in form.files["mask"]] == [mask.data]
+
+
+async def test_v1_for_a_deployment_that_does_not_exist_is_model_unavailable(
+    fake: FakeOpenAIUpstream,
+) -> None:
+    adapter = azure_v1(fake)
+    try:
+        with pytest.raises(UpstreamModelUnavailable) as raised:
+            await adapter.generate(make_request(upstream_model="gpt-image-1.5"))
+    finally:
+        await adapter.aclose()
+    assert raised.value.upstream_model == "gpt-image-1.5"
+    assert fake.hits == 1
+
+
+async def test_v1_streams_from_the_v1_route(fake: FakeOpenAIUpstream) -> None:
+    adapter = azure_v1(fake)
+    try:
+        events = [
+            event
+            async for event in adapter.generate_stream(
+                make_request(upstream_model="canvas", family="gpt-image-2", partial_images=1)
+            )
+        ]
+    finally:
+        await adapter.aclose()
+
+    assert [type(e).__name__ for e in events] == ["PartialImage", "ProviderImage"]
+    seen = fake.requests[0]
+    assert seen.path == "/openai/v1/images/generations"
+    assert (seen.body["model"], seen.body["stream"], seen.body["partial_images"]) == (
+        "canvas",
+        True,
+        1,
+    )
+
+
+# -- model lists ---------------------------------------------------------------------------
+
+
+async def test_v1_lists_the_resources_models_less_those_past_their_inference_date(
+    tmp_path: Path,
+) -> None:
+    token_file = tmp_path / "token"
+    write_token(token_file, ENTRA_TOKEN)
+    async with FakeOpenAIUpstream(
+        api_key=AZURE_KEY,
+        azure_deployments=DEPLOYMENTS,
+        azure_tokens={ENTRA_TOKEN},
+        retired_models={"gpt-image-1"},
+    ) as fake:
+        adapter = azure_v1(fake, api_key=None, token_file=str(token_file))
+        assert isinstance(adapter, ModelListing)
+        try:
+            models = await adapter.list_models()
+        finally:
+            await adapter.aclose()
+
+    # gpt-image-1 is retired on this resource: its deprecation.inference date has passed.
+    assert models == frozenset({"dall-e-3", "gpt-image-2", "gpt-image-2.5-flare"})
+    seen = fake.requests[0]
+    assert (seen.method, seen.path, seen.query) == ("GET", "/openai/v1/models", {})
+    assert seen.headers["Authorization"] == f"Bearer {ENTRA_TOKEN}"
+
+
+async def test_the_deployment_routes_offer_no_model_list(
+    fake: FakeOpenAIUpstream, provider: AzureOpenAIProvider
+) -> None:
+    assert await provider.list_models() is None
+    assert fake.hits == 0
+
+
+async def test_a_v1_model_list_refused_for_the_key_is_an_upstream_error_without_it(
+    fake: FakeOpenAIUpstream,
+) -> None:
+    adapter = azure_v1(fake, api_key="ffffffffffffffffffffffffffffffff")
+    try:
+        with pytest.raises(UpstreamError, match=r"HTTP 401") as raised:
+            await adapter.list_models()
+    finally:
+        await adapter.aclose()
+    assert "ffffffff" not in error_texts(raised.value)
+
+
+# -- configuration -------------------------------------------------------------------------
+
+
+async def test_azure_from_config_reads_api_and_token_file(
+    fake: FakeOpenAIUpstream, tmp_path: Path
+) -> None:
+    token_file = tmp_path / "token"
+    write_token(token_file, ENTRA_TOKEN)
+    config = ProviderConfig(
+        name="azure",
+        type="azure-openai",
+        base_url=fake.base_url + "/openai/v1/",
+        options={"api": "v1", "deployment": "canvas", "token_file": str(token_file)},
+    )
+    adapter = azure_from_config(config, None)
+    try:
+        await adapter.generate(make_request(upstream_model="anything", family="gpt-image-2"))
+    finally:
+        await adapter.aclose()
+
+    seen = fake.requests[0]
+    assert (seen.path, seen.body["model"]) == ("/openai/v1/images/generations", "canvas")
+    assert seen.headers["Authorization"] == f"Bearer {ENTRA_TOKEN}"
+
+
+@pytest.mark.parametrize(
+    ("options", "credential", "message"),
+    [
+        ({"api": "v2"}, AZURE_KEY, r"providers\.azure\.api must be one of deployments, v1"),
+        (
+            {"api": "v1", "api_version": "2025-04-01-preview"},
+            AZURE_KEY,
+            r"api_version does not apply to api = 'v1'",
+        ),
+        ({"token_file": "/run/secrets/token"}, AZURE_KEY, r"mutually exclusive"),
+        ({"token_file": 7}, None, r"providers\.azure\.token_file must be a string"),
+    ],
+    ids=["unknown-api", "v1-with-version", "key-and-token", "token-file-type"],
+)
+def test_azure_from_config_refuses_contradictory_options(
+    options: dict[str, object], credential: str | None, message: str
+) -> None:
+    config = ProviderConfig(
+        name="azure", type="azure-openai", base_url="https://r.openai.azure.com", options=options
+    )
+
+    with pytest.raises(ValueError, match=message):
+        azure_from_config(config, credential)
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "status", "code"),
+    [
+        ("/openai/v1/images/generations", {"api-key": AZURE_KEY}, 404, "model_not_found"),
+        ("/openai/v1/images/generations", {"Authorization": "Bearer nope"}, 401, "401"),
+        (
+            "/openai/v1/images/generations?api-version=2024-10-21",
+            {"api-key": AZURE_KEY},
+            400,
+            "BadRequest",
+        ),
+    ],
+    ids=["unknown-deployment", "bad-token", "dated-version"],
+)
+async def test_the_fake_answers_v1_mistakes_as_azure_does(
+    fake: FakeOpenAIUpstream, path: str, headers: dict[str, str], status: int, code: str
+) -> None:
+    body = {"model": "no-such-deployment", "prompt": "p"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(fake.base_url + path, json=body, headers=headers) as resp,
+    ):
+        answer = await resp.json()
+    assert resp.status == status
+    assert answer["error"]["code"] == code

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import time
 from collections.abc import AsyncIterator
@@ -11,6 +12,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 from PIL import Image
 
 from imagegen_service.config import ProviderConfig
@@ -19,16 +21,21 @@ from imagegen_service.errors import (
     ImagegenError,
     InvalidParameter,
     UpstreamError,
+    UpstreamModelUnavailable,
 )
-from imagegen_service.providers.base import ProviderRequest
+from imagegen_service.providers.base import InputImage, ModelListing, ProviderRequest
 from imagegen_service.providers.openai_compat import OpenAICompatibleProvider, from_config
-from tests.fakes.loopback import error_texts, free_port, provider_request
+from tests.fakes.loopback import error_texts, free_port, image_bytes, provider_request
 from tests.fakes.openai_upstream import (
+    LIVE_IMAGE_MODELS,
+    OPENAI_RETIRED_MODELS,
     Behaviour,
     FakeOpenAIUpstream,
     content_policy_violation,
     http_error,
     invalid_value,
+    model_deprecated,
+    model_not_found,
     moderation_blocked,
     ok,
     rate_limited,
@@ -148,7 +155,7 @@ async def test_gpt_image_token_usage_is_read(
     )
 
     result = await provider.generate(
-        make_request(upstream_model="gpt-image-1", width=1024, height=1024)
+        make_request(upstream_model="gpt-image-1.5", width=1024, height=1024)
     )
 
     assert (result.usage.input_tokens, result.usage.output_tokens) == (50, 4160)
@@ -379,7 +386,7 @@ async def test_the_session_is_reopened_after_aclose(
     assert fake.hits == 2
 
 
-# -- OpenAI's model rules ----------------------------------------------------------------
+# -- the legacy path: compatible servers that still take the retired dall-e ids -----------
 
 
 def sent_bodies(fake: FakeOpenAIUpstream) -> list[dict[str, object]]:
@@ -525,6 +532,9 @@ async def test_dall_e_2_never_gets_quality_or_style_and_takes_n_in_one_call(
     ]
 
 
+# -- the GPT image families -------------------------------------------------------------
+
+
 @pytest.mark.parametrize(
     ("ours", "theirs"),
     [("standard", "medium"), ("hd", "high"), ("low", "low"), ("high", "high"), ("auto", "auto")],
@@ -534,13 +544,13 @@ async def test_gpt_image_gets_its_own_quality_names_and_no_response_format_or_st
 ) -> None:
     await provider.generate(
         make_request(
-            upstream_model="gpt-image-1", width=1024, height=1024, quality=ours, style="vivid"
+            upstream_model="gpt-image-1.5", width=1024, height=1024, quality=ours, style="vivid"
         )
     )
 
     assert sent_bodies(fake) == [
         {
-            "model": "gpt-image-1",
+            "model": "gpt-image-1.5",
             "prompt": "a lighthouse at dusk",
             "n": 1,
             "size": "1024x1024",
@@ -549,7 +559,133 @@ async def test_gpt_image_gets_its_own_quality_names_and_no_response_format_or_st
     ]
 
 
-@pytest.mark.parametrize("model", ["gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5"])
+async def test_chatgpt_image_latest_gets_the_gpt_image_payload_not_the_dall_e_one(
+    fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider
+) -> None:
+    result = await provider.generate(
+        make_request(
+            upstream_model="chatgpt-image-latest",
+            width=1024,
+            height=1536,
+            quality="hd",
+            style="natural",
+            user="user-7",
+        )
+    )
+
+    assert sent_bodies(fake) == [
+        {
+            "model": "chatgpt-image-latest",
+            "prompt": "a lighthouse at dusk",
+            "n": 1,
+            "size": "1024x1536",
+            "quality": "high",
+            "safety_identifier": "user-7",
+        }
+    ]
+    assert [(i.width, i.height) for i in result.images] == [(1024, 1536)]
+
+
+@pytest.mark.parametrize(
+    "model", ["gpt-image-1.5", "gpt-image-2", "gpt-image-2.5-flare", "chatgpt-image-latest"]
+)
+async def test_the_callers_user_goes_out_as_safety_identifier_never_as_user(
+    fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider, model: str
+) -> None:
+    await provider.generate(make_request(upstream_model=model, width=1024, height=1024, user="u-9"))
+
+    body = fake.requests[0].body
+    assert body["safety_identifier"] == "u-9"
+    assert "user" not in body
+
+
+async def test_a_legacy_id_still_gets_user_and_no_safety_identifier(
+    fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider
+) -> None:
+    await provider.generate(make_request(user="u-9"))
+
+    body = fake.requests[0].body
+    assert body["user"] == "u-9"
+    assert "safety_identifier" not in body
+
+
+async def test_gpt_image_2_takes_a_free_size_and_every_gpt_image_parameter(
+    fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider
+) -> None:
+    result = await provider.generate(
+        make_request(
+            upstream_model="gpt-image-2",
+            width=1536,
+            height=864,
+            quality="high",
+            output_format="webp",
+            output_compression=80,
+            background="opaque",
+            moderation="low",
+            user="user-7",
+        )
+    )
+
+    assert sent_bodies(fake) == [
+        {
+            "model": "gpt-image-2",
+            "prompt": "a lighthouse at dusk",
+            "n": 1,
+            "size": "1536x864",
+            "quality": "high",
+            "output_format": "webp",
+            "output_compression": 80,
+            "background": "opaque",
+            "moderation": "low",
+            "safety_identifier": "user-7",
+        }
+    ]
+    assert [(i.mime_type, i.width, i.height) for i in result.images] == [("image/webp", 1536, 864)]
+
+
+@pytest.mark.parametrize("quality", ["xhigh", "max"])
+async def test_gpt_image_2_5_takes_its_extra_qualities(
+    fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider, quality: str
+) -> None:
+    result = await provider.generate(
+        make_request(
+            upstream_model="gpt-image-2.5-sunburst", width=2048, height=2048, quality=quality
+        )
+    )
+
+    assert fake.requests[0].body["quality"] == quality
+    assert [(i.width, i.height) for i in result.images] == [(2048, 2048)]
+    assert result.usage.output_tokens > 0
+
+
+async def test_the_catalogs_family_decides_the_payload_over_the_id(
+    fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider
+) -> None:
+    # A dated or renamed id the prefixes do not know, named a gpt-image-2 model by the catalog.
+    request = make_request(
+        upstream_model="house-painter", family="gpt-image-2", width=1536, height=864, user="u"
+    )
+    provider.check(request)
+    await provider.generate(request)
+
+    body = fake.requests[0].body
+    assert "response_format" not in body
+    assert body["safety_identifier"] == "u"
+    with pytest.raises(InvalidParameter) as raised:
+        provider.check(dataclasses.replace(request, width=1000, height=1000))
+    assert raised.value.param == "size"
+
+
+async def test_a_family_that_is_not_openais_leaves_the_request_on_the_legacy_path(
+    fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider
+) -> None:
+    await provider.generate(make_request(family="flux-2", user="u"))
+
+    assert fake.requests[0].body["response_format"] == "b64_json"
+    assert fake.requests[0].body["user"] == "u"
+
+
+@pytest.mark.parametrize("model", ["gpt-image-1-mini", "gpt-image-1.5", "gpt-image-2.6-flare"])
 async def test_every_gpt_image_model_answers_n_images_in_one_call_with_token_usage(
     fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider, model: str
 ) -> None:
@@ -578,7 +714,7 @@ async def test_gpt_image_is_asked_for_the_output_format_and_answers_in_it(
 ) -> None:
     result = await provider.generate(
         make_request(
-            upstream_model="gpt-image-1", width=1024, height=1536, output_format=output_format
+            upstream_model="gpt-image-1.5", width=1024, height=1536, output_format=output_format
         )
     )
 
@@ -595,8 +731,15 @@ async def test_gpt_image_is_asked_for_the_output_format_and_answers_in_it(
         ("dall-e-3", "512x512"),
         ("dall-e-3", "1536x1024"),
         ("dall-e-3", "4096x256"),
-        ("gpt-image-1", "1792x1024"),
+        ("gpt-image-1.5", "1792x1024"),
         ("gpt-image-1-mini", "256x256"),
+        ("chatgpt-image-latest", "1536x864"),
+        ("gpt-image-2.6-sunburst", "2048x2048"),
+        ("gpt-image-2", "1000x1000"),  # not multiples of 16
+        ("gpt-image-2", "512x512"),  # under 655,360 pixels
+        ("gpt-image-2", "3840x1024"),  # wider than 3:1
+        ("gpt-image-2-2026-04-21", "4096x2160"),  # an edge over 3840
+        ("gpt-image-2.5-flare", "3840x2400"),  # over 3840x2160 pixels
     ],
 )
 def test_check_refuses_sizes_an_openai_model_can_never_make(model: str, size: str) -> None:
@@ -614,7 +757,10 @@ def test_check_refuses_sizes_an_openai_model_can_never_make(model: str, size: st
     [
         ("dall-e-2", ["256x256", "512x512", "1024x1024"]),
         ("dall-e-3", ["1024x1024", "1792x1024", "1024x1792"]),
-        ("gpt-image-1", ["1024x1024", "1536x1024", "1024x1536"]),
+        ("gpt-image-1.5", ["1024x1024", "1536x1024", "1024x1536"]),
+        ("chatgpt-image-latest", ["1024x1024", "1536x1024", "1024x1536"]),
+        ("gpt-image-2", ["1536x864", "864x1536", "1024x1024", "2560x1440", "3840x2160"]),
+        ("gpt-image-2.5-sunburst-2026-09-08", ["1536x864", "1280x1280", "2160x3840"]),
         (COMPATIBLE_MODEL, ["64x48", "4096x256", "1792x1024"]),
     ],
 )
@@ -628,15 +774,56 @@ def test_check_accepts_what_each_model_can_make_and_any_size_for_other_upstreams
 
 
 @pytest.mark.parametrize(
+    ("model", "quality", "accepted"),
+    [
+        ("gpt-image-2.5-flare", "xhigh", True),
+        ("gpt-image-2.5-sunburst", "max", True),
+        ("gpt-image-2", "xhigh", False),
+        ("gpt-image-1.5", "max", False),
+        ("chatgpt-image-latest", "standard", True),  # the legacy name, mapped to medium
+        ("gpt-image-2", "ultra", False),
+    ],
+)
+def test_check_refuses_qualities_the_family_does_not_take(
+    model: str, quality: str, accepted: bool
+) -> None:
+    adapter = OpenAICompatibleProvider("openai", base_url="http://127.0.0.1:9/v1", api_key=API_KEY)
+    request = make_request(upstream_model=model, width=1024, height=1024, quality=quality)
+
+    if accepted:
+        adapter.check(request)
+        return
+    with pytest.raises(InvalidParameter) as raised:
+        adapter.check(request)
+    assert raised.value.param == "quality"
+
+
+@pytest.mark.parametrize(
     ("body", "message", "param"),
     [
         (
-            {"model": "gpt-image-1", "prompt": "p", "response_format": "b64_json"},
+            {"model": "gpt-image-2", "prompt": "p", "quality": "xhigh"},
+            "Invalid value: 'xhigh'. Supported values are: 'low', 'medium', 'high', and 'auto'.",
+            "quality",
+        ),
+        (
+            {"model": "gpt-image-2", "prompt": "p", "size": "1000x1000"},
+            "Invalid value: '1000x1000'. Width and height must both be divisible by 16.",
+            "size",
+        ),
+        (
+            {"model": "chatgpt-image-latest", "prompt": "p", "size": "1536x864"},
+            "Invalid value: '1536x864'. Supported values are: '1024x1024', '1536x1024', "
+            "'1024x1536', and 'auto'.",
+            "size",
+        ),
+        (
+            {"model": "gpt-image-1.5", "prompt": "p", "response_format": "b64_json"},
             "Unknown parameter: 'response_format'.",
             "response_format",
         ),
         (
-            {"model": "gpt-image-1", "prompt": "p", "style": "vivid"},
+            {"model": "gpt-image-1.5", "prompt": "p", "style": "vivid"},
             "Unknown parameter: 'style'.",
             "style",
         ),
@@ -657,6 +844,9 @@ def test_check_accepts_what_each_model_can_make_and_any_size_for_other_upstreams
         ),
     ],
     ids=[
+        "gpt-image-2-xhigh",
+        "gpt-image-2-size",
+        "chatgpt-image-free-size",
         "gpt-image-response_format",
         "gpt-image-style",
         "dall-e-3-n",
@@ -694,3 +884,173 @@ async def test_from_config_builds_a_working_provider(fake: FakeOpenAIUpstream) -
         await adapter.aclose()
     assert len(result.images) == 1
     assert fake.requests[0].headers["Authorization"] == f"Bearer {API_KEY}"
+
+
+# -- models the upstream no longer offers ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "behaviour",
+    [
+        model_not_found("gpt-image-1.5"),
+        model_deprecated("gpt-image-1.5"),
+        model_deprecated("gpt-image-1.5", status=404),
+        http_error(400, message="gpt-image-1.5 was shut down on October 23, 2026."),
+        http_error(
+            400, message="This model is no longer available.", param="model", code="invalid_value"
+        ),
+    ],
+    ids=["404-model_not_found", "400-deprecated", "404-deprecated", "400-shut-down", "400-param"],
+)
+async def test_an_upstream_that_says_the_model_is_gone_raises_model_unavailable_after_one_call(
+    fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider, behaviour: Behaviour
+) -> None:
+    fake.script(behaviour)
+
+    with pytest.raises(UpstreamModelUnavailable) as raised:
+        await provider.generate(
+            make_request(upstream_model="gpt-image-1.5", width=1024, height=1024)
+        )
+
+    assert fake.hits == 1
+    assert (raised.value.upstream_model, raised.value.provider) == ("gpt-image-1.5", "openai")
+    assert raised.value.ambiguous is False
+    assert isinstance(raised.value, UpstreamError)
+
+
+@pytest.mark.parametrize("model", sorted(OPENAI_RETIRED_MODELS))
+async def test_the_models_openai_retired_are_reported_unavailable(model: str) -> None:
+    async with FakeOpenAIUpstream(api_key=API_KEY, retired_models=OPENAI_RETIRED_MODELS) as fake:
+        adapter = OpenAICompatibleProvider("openai", base_url=fake.base_url, api_key=API_KEY)
+        try:
+            with pytest.raises(
+                UpstreamModelUnavailable, match=rf"no longer offers the model '{model}'"
+            ):
+                await adapter.generate(make_request(upstream_model=model, width=1024, height=1024))
+        finally:
+            await adapter.aclose()
+    assert fake.hits == 1
+
+
+async def test_an_edit_of_a_retired_model_is_model_unavailable_too() -> None:
+    image = InputImage(image_bytes(256, 256), "png", 256, 256)
+    async with FakeOpenAIUpstream(api_key=API_KEY, retired_models={"gpt-image-1"}) as fake:
+        adapter = OpenAICompatibleProvider("openai", base_url=fake.base_url, api_key=API_KEY)
+        try:
+            with pytest.raises(UpstreamModelUnavailable):
+                await adapter.edit(make_request(upstream_model="gpt-image-1", images=(image,)))
+        finally:
+            await adapter.aclose()
+    assert [seen.path for seen in fake.requests] == ["/v1/images/edits"]
+
+
+@pytest.mark.parametrize(
+    "behaviour",
+    [
+        http_error(400, message="Image edits are not supported by this model.", param="model"),
+        http_error(400, message="Unknown parameter: 'style'.", param="style"),
+        http_error(400, message="The parameter `user` is deprecated; the model ignores it."),
+        invalid_value(param="size", message="Invalid value: '64x48'."),
+    ],
+    ids=["model-param-other-reason", "unknown-parameter", "deprecated-parameter", "size"],
+)
+async def test_other_bad_requests_are_not_taken_for_a_missing_model(
+    fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider, behaviour: Behaviour
+) -> None:
+    fake.script(behaviour)
+
+    with pytest.raises(InvalidParameter):
+        await provider.generate(make_request())
+
+
+async def test_a_404_for_a_wrong_path_is_a_plain_upstream_error(fake: FakeOpenAIUpstream) -> None:
+    adapter = OpenAICompatibleProvider("openai", base_url=fake.origin + "/v2", api_key=API_KEY)
+    try:
+        with pytest.raises(UpstreamError, match=r"HTTP 404") as raised:
+            await adapter.generate(make_request())
+    finally:
+        await adapter.aclose()
+    assert not isinstance(raised.value, UpstreamModelUnavailable)
+
+
+# -- the model list ------------------------------------------------------------------------
+
+
+async def test_list_models_reads_the_ids_of_openais_model_list(
+    fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider
+) -> None:
+    assert isinstance(provider, ModelListing)
+
+    models = await provider.list_models()
+
+    assert models == frozenset(LIVE_IMAGE_MODELS)
+    seen = fake.requests[0]
+    assert (seen.method, seen.path, seen.query) == ("GET", "/v1/models", {})
+    assert seen.headers["Authorization"] == f"Bearer {API_KEY}"
+
+
+async def test_list_models_leaves_out_models_whose_shutdown_date_has_passed() -> None:
+    listed = ["gpt-image-1", "gpt-image-2", "gpt-image-2.5-flare", "chatgpt-image-latest"]
+    dates = {
+        "gpt-image-1": "2026-10-23",
+        "gpt-image-2": "2099-01-01",
+        "chatgpt-image-latest": "not a date",
+    }
+    async with FakeOpenAIUpstream(
+        api_key=API_KEY, listed_models=listed, shutdown_dates=dates
+    ) as fake:
+        adapter = OpenAICompatibleProvider("openai", base_url=fake.base_url, api_key=API_KEY)
+        try:
+            models = await adapter.list_models()
+        finally:
+            await adapter.aclose()
+    assert models == frozenset({"gpt-image-2", "gpt-image-2.5-flare", "chatgpt-image-latest"})
+
+
+async def test_list_models_with_a_wrong_key_is_an_upstream_error_without_the_key(
+    fake: FakeOpenAIUpstream,
+) -> None:
+    adapter = OpenAICompatibleProvider("openai", base_url=fake.base_url, api_key="sk-wrong-0042")
+    try:
+        with pytest.raises(UpstreamError, match=r"HTTP 401 \(invalid_api_key\)") as raised:
+            await adapter.list_models()
+    finally:
+        await adapter.aclose()
+    assert "sk-wrong-0042" not in error_texts(raised.value)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [b"not json", orjson.dumps({"object": "list"}), orjson.dumps({"data": ["gpt-image-2"]})],
+    ids=["garbage", "no-data", "not-objects"],
+)
+async def test_an_unreadable_model_list_is_an_upstream_error(answer: bytes) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=answer, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/v1/models", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    host, port = runner.addresses[0][:2]
+    adapter = OpenAICompatibleProvider(
+        "openai", base_url=f"http://{host}:{port}/v1", api_key=API_KEY
+    )
+    try:
+        with pytest.raises(UpstreamError, match="unreadable answer"):
+            await adapter.list_models()
+    finally:
+        await adapter.aclose()
+        await runner.cleanup()
+
+
+async def test_list_models_on_an_unreachable_upstream_is_an_upstream_error() -> None:
+    adapter = OpenAICompatibleProvider(
+        "openai", base_url=f"http://127.0.0.1:{free_port()}/v1", api_key=API_KEY
+    )
+    try:
+        with pytest.raises(UpstreamError, match="could not be reached"):
+            await adapter.list_models()
+    finally:
+        await adapter.aclose()

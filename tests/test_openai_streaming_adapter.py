@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from imagegen_service.errors import ContentPolicy, UpstreamError
+from imagegen_service.errors import ContentPolicy, UpstreamError, UpstreamModelUnavailable
 from imagegen_service.providers.base import (
     InputImage,
     PartialImage,
@@ -25,7 +25,7 @@ from imagegen_service.providers.base import (
 )
 from imagegen_service.providers.openai_compat import OpenAICompatibleProvider
 from tests.fakes.loopback import provider_request
-from tests.fakes.openai_upstream import FakeOpenAIUpstream, stream_error
+from tests.fakes.openai_upstream import FakeOpenAIUpstream, model_not_found, stream_error
 
 API_KEY = "sk-upstream-test"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -99,7 +99,7 @@ async def test_events_far_larger_than_a_line_buffer_arrive_whole() -> None:
         for event in (partial, done):
             payload += (
                 b"event: "
-                + event["type"].encode()
+                + str(event["type"]).encode()
                 + b"\r\ndata: "
                 + orjson.dumps(event)
                 + b"\r\n\r\n"
@@ -213,3 +213,62 @@ async def test_a_gpt_image_edit_streams_as_multipart() -> None:
     assert (form.fields["stream"], form.fields["partial_images"]) == ("true", "1")
     assert (form.fields["background"], form.fields["quality"]) == ("opaque", "low")
     assert [p.data for p in form.files["image"]] == [png]
+
+
+@pytest.mark.parametrize(
+    ("model", "size", "quality"),
+    [
+        ("chatgpt-image-latest", (1536, 1024), "high"),
+        ("gpt-image-2", (1536, 864), "medium"),
+        ("gpt-image-2.5-sunburst", (864, 1536), "xhigh"),
+    ],
+)
+async def test_every_gpt_image_family_streams(
+    model: str, size: tuple[int, int], quality: str
+) -> None:
+    async with FakeOpenAIUpstream(api_key=API_KEY) as fake:
+        provider = OpenAICompatibleProvider("openai", base_url=fake.base_url, api_key=API_KEY)
+        events = await _collect(
+            provider,
+            _request(
+                upstream_model=model,
+                width=size[0],
+                height=size[1],
+                quality=quality,
+                partial_images=1,
+                user="u-5",
+            ),
+        )
+    assert [type(e).__name__ for e in events] == ["PartialImage", "ProviderImage"]
+    image = events[-1]
+    assert isinstance(image, ProviderImage)
+    assert (image.width, image.height) == size
+    body = fake.requests[0].body
+    assert (body["stream"], body["partial_images"], body["quality"]) == (True, 1, quality)
+    assert body["safety_identifier"] == "u-5"
+    assert "response_format" not in body
+
+
+async def test_a_legacy_id_is_not_streamed_but_answered_whole() -> None:
+    async with FakeOpenAIUpstream(api_key=API_KEY) as fake:
+        provider = OpenAICompatibleProvider("openai", base_url=fake.base_url, api_key=API_KEY)
+        events = await _collect(
+            provider, _request(upstream_model="sdxl-turbo", quality="", width=64, height=48)
+        )
+    assert [type(e).__name__ for e in events] == ["ProviderImage", "TokenUsage"]
+    assert "stream" not in fake.requests[0].body
+
+
+async def test_a_stream_for_a_model_that_is_gone_fails_before_any_event() -> None:
+    async with FakeOpenAIUpstream(api_key=API_KEY) as fake:
+        fake.script(model_not_found("gpt-image-2"))
+        provider = OpenAICompatibleProvider("openai", base_url=fake.base_url, api_key=API_KEY)
+        seen: list[StreamEvent] = []
+        with pytest.raises(UpstreamModelUnavailable):
+            try:
+                async for event in provider.generate_stream(_request(upstream_model="gpt-image-2")):
+                    seen.append(event)
+            finally:
+                await provider.aclose()
+    assert seen == []
+    assert fake.hits == 1

@@ -1,30 +1,52 @@
-"""Adapters for OpenAI's Images API (``POST /images/generations``) and its Azure OpenAI variant.
+"""Adapters for OpenAI's Images API (``POST /images/generations``, ``/images/edits``) and its
+Azure OpenAI variants.
 
 ``OpenAICompatibleProvider`` works with OpenAI itself and with the many servers that copy its
 wire format. Answers may carry images as ``b64_json`` or as a ``url`` to download; both are
 accepted because several compatible servers ignore ``response_format``.
 
-OpenAI's own models each reject parameters the others take, so the request is shaped by the
-model family, recognised from the upstream model id (other ids are sent as they are):
+The request is shaped by the model's family (``families.py``): ``ProviderRequest.family``, the
+catalog's, else the family the upstream model id belongs to. The rules below come from the
+official SDK, openai-python 3.51.0 (``types/image_model.py``, ``types/image_generate_params.py``,
+``types/image_edit_params.py``):
 
-* ``dall-e-2``: sizes 256x256, 512x512, 1024x1024; up to 10 images per call; no ``quality`` and
-  no ``style`` (the API answers "Unknown parameter").
-* ``dall-e-3``: sizes 1024x1024, 1792x1024, 1024x1792; exactly one image per call, so n > 1 is
-  served by n concurrent calls under the one deadline, merged (a call refused on content policy
-  counts as filtered; the others still deliver).
-* ``gpt-image-*``: sizes 1024x1024, 1536x1024, 1024x1536; up to 10 per call; never
-  ``response_format`` (rejected; it always answers base64) nor ``style``; ``quality`` is
-  low|medium|high|auto, so ``standard`` becomes ``medium`` and ``hd`` becomes ``high``;
-  ``output_format`` is sent when not png, ``background``, ``output_compression`` and
-  ``moderation`` when given. It bills tokens, read from ``usage``. Only gpt-image streams:
-  ``stream`` + ``partial_images`` answer server-sent events (``image_generation.partial_image``,
-  ``image_generation.completed``, ``error``), read as they come.
+* The GPT image families, all live at OpenAI: ``gpt-image`` (gpt-image-1.5, gpt-image-1-mini,
+  chatgpt-image-latest, gpt-image-2.6-*: sizes 1024x1024, 1536x1024, 1024x1536),
+  ``gpt-image-2`` (gpt-image-2 and its dated snapshot) and ``gpt-image-2.5``
+  (gpt-image-2.5-sunburst / -flare and their snapshots), which take any ``WIDTHxHEIGHT``
+  within the family's size rule. They never get ``response_format`` (they always answer
+  base64) nor ``style``; ``quality`` is low|medium|high|auto (2.5 adds xhigh|max), so the
+  legacy ``standard`` becomes ``medium`` and ``hd`` becomes ``high``; ``output_format`` is
+  sent when not png, ``background``, ``output_compression`` and ``moderation`` when given; the
+  caller's ``user`` goes out as ``safety_identifier`` (the SDK marks ``user`` deprecated: a
+  non-empty ``safety_identifier`` takes precedence over it). Up to 10 images per call, billed
+  in tokens read from ``usage``. They stream: ``stream`` + ``partial_images`` answer
+  server-sent events (``image_generation.partial_image``, ``image_generation.completed``,
+  ``error``), read as they come. Edits take ``image`` (one) or ``image[]`` (several) and
+  ``mask`` as multipart.
+* Ids that no family claims take the legacy path: ``response_format=b64_json``, ``quality``,
+  ``style`` and ``user`` as given, any size. This serves OpenAI-compatible servers. OpenAI
+  retired ``dall-e-2`` and ``dall-e-3`` on 2026-05-12 and shut ``gpt-image-1`` down on
+  2026-10-23 (the SDK's ``types/image_model.py``); the dall-e rules are kept only for
+  compatible servers that still take those ids: dall-e-2 (sizes 256x256, 512x512, 1024x1024;
+  no ``quality`` nor ``style``; edits and variations of one square PNG) and dall-e-3 (sizes
+  1024x1024, 1792x1024, 1024x1792; one image per call, so n > 1 is served by n concurrent
+  calls under the one deadline, merged; a call refused on content policy counts as filtered).
+  Variations (``POST /images/variations``) are retired at OpenAI too (the SDK's
+  ``resources/images.py``) and kept for such servers.
 
-Edits (``POST /images/edits``, multipart: ``image`` or ``image[]``, ``mask``) serve dall-e-2 and
-gpt-image; variations (``POST /images/variations``, multipart ``image``) serve dall-e-2.
+An upstream that answers that the model does not exist, was deprecated or shut down (HTTP 404
+``model_not_found``, or a 400 ``invalid_request_error`` whose message says so; Azure's 404
+``DeploymentNotFound``) raises ``UpstreamModelUnavailable``: repeating the call on this
+deployment cannot help. ``list_models`` reads ``GET {base_url}/models``.
 
-``AzureOpenAIProvider`` is the same adapter with Azure's addressing: the resource endpoint,
-a deployment in the path, ``api-version`` in the query and the key in an ``api-key`` header.
+``AzureOpenAIProvider`` is the same adapter with Azure's addressing, in one of two APIs
+(option ``api``): ``deployments`` (the default) posts to
+``{resource}/openai/deployments/{deployment}/images/...?api-version=...`` and names no model
+in the body; ``v1`` posts to ``{resource}/openai/v1/images/...`` with no api-version and the
+deployment name as the body's ``model``. Either authenticates with the resource key in an
+``api-key`` header or with a Microsoft Entra ID access token read from ``token_file`` and
+sent as ``Authorization: Bearer`` (the SDK's ``lib/azure.py``: the two are exclusive).
 """
 
 from __future__ import annotations
@@ -33,7 +55,12 @@ import asyncio
 import contextlib
 import dataclasses
 import io
+import os
+import re
+import time
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from datetime import UTC, date, datetime
+from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import quote, urlencode
 
@@ -42,6 +69,7 @@ import orjson
 
 from imagegen_service.config import ProviderConfig
 from imagegen_service.errors import ContentPolicy, InvalidParameter, UpstreamError
+from imagegen_service.families import FAMILIES, Family, family_of
 from imagegen_service.providers.base import (
     PartialImage,
     ProviderImage,
@@ -61,11 +89,13 @@ from imagegen_service.providers.http import (
 )
 
 __all__ = [
+    "AZURE_APIS",
     "AzureOpenAIProvider",
     "OpenAICompatibleProvider",
     "azure_from_config",
     "from_config",
-    "model_family",
+    "gpt_image_family",
+    "legacy_model",
 ]
 
 _CONTENT_POLICY_MESSAGE = "The prompt was refused by the provider's content policy."
@@ -79,28 +109,68 @@ _CONTENT_POLICY_TYPES = frozenset({"image_generation_user_error"})
 _CONTENT_POLICY_INNER_CODES = frozenset({"ResponsibleAIPolicyViolation"})
 _MAX_UPSTREAM_MESSAGE = 300
 
+# An upstream's word that the model is gone: OpenAI's 404 `model_not_found` (also used for
+# deprecated models), Azure's 404 `DeploymentNotFound` for a deployment that does not exist.
+_MODEL_GONE_CODES = frozenset({"model_not_found", "DeploymentNotFound"})
+_MODEL_GONE_WORDS = (
+    r"(?:does not exist|(?:has been|was|is) (?:deprecated|retired|shut ?down|decommissioned)"
+    r"|is no longer (?:available|supported|accessible))"
+)
+
+# The legacy models, for compatible servers that still take their ids.
 DALL_E_2 = "dall-e-2"
 DALL_E_3 = "dall-e-3"
-GPT_IMAGE = "gpt-image"
-
-# What each family can make at all; anything else is refused before money moves.
-_SIZES: Mapping[str, tuple[str, ...]] = {
+_LEGACY_SIZES: Mapping[str, tuple[str, ...]] = {
     DALL_E_2: ("256x256", "512x512", "1024x1024"),
     DALL_E_3: ("1024x1024", "1792x1024", "1024x1792"),
-    GPT_IMAGE: ("1024x1024", "1536x1024", "1024x1536"),
 }
-_IMAGES_PER_CALL: Mapping[str, int] = {DALL_E_2: 10, DALL_E_3: 1, GPT_IMAGE: 10}
-# Our catalog speaks dall-e's quality names; gpt-image takes low|medium|high|auto.
+_LEGACY_IMAGES_PER_CALL: Mapping[str, int] = {DALL_E_2: 10, DALL_E_3: 1}
+# types/image_generate_params.py: "n: Must be between 1 and 10."
+_GPT_IMAGES_PER_CALL = 10
+# Our catalog may speak dall-e's quality names; types/image_generate_params.py lists
+# "standard" and "hd" as deprecated values "only supported by retired DALL·E models".
 _GPT_IMAGE_QUALITY: Mapping[str, str] = {"standard": "medium", "hd": "high"}
 
 
-def model_family(model: str) -> str | None:
-    """``dall-e-2``, ``dall-e-3`` or ``gpt-image`` for OpenAI's own model ids, else None."""
-    lowered = model.strip().lower()
-    for family in (DALL_E_2, DALL_E_3, GPT_IMAGE):
-        if lowered.startswith(family):
-            return family
+def gpt_image_family(family: str, *model_ids: str) -> Family | None:
+    """The GPT image family whose rules shape the payload: the one ``family`` names (the
+    catalog's), else the one the first of ``model_ids`` that belongs to a family belongs to.
+    None when that family is not OpenAI's (the legacy path)."""
+    found = FAMILIES.get(family) if family else None
+    if found is None:
+        for model in model_ids:
+            found = family_of(model) if model else None
+            if found is not None:
+                break
+    return found if found is not None and "openai" in found.provider_types else None
+
+
+def legacy_model(*model_ids: str) -> str | None:
+    """``dall-e-2`` or ``dall-e-3`` for the first of ``model_ids`` that is one, else None."""
+    for model in model_ids:
+        lowered = model.strip().lower()
+        for legacy in (DALL_E_2, DALL_E_3):
+            if lowered.startswith(legacy):
+                return legacy
     return None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Rules:
+    """What shapes one request: a GPT image family, else perhaps a legacy dall-e model."""
+
+    family: Family | None = None
+    legacy: str | None = None
+
+    @property
+    def per_call(self) -> int | None:
+        if self.family is not None:
+            return _GPT_IMAGES_PER_CALL
+        return _LEGACY_IMAGES_PER_CALL.get(self.legacy or "")
+
+    @property
+    def streams(self) -> bool:
+        return self.family is not None
 
 
 class OpenAICompatibleProvider(HttpUpstream):
@@ -115,6 +185,9 @@ class OpenAICompatibleProvider(HttpUpstream):
     # OpenAI either answers an image per item or refuses the whole call; Azure's content filter
     # withholds single items and leaves them without image data.
     _imageless_item_is_filtered = False
+    # The field that carries the caller's end-user id on the GPT image families
+    # (types/image_generate_params.py: `user` is deprecated, `safety_identifier` wins).
+    _user_field = "safety_identifier"
 
     def __init__(
         self,
@@ -130,37 +203,50 @@ class OpenAICompatibleProvider(HttpUpstream):
         self._api_key = api_key or None
 
     def check(self, request: ProviderRequest) -> None:
-        """Refuses sizes an OpenAI model can never make; other upstreams take the catalog's
-        sizes as they are."""
-        family = self._family(request)
-        if family is None:
-            return
-        supported = _SIZES[family]
-        if request.size not in supported:
-            raise InvalidParameter(
-                f"The size {request.size} is not supported by {family}; "
-                f"supported sizes are {', '.join(supported)}.",
-                param="size",
-            )
+        """Refuses sizes (and qualities) an OpenAI model can never take; other upstreams take
+        the catalog's as they are."""
+        rules = self._rules(request)
+        family = rules.family
+        if family is not None:
+            problem = _size_problem(family, request.width, request.height)
+            if problem is not None:
+                raise InvalidParameter(
+                    f"The size {request.size} is not supported by {family.name}: {problem}.",
+                    param="size",
+                )
+            quality = _GPT_IMAGE_QUALITY.get(request.quality, request.quality)
+            if quality and quality not in family.qualities:
+                raise InvalidParameter(
+                    f"The quality {request.quality!r} is not supported by {family.name}; "
+                    f"supported qualities are {', '.join(family.qualities)}.",
+                    param="quality",
+                )
+        elif rules.legacy is not None:
+            supported = _LEGACY_SIZES[rules.legacy]
+            if request.size not in supported:
+                raise InvalidParameter(
+                    f"The size {request.size} is not supported by {rules.legacy}; "
+                    f"supported sizes are {', '.join(supported)}.",
+                    param="size",
+                )
 
     async def generate(self, request: ProviderRequest) -> ProviderResult:
-        family = self._family(request)
-        per_call = _IMAGES_PER_CALL.get(family or "", request.n)
-        batches = _batches(request.n, per_call)
+        rules = self._rules(request)
+        batches = _batches(request.n, rules.per_call or request.n)
 
         async def call(session: aiohttp.ClientSession) -> ProviderResult:
             if len(batches) == 1:
-                return await self._generate_once(session, request, family)
-            return await self._fan_out(session, request, family, batches)
+                return await self._generate_once(session, request, rules)
+            return await self._fan_out(session, request, rules, batches)
 
         return await self.within_deadline(call)
 
     async def edit(self, request: ProviderRequest) -> ProviderResult:
-        family = self._family(request)
+        rules = self._rules(request)
 
         async def call(session: aiohttp.ClientSession) -> ProviderResult:
             return await self._submit(
-                session, self._url(request, "edits"), request, form=self._edit_form(request, family)
+                session, self._url(request, "edits"), request, form=self._edit_form(request, rules)
             )
 
         return await self.within_deadline(call)
@@ -177,15 +263,15 @@ class OpenAICompatibleProvider(HttpUpstream):
         return await self.within_deadline(call)
 
     async def generate_stream(self, request: ProviderRequest) -> AsyncGenerator[StreamEvent]:
-        family = self._family(request)
-        if family != GPT_IMAGE:
-            # Only gpt-image streams: the others answer once, with every image.
+        rules = self._rules(request)
+        if not rules.streams:
+            # Only the GPT image families stream: the others answer once, with every image.
             result = await self.generate(request)
             for image in result.images:
                 yield image
             yield result.usage
             return
-        payload = self._payload(request, family)
+        payload = self._payload(request, rules)
         payload.update(stream=True, partial_images=request.partial_images)
         async with contextlib.aclosing(
             self._stream(self._url(request), request, body=orjson.dumps(payload))
@@ -194,14 +280,14 @@ class OpenAICompatibleProvider(HttpUpstream):
                 yield event
 
     async def edit_stream(self, request: ProviderRequest) -> AsyncGenerator[StreamEvent]:
-        family = self._family(request)
-        if family != GPT_IMAGE:
+        rules = self._rules(request)
+        if not rules.streams:
             result = await self.edit(request)
             for image in result.images:
                 yield image
             yield result.usage
             return
-        form = self._edit_form(request, family)
+        form = self._edit_form(request, rules)
         form.add_field("stream", "true")
         form.add_field("partial_images", str(request.partial_images))
         async with contextlib.aclosing(
@@ -210,10 +296,18 @@ class OpenAICompatibleProvider(HttpUpstream):
             async for event in events:
                 yield event
 
+    async def list_models(self) -> frozenset[str] | None:
+        """The model ids ``GET {base_url}/models`` lists (OpenAI's list shape, the SDK's
+        ``resources/models.py``), less those whose ``shutdown_date`` has passed."""
+        return await self._list_models(f"{self._base_url}/models")
+
     # -- what differs between OpenAI and Azure ------------------------------------------------
 
-    def _family(self, request: ProviderRequest) -> str | None:
-        return model_family(request.upstream_model)
+    def _rules(self, request: ProviderRequest) -> _Rules:
+        family = gpt_image_family(request.family, request.upstream_model)
+        if family is not None:
+            return _Rules(family=family)
+        return _Rules(legacy=legacy_model(request.upstream_model))
 
     def _url(self, request: ProviderRequest, operation: str = "generations") -> str:
         """``operation``: ``generations``, ``edits`` or ``variations``."""
@@ -222,27 +316,31 @@ class OpenAICompatibleProvider(HttpUpstream):
     def _auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
 
-    def _names_model(self) -> bool:
-        """Whether the body names the model (Azure's URL names the deployment instead)."""
-        return True
+    def _body_model(self, request: ProviderRequest) -> str | None:
+        """The body's ``model`` (None: not sent, as on Azure's deployment routes)."""
+        return request.upstream_model
 
     def _is_upstream_fault(self, code: str, message: str) -> bool:
         """A 400 caused by our own configuration rather than by the caller's request."""
         return False
 
+    def _secrets(self) -> list[str]:
+        """What must never appear in an error: the key (and Azure's token)."""
+        return [self._api_key] if self._api_key else []
+
     # -- one call ----------------------------------------------------------------------------
 
     async def _generate_once(
-        self, session: aiohttp.ClientSession, request: ProviderRequest, family: str | None
+        self, session: aiohttp.ClientSession, request: ProviderRequest, rules: _Rules
     ) -> ProviderResult:
         async with session.post(
             self._url(request),
-            data=orjson.dumps(self._payload(request, family)),
+            data=orjson.dumps(self._payload(request, rules)),
             headers=self._headers(request),
         ) as resp:
             if not 200 <= resp.status < 300:
                 body = await read_capped(resp, MAX_ERROR_BODY_BYTES, truncate=True)
-                self._raise_for_status(resp.status, resp.headers, body)
+                self._raise_for_status(resp.status, resp.headers, body, request)
             answer = await self.read_json(resp)
         return await self._read_result(session, answer, request.n)
 
@@ -250,12 +348,12 @@ class OpenAICompatibleProvider(HttpUpstream):
         self,
         session: aiohttp.ClientSession,
         request: ProviderRequest,
-        family: str | None,
+        rules: _Rules,
         batches: Sequence[int],
     ) -> ProviderResult:
         async def one(n: int) -> ProviderResult | None:
             try:
-                return await self._generate_once(session, dataclasses.replace(request, n=n), family)
+                return await self._generate_once(session, dataclasses.replace(request, n=n), rules)
             except ContentPolicy:
                 # One refused call withholds its images; the others may still deliver.
                 return None
@@ -293,23 +391,25 @@ class OpenAICompatibleProvider(HttpUpstream):
             filtered=filtered,
         )
 
-    def _payload(self, request: ProviderRequest, family: str | None) -> dict[str, Any]:
+    def _payload(self, request: ProviderRequest, rules: _Rules) -> dict[str, Any]:
         payload: dict[str, Any] = {}
-        if self._names_model():
-            payload["model"] = request.upstream_model
+        model = self._body_model(request)
+        if model is not None:
+            payload["model"] = model
         payload.update(prompt=request.prompt, n=request.n, size=request.size)
-        if family == GPT_IMAGE:
-            # gpt-image always answers base64 and rejects `response_format` outright.
+        if rules.family is not None:
+            # GPT image models always answer base64 and reject `response_format` and `style`
+            # (types/image_generate_params.py: "Unsupported for GPT image models").
             payload.update(self._gpt_image_fields(request))
-        else:
-            payload["response_format"] = "b64_json"
-            # Optional fields are left out rather than sent empty: several compatible servers
-            # reject values they do not know, and dall-e-2 rejects quality and style at all.
-            if family != DALL_E_2:
-                if request.quality:
-                    payload["quality"] = request.quality
-                if request.style is not None:
-                    payload["style"] = request.style
+            return payload
+        payload["response_format"] = "b64_json"
+        # Optional fields are left out rather than sent empty: several compatible servers
+        # reject values they do not know, and dall-e-2 rejects quality and style at all.
+        if rules.legacy != DALL_E_2:
+            if request.quality:
+                payload["quality"] = request.quality
+            if request.style is not None:
+                payload["style"] = request.style
         if request.user:
             payload["user"] = request.user
         return payload
@@ -326,16 +426,20 @@ class OpenAICompatibleProvider(HttpUpstream):
             fields["output_compression"] = request.output_compression
         if request.moderation is not None:
             fields["moderation"] = request.moderation
+        if request.user:
+            fields[self._user_field] = request.user
         return fields
 
-    def _edit_form(self, request: ProviderRequest, family: str | None) -> aiohttp.FormData:
+    def _edit_form(self, request: ProviderRequest, rules: _Rules) -> aiohttp.FormData:
         form = aiohttp.FormData()
-        if self._names_model():
-            form.add_field("model", request.upstream_model)
+        model = self._body_model(request)
+        if model is not None:
+            form.add_field("model", model)
         form.add_field("prompt", request.prompt)
         form.add_field("n", str(request.n))
         form.add_field("size", request.size)
-        # One image is `image`; several are OpenAI's array form, `image[]`.
+        # One image is `image`; several are the array form, `image[]` (the SDK's multipart
+        # encoding of a list, resources/images.py with _utils.extract_files' "brackets").
         name = "image" if len(request.images) == 1 else "image[]"
         for i, image in enumerate(request.images):
             form.add_field(
@@ -348,19 +452,20 @@ class OpenAICompatibleProvider(HttpUpstream):
             form.add_field(
                 "mask", io.BytesIO(request.mask.data), filename="mask.png", content_type="image/png"
             )
-        if family == GPT_IMAGE:
+        if rules.family is not None:
             for key, value in self._gpt_image_fields(request).items():
                 form.add_field(key, str(value))
         else:
             form.add_field("response_format", "b64_json")
-        if request.user:
-            form.add_field("user", request.user)
+            if request.user:
+                form.add_field("user", request.user)
         return form
 
     def _variation_form(self, request: ProviderRequest) -> aiohttp.FormData:
         form = aiohttp.FormData()
-        if self._names_model():
-            form.add_field("model", request.upstream_model)
+        model = self._body_model(request)
+        if model is not None:
+            form.add_field("model", model)
         image = request.images[0]
         form.add_field(
             "image",
@@ -387,9 +492,40 @@ class OpenAICompatibleProvider(HttpUpstream):
         async with session.post(url, data=form, headers=self._headers(request, json=False)) as resp:
             if not 200 <= resp.status < 300:
                 body = await read_capped(resp, MAX_ERROR_BODY_BYTES, truncate=True)
-                self._raise_for_status(resp.status, resp.headers, body)
+                self._raise_for_status(resp.status, resp.headers, body, request)
             answer = await self.read_json(resp)
         return await self._read_result(session, answer, request.n)
+
+    async def _list_models(self, url: str) -> frozenset[str]:
+        headers = {"Accept": "application/json", **self._auth_headers()}
+
+        async def call(session: aiohttp.ClientSession) -> frozenset[str]:
+            async with session.get(url, headers=headers) as resp:
+                if not 200 <= resp.status < 300:
+                    body = await read_capped(resp, MAX_ERROR_BODY_BYTES, truncate=True)
+                    error = _error_object(body)
+                    code = short_identifier(error.get("code")) or short_identifier(
+                        error.get("type")
+                    )
+                    raise self.status_error(resp.status, resp.headers, self._scrub(code))
+                answer = await self.read_json(resp)
+            return self._model_ids(answer)
+
+        return await self.within_deadline(call)
+
+    def _model_ids(self, answer: Mapping[str, Any]) -> frozenset[str]:
+        items = answer.get("data")
+        if not isinstance(items, list):
+            raise self.unreadable("the model list has no data")
+        now = time.time()
+        ids: set[str] = set()
+        for item in items:
+            if not isinstance(item, dict):
+                raise self.unreadable("a model list item is not an object")
+            model_id = item.get("id")
+            if isinstance(model_id, str) and model_id and not _past(_retirement(item), now):
+                ids.add(model_id)
+        return frozenset(ids)
 
     async def _stream(
         self,
@@ -399,7 +535,7 @@ class OpenAICompatibleProvider(HttpUpstream):
         body: bytes | None = None,
         form: aiohttp.FormData | None = None,
     ) -> AsyncGenerator[StreamEvent]:
-        """A gpt-image call answered with server-sent events: partial renders and images as
+        """A GPT image call answered with server-sent events: partial renders and images as
         they come. A failure before the first event may be retried by the caller; after it,
         the stream ends with UpstreamError (or ContentPolicy) and the images already yielded
         stand."""
@@ -412,7 +548,7 @@ class OpenAICompatibleProvider(HttpUpstream):
             ) as resp:
                 if not 200 <= resp.status < 300:
                     error_body = await read_capped(resp, MAX_ERROR_BODY_BYTES, truncate=True)
-                    self._raise_for_status(resp.status, resp.headers, error_body)
+                    self._raise_for_status(resp.status, resp.headers, error_body, request)
                 if resp.content_type == "application/json":
                     # A compatible server that does not stream answers all at once.
                     answer = await self.read_json(resp)
@@ -478,7 +614,11 @@ class OpenAICompatibleProvider(HttpUpstream):
         return headers
 
     def _raise_for_status(
-        self, status: int, headers: Mapping[str, str], body: bytes | None
+        self,
+        status: int,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        request: ProviderRequest,
     ) -> NoReturn:
         error = _error_object(body)
         code = short_identifier(error.get("code"))
@@ -488,6 +628,8 @@ class OpenAICompatibleProvider(HttpUpstream):
 
         if status in (400, 403, 422) and _is_content_policy(error):
             raise ContentPolicy(_CONTENT_POLICY_MESSAGE)
+        if _model_gone(status, code, kind, message, error.get("param"), request.upstream_model):
+            raise self.model_unavailable(request.upstream_model, status)
         if status in (400, 422) and not self._is_upstream_fault(code, message):
             param = error.get("param")
             text = self._scrub(message.strip())[:_MAX_UPSTREAM_MESSAGE]
@@ -500,8 +642,8 @@ class OpenAICompatibleProvider(HttpUpstream):
         raise self.status_error(status, headers, self._scrub(code or kind))
 
     def _scrub(self, text: str) -> str:
-        if self._api_key:
-            text = text.replace(self._api_key, "***")
+        for secret in self._secrets():
+            text = text.replace(secret, "***")
         return text
 
     async def _read_result(
@@ -540,19 +682,67 @@ class OpenAICompatibleProvider(HttpUpstream):
 
 
 AZURE_API_VERSION = "2024-10-21"
-# gpt-image deployments are served only by preview API versions so far.
+# gpt-image deployments are served only by preview API versions on the deployment routes.
 AZURE_GPT_IMAGE_API_VERSION = "2025-04-01-preview"
+# The two Azure APIs: `deployments` (dated api-version, deployment in the path) and `v1`.
+AZURE_APIS = ("deployments", "v1")
+
+
+class _TokenFile:
+    """A Microsoft Entra ID access token kept in a file that something else refreshes (a
+    sidecar, a mounted secret): read again whenever the file changes."""
+
+    def __init__(self, provider: str, path: str) -> None:
+        self._provider = provider
+        self._path = Path(path)
+        self._stamp: tuple[int, int, int] | None = None
+        self._token = ""
+
+    @property
+    def current(self) -> str:
+        """The last token read, or "" (for scrubbing error texts)."""
+        return self._token
+
+    def token(self) -> str:
+        try:
+            # stat follows symlinks, so a Kubernetes volume's atomic swap is seen too.
+            info = os.stat(self._path)
+            stamp = (info.st_mtime_ns, info.st_size, info.st_ino)
+            if stamp != self._stamp:
+                self._token = self._path.read_text(encoding="utf-8").strip()
+                self._stamp = stamp
+        except (OSError, UnicodeDecodeError) as exc:
+            # Neither the path nor the cause's text reaches the caller; the cause is chained
+            # for our logs.
+            raise UpstreamError(
+                f"upstream {self._provider!r}: the Entra ID token file cannot be read "
+                f"({type(exc).__name__})"
+            ) from exc
+        if not self._token:
+            raise UpstreamError(f"upstream {self._provider!r}: the Entra ID token file is empty")
+        return self._token
 
 
 class AzureOpenAIProvider(OpenAICompatibleProvider):
-    """Azure OpenAI: ``POST {resource}/openai/deployments/{deployment}/images/generations
-    ?api-version=...`` with an ``api-key`` header.
+    """Azure OpenAI, over one of its two APIs (``api``):
+
+    * ``deployments``: ``POST {resource}/openai/deployments/{deployment}/images/generations
+      ?api-version=...``, no ``model`` in the body (the deployment decides). Without
+      ``api_version`` a GPT image deployment gets the preview version that serves it, any
+      other the GA version.
+    * ``v1``: ``POST {resource}/openai/v1/images/generations`` with no api-version and the
+      deployment name as the body's ``model``; ``list_models`` reads
+      ``GET {resource}/openai/v1/models``.
 
     The deployment is ``deployment`` when configured, else the request's upstream model id, so
     one provider can serve several deployments named after their models. The model rules
-    follow ``deployment_model`` (the model the deployment runs) when configured, else the
-    upstream model id, else the deployment name. Without ``api_version`` a gpt-image deployment
-    gets the preview version that serves it, any other the GA version."""
+    follow the request's family when the catalog names one, else ``deployment_model`` (the
+    model the deployment runs) when configured, else the upstream model id, else the
+    deployment name.
+
+    Authentication: the resource key in an ``api-key`` header, or (``token_file``) a Microsoft
+    Entra ID access token as ``Authorization: Bearer``, never both (as the SDK's
+    ``lib/azure.py``, whose AzureOpenAI sends exactly these two headers)."""
 
     _output_formats = frozenset({"jpeg"})
     _imageless_item_is_filtered = True
@@ -566,16 +756,31 @@ class AzureOpenAIProvider(OpenAICompatibleProvider):
         deployment: str = "",
         deployment_model: str = "",
         api_version: str = "",
+        api: str = "deployments",
+        token_file: str = "",
         timeout_seconds: float = 120.0,
         max_connections: int = 64,
     ) -> None:
         endpoint = base_url.strip().rstrip("/")
-        # The portal shows the resource endpoint; a copied ".../openai" would double the path.
-        endpoint = endpoint.removesuffix("/openai")
+        # The portal shows the resource endpoint; a copied ".../openai" or ".../openai/v1"
+        # would double the path.
+        endpoint = endpoint.removesuffix("/openai/v1").removesuffix("/openai")
         if not endpoint:
             raise ValueError(
                 f"providers.{name}: base_url is required for type 'azure-openai' "
                 "(the resource endpoint, e.g. https://myresource.openai.azure.com)"
+            )
+        api = api.strip() or "deployments"
+        if api not in AZURE_APIS:
+            raise ValueError(
+                f"providers.{name}.api must be one of {', '.join(AZURE_APIS)}, not {api!r}"
+            )
+        if api == "v1" and api_version.strip():
+            raise ValueError(f"providers.{name}: api_version does not apply to api = 'v1'")
+        if api_key and token_file.strip():
+            raise ValueError(
+                f"providers.{name}: an API key and token_file are mutually exclusive; "
+                "configure one of them"
             )
         super().__init__(
             name,
@@ -587,18 +792,38 @@ class AzureOpenAIProvider(OpenAICompatibleProvider):
         self._deployment = deployment.strip()
         self._deployment_model = deployment_model.strip()
         self._api_version = api_version.strip()
+        self._v1 = api == "v1"
+        self._token_file = _TokenFile(name, token_file.strip()) if token_file.strip() else None
+        # The dated API versions document `user`; `safety_identifier` is sent where the
+        # request names the model as OpenAI's API does (v1).
+        self._user_field = "safety_identifier" if self._v1 else "user"
+
+    async def list_models(self) -> frozenset[str] | None:
+        """The v1 API's ``GET {resource}/openai/v1/models`` ids (the resource's models, less
+        those whose ``deprecation.inference`` date has passed); None on the deployment routes,
+        which list no deployments on the data plane."""
+        if not self._v1:
+            return None
+        return await self._list_models(f"{self._base_url}/openai/v1/models")
 
     def _deployment_for(self, request: ProviderRequest) -> str:
         return self._deployment or request.upstream_model
 
-    def _family(self, request: ProviderRequest) -> str | None:
-        if self._deployment_model:
-            return model_family(self._deployment_model)
-        return model_family(request.upstream_model) or model_family(self._deployment_for(request))
+    def _rules(self, request: ProviderRequest) -> _Rules:
+        models = [self._deployment_model] if self._deployment_model else []
+        models += [request.upstream_model, self._deployment_for(request)]
+        family = gpt_image_family(request.family, *models)
+        if family is not None:
+            return _Rules(family=family)
+        return _Rules(legacy=legacy_model(*models))
 
     def _url(self, request: ProviderRequest, operation: str = "generations") -> str:
+        if self._v1:
+            return f"{self._base_url}/openai/v1/images/{operation}"
         version = self._api_version or (
-            AZURE_GPT_IMAGE_API_VERSION if self._family(request) == GPT_IMAGE else AZURE_API_VERSION
+            AZURE_GPT_IMAGE_API_VERSION
+            if self._rules(request).family is not None
+            else AZURE_API_VERSION
         )
         deployment = quote(self._deployment_for(request), safe="")
         return f"{self._base_url}/openai/deployments/{deployment}/images/{operation}?" + urlencode(
@@ -606,15 +831,24 @@ class AzureOpenAIProvider(OpenAICompatibleProvider):
         )
 
     def _auth_headers(self) -> dict[str, str]:
+        if self._token_file is not None:
+            return {"Authorization": f"Bearer {self._token_file.token()}"}
         return {"api-key": self._api_key} if self._api_key else {}
 
-    def _names_model(self) -> bool:
-        # The deployment decides the model, and a deployment name is not a model id.
-        return False
+    def _body_model(self, request: ProviderRequest) -> str | None:
+        # v1: the body names the deployment. The deployment routes name it in the path, and a
+        # deployment name is not a model id.
+        return self._deployment_for(request) if self._v1 else None
 
     def _is_upstream_fault(self, code: str, message: str) -> bool:
         # A wrong api_version is our configuration, not the caller's request.
         return code == "BadRequest" and "api version" in message.lower()
+
+    def _secrets(self) -> list[str]:
+        secrets = super()._secrets()
+        if self._token_file is not None and self._token_file.current:
+            secrets.append(self._token_file.current)
+        return secrets
 
     def status_error(
         self, status: int, headers: Mapping[str, str], code: str = ""
@@ -630,6 +864,67 @@ class AzureOpenAIProvider(OpenAICompatibleProvider):
             if seconds == seconds:  # not NaN
                 error.retry_after_seconds = min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
         return error
+
+
+def _size_problem(family: Family, width: int, height: int) -> str | None:
+    """Why the family cannot make ``width x height``; None if it can."""
+    if f"{width}x{height}" in family.sizes:
+        return None
+    if family.size_rule is not None:
+        return family.size_rule.problem(width, height)
+    return f"supported sizes are {', '.join(family.sizes)}"
+
+
+def _model_gone(
+    status: int, code: str, kind: str, message: str, param: Any, upstream_model: str
+) -> bool:
+    """Whether an error answer says the model does not exist or was retired: a
+    ``model_not_found`` / ``DeploymentNotFound`` code, or a 400/404 invalid request whose
+    message says the model (by that word, the ``model`` param or its id) is gone."""
+    if status not in (400, 404):
+        return False
+    if code in _MODEL_GONE_CODES:
+        return True
+    if kind not in ("", "invalid_request_error") or not message:
+        return False
+    if param == "model":
+        return re.search(_MODEL_GONE_WORDS, message, re.IGNORECASE) is not None
+    # The words must be said of the model, not of some parameter.
+    subjects = [r"\bmodel\b"] + ([re.escape(upstream_model)] if upstream_model else [])
+    pattern = rf"(?:{'|'.join(subjects)})[^\n]{{0,80}}?{_MODEL_GONE_WORDS}"
+    return re.search(pattern, message, re.IGNORECASE) is not None
+
+
+def _retirement(item: Mapping[str, Any]) -> Any:
+    """When a listed model stops serving: OpenAI's ``shutdown_date`` (the SDK's
+    ``types/model.py``) or Azure's ``deprecation.inference`` (a Unix time)."""
+    deprecation = item.get("deprecation")
+    if isinstance(deprecation, dict) and deprecation.get("inference") is not None:
+        return deprecation.get("inference")
+    return item.get("shutdown_date")
+
+
+def _past(when: Any, now: float) -> bool:
+    """Whether ``when`` (an ISO date or time, or Unix seconds) is before ``now``; False when
+    absent or unreadable."""
+    if isinstance(when, bool):
+        return False
+    if isinstance(when, int | float):
+        return float(when) <= now
+    if not isinstance(when, str) or not when.strip():
+        return False
+    text = when.strip()
+    try:
+        if len(text) == 10:
+            day = date.fromisoformat(text)
+            moment = datetime(day.year, day.month, day.day, tzinfo=UTC)
+        else:
+            moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=UTC)
+    except ValueError:
+        return False
+    return moment.timestamp() <= now
 
 
 def _batches(n: int, per_call: int) -> list[int]:
@@ -771,7 +1066,9 @@ def from_config(config: ProviderConfig, credential: str | None) -> OpenAICompati
 
 
 def azure_from_config(config: ProviderConfig, credential: str | None) -> AzureOpenAIProvider:
-    """Options: ``deployment``, ``deployment_model``, ``api_version`` (see the class)."""
+    """Options (see the class): ``api`` (``deployments``, the default, or ``v1``),
+    ``deployment``, ``deployment_model``, ``api_version`` (deployments only) and
+    ``token_file`` (a Microsoft Entra ID access token, instead of an API key)."""
 
     def option(key: str) -> str:
         value = config.options.get(key, "")
@@ -786,6 +1083,8 @@ def azure_from_config(config: ProviderConfig, credential: str | None) -> AzureOp
         deployment=option("deployment"),
         deployment_model=option("deployment_model"),
         api_version=option("api_version"),
+        api=option("api"),
+        token_file=option("token_file"),
         timeout_seconds=config.timeout_seconds,
         max_connections=config.max_connections,
     )

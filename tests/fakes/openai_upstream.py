@@ -1,5 +1,9 @@
 """A loopback fake of OpenAI's Images API, and of Azure OpenAI's, served by a real aiohttp server.
 
+Its model rules follow the official SDK, openai-python 3.51.0 (``types/image_model.py``,
+``types/image_generate_params.py``, ``types/image_edit_params.py``,
+``types/images_response.py``), written here independently of the adapter's own tables.
+
 Typical use::
 
     async with FakeOpenAIUpstream(api_key="sk-upstream-test") as fake:
@@ -8,48 +12,73 @@ Typical use::
         )
         fake.script(rate_limited(retry_after=2), "ok")
         ...  # first call gets a 429, the second a normal answer, later ones the default
-        assert fake.requests[0].body["model"] == "dall-e-3"
+        assert fake.requests[0].body["model"] == "gpt-image-2"
 
 OpenAI mode (the default) routes:
 
 * ``POST /v1/images/generations`` checks ``Authorization: Bearer <api_key>`` (skipped when
   ``api_key`` is None), records the request in ``fake.requests`` and answers with the next
   scripted behaviour, or with ``default`` (a normal answer) once the script is used up.
+* ``GET /v1/models`` answers OpenAI's list shape (``{"object": "list", "data": [{"id",
+  "object": "model", "created", "owned_by"}]}``) of ``listed_models`` (default: the live
+  image models), each with the ``shutdown_date`` that ``shutdown_dates`` gives it.
 * ``GET /files/<id>`` serves images handed out by ``url``-style answers.
 * ``POST /v1/images/edits`` and ``POST /v1/images/variations`` take multipart forms and check
   them as OpenAI does (dall-e-2: one square PNG under 4 MB, variations only for dall-e-2;
-  gpt-image: up to 16 png/jpeg/webp images as ``image`` or ``image[]``; a ``mask`` must be
-  a PNG with alpha of the first image's size). The recorded body is then a ``Form``
+  GPT image models: up to 16 png/jpeg/webp images as ``image`` or ``image[]``; a ``mask``
+  must be a PNG with alpha of the first image's size). The recorded body is then a ``Form``
   (``fields`` by name, ``files`` by name as ``FilePart`` lists).
 
-A gpt-image request with ``stream: true`` is answered with server-sent events: per image
+A model in ``retired_models`` is answered as OpenAI answers a retired one: HTTP 404, code
+``model_not_found`` ("The model `...` has been deprecated"), before anything else is
+checked; it uses up no scripted behaviour. By default nothing is retired, so the stacks'
+``dall-e-2`` and ``gpt-image-1`` fixtures keep working; ``OPENAI_RETIRED_MODELS`` lists what
+OpenAI really retired (dall-e-2 and dall-e-3 on 2026-05-12, gpt-image-1 on 2026-10-23).
+
+A GPT image request with ``stream: true`` is answered with server-sent events: per image
 ``partial_images`` ``*.partial_image`` events, then ``*.completed`` with ``usage``
 (``image_generation.*`` or ``image_edit.*``). ``stream_cut(after_events=k)`` drops the
 connection after k events; ``stream_error(after_events=k)`` sends an ``error`` event after k.
 
 Azure mode (``azure_deployments={"deployment name": "model id", ...}``; ``base_url`` is then the
-resource endpoint) routes ``POST /openai/deployments/<deployment>/images/generations`` and
-``.../images/edits`` (the same multipart form as OpenAI's; no edits for dall-e-3) and
-answers as Azure does when the ``api-version`` query is missing (404), the ``api-key`` header
-is missing or wrong (401; a Bearer header does not count), the version is not one of
-``azure_api_versions`` (400) or the deployment does not exist (404). Its answers for dall-e
-deployments carry Azure's ``content_filter_results`` per item.
+resource endpoint) serves both Azure APIs:
 
-Both modes enforce the real model rules, by the body's ``model`` (OpenAI) or the deployment's
-model (Azure), so an adapter that breaks one gets the real 400: gpt-image-* rejects
-``response_format`` and ``style``, takes quality low|medium|high|auto and sizes 1024x1024,
-1536x1024, 1024x1536 and auto, and answers base64 in its ``output_format`` with token
-``usage``; dall-e-3 takes only n=1, its three sizes, quality standard|hd and style
-vivid|natural, and answers ``url`` items unless asked for ``b64_json``; dall-e-2 rejects
-``quality`` and ``style`` and takes its three square sizes. Other model ids take any WxH.
+* the deployment routes, ``POST /openai/deployments/<deployment>/images/generations`` and
+  ``.../images/edits`` (the same multipart form as OpenAI's; no edits for dall-e-3), answered
+  as Azure does when the ``api-version`` query is missing (404), the credential is missing or
+  wrong (401), the version is not one of ``azure_api_versions`` (400) or the deployment does
+  not exist (404 ``DeploymentNotFound``); a ``model`` in the body is ignored;
+* the v1 API, ``POST /openai/v1/images/generations`` and ``.../images/edits``, where the
+  body's ``model`` names the deployment (an unknown one: 404 ``model_not_found``, OpenAI's
+  shape), no api-version is needed, and ``GET /openai/v1/models`` lists the deployments'
+  models with Azure's ``lifecycle_status`` and ``deprecation.inference`` (in the past for a
+  model in ``retired_models``).
+
+Azure credentials: the ``api-key`` header with ``api_key``, or ``Authorization: Bearer`` with
+one of ``azure_tokens`` (Microsoft Entra ID access tokens); on v1 the key is also taken as a
+Bearer token (as the OpenAI client sends it). A Bearer key on the deployment routes does not
+count. Answers for dall-e deployments carry Azure's ``content_filter_results`` per item.
+
+Both modes enforce the real model rules, by the body's ``model`` (OpenAI, Azure v1) or the
+deployment's model (Azure deployment routes), so an adapter that breaks one gets the real 400:
+the GPT image models (``gpt-image-*``, ``chatgpt-image-*``) reject ``response_format`` and
+``style`` and take quality low|medium|high|auto (gpt-image-2.5-*: also xhigh|max);
+gpt-image-2 and gpt-image-2.5 take any ``WIDTHxHEIGHT`` in multiples of 16 with a ratio within
+3:1, at most 3840 per edge and 3840x2160 pixels, at least 655,360 pixels; the others sizes
+1024x1024, 1536x1024, 1024x1536 and auto. They answer base64 in their ``output_format`` with
+token ``usage`` and echo the effective ``safety_identifier`` (else ``user``). dall-e-3 takes
+only n=1, its three sizes, quality standard|hd and style vivid|natural, and answers ``url``
+items unless asked for ``b64_json``; dall-e-2 rejects ``quality`` and ``style`` and takes its
+three square sizes. Other model ids take any WxH.
 
 Behaviours are ``Behaviour`` values, built with the factory functions below (``ok``, ``slow``,
 ``url``, ``filtered``, ``truncated``, ``garbage``, ``wrong_content_type``, ``http_error``,
 ``server_error``, ``service_unavailable``, ``rate_limited``, ``content_policy_violation``,
 ``moderation_blocked``, ``invalid_value``, ``refusal_in_200``, ``azure_content_policy_violation``,
-``azure_rate_limited``, ``raw``, ``stream_cut``, ``stream_error``). ``script`` also takes
-these names as plain strings, with default arguments (``"slow"`` waits 2 s). A request refused
-for its address, version or key answers without using up a scripted behaviour.
+``azure_rate_limited``, ``model_not_found``, ``model_deprecated``, ``raw``, ``stream_cut``,
+``stream_error``). ``script`` also takes these names as plain strings, with default arguments
+(``"slow"`` waits 2 s). A request refused for its address, version, key or model answers
+without using up a scripted behaviour.
 """
 
 from __future__ import annotations
@@ -75,8 +104,12 @@ from tests.fakes.loopback import LoopbackServer, RecordedRequest, image_bytes
 
 __all__ = [
     "AZURE_API_VERSIONS",
+    "LIVE_IMAGE_MODELS",
+    "OPENAI_RETIRED_MODELS",
     "Behaviour",
     "FakeOpenAIUpstream",
+    "FilePart",
+    "Form",
     "RecordedRequest",
     "azure_content_policy_violation",
     "azure_rate_limited",
@@ -85,8 +118,11 @@ __all__ = [
     "garbage",
     "http_error",
     "invalid_value",
+    "model_deprecated",
+    "model_not_found",
     "moderation_blocked",
     "ok",
+    "parse_form",
     "rate_limited",
     "raw",
     "refusal_in_200",
@@ -111,8 +147,41 @@ _DALL_E_2_SIZES = ("256x256", "512x512", "1024x1024")
 _DALL_E_3_SIZES = ("1024x1024", "1792x1024", "1024x1792")
 _GPT_IMAGE_SIZES = ("1024x1024", "1536x1024", "1024x1536")
 _GPT_IMAGE_QUALITIES = ("low", "medium", "high", "auto")
-# Output tokens per 1024x1024 image by quality (the larger sizes cost 1.5 times as many).
-_GPT_IMAGE_TOKENS = {"low": 272, "medium": 1056, "high": 4160}
+# types/image_generate_params.py: the gpt-image-2.5 models "also support `xhigh` and `max`".
+_GPT_IMAGE_2_5_QUALITIES = (*_GPT_IMAGE_QUALITIES, "xhigh", "max")
+# Output tokens per 1024x1024 image by quality; other sizes in proportion to their pixels.
+_GPT_IMAGE_TOKENS = {"low": 272, "medium": 1056, "high": 4160, "xhigh": 8320, "max": 16640}
+# The SDK's model list (types/image_model.py) less its deprecated values.
+LIVE_IMAGE_MODELS = (
+    "gpt-image-1.5",
+    "gpt-image-2",
+    "gpt-image-2-2026-04-21",
+    "gpt-image-2.5-sunburst",
+    "gpt-image-2.5-sunburst-2026-09-08",
+    "gpt-image-2.5-flare",
+    "gpt-image-2.5-flare-2026-09-08",
+    "gpt-image-2.6-sunburst",
+    "gpt-image-2.6-flare",
+    "gpt-image-1-mini",
+    "chatgpt-image-latest",
+)
+# types/image_model.py: "gpt-image-1" shut down on 2026-10-23, "dall-e-2" and "dall-e-3"
+# retired on 2026-05-12.
+OPENAI_RETIRED_MODELS = frozenset({"dall-e-2", "dall-e-3", "gpt-image-1"})
+# Families as the SDK's parameter docs group the models; the longest matching prefix wins.
+_FAMILY_PREFIXES = (
+    ("gpt-image-2.5", "gpt-image-2.5"),
+    # The SDK names no free sizes for 2.6; it takes the GPT image models' standard sizes.
+    ("gpt-image-2.6", "gpt-image"),
+    ("gpt-image-2", "gpt-image-2"),
+    ("gpt-image", "gpt-image"),
+    ("chatgpt-image", "gpt-image"),
+    ("dall-e-2", "dall-e-2"),
+    ("dall-e-3", "dall-e-3"),
+)
+_GPT_FAMILIES = frozenset({"gpt-image", "gpt-image-2", "gpt-image-2.5"})
+# Azure's v1 API takes no dated version; these values are tolerated, others refused.
+_AZURE_V1_VERSIONS = frozenset({"v1", "preview", "latest"})
 _FILTER_CATEGORIES = ("hate", "self_harm", "sexual", "violence")
 
 
@@ -275,6 +344,26 @@ def invalid_value(
     return http_error(400, message=message, code="invalid_value", param=param)
 
 
+def model_not_found(model: str) -> Behaviour:
+    """OpenAI's 404 for a model that does not exist (or that this key cannot use)."""
+    return http_error(
+        404,
+        message=f"The model `{model}` does not exist or you do not have access to it.",
+        code="model_not_found",
+    )
+
+
+def model_deprecated(model: str, *, status: int = 400) -> Behaviour:
+    """A refusal naming the model as deprecated, with no machine code: the 400 variant."""
+    return http_error(
+        status,
+        message=(
+            f"The model `{model}` has been deprecated, learn more here: "
+            "https://platform.openai.com/docs/deprecations"
+        ),
+    )
+
+
 def refusal_in_200() -> Behaviour:
     """Azure's documented refusal shape: a body with ``error`` and no ``data``."""
     body = {
@@ -402,11 +491,31 @@ def _not_supported(value: Any, param: str, supported: Collection[str]) -> web.Re
 
 
 def _family(model: Any) -> str | None:
+    """``gpt-image``, ``gpt-image-2``, ``gpt-image-2.5``, ``dall-e-2``, ``dall-e-3`` or None."""
     if not isinstance(model, str):
         return None
-    for family in ("dall-e-2", "dall-e-3", "gpt-image"):
-        if model.startswith(family):
+    for prefix, family in _FAMILY_PREFIXES:
+        if model.startswith(prefix):
             return family
+    return None
+
+
+def _is_gpt(family: str | None) -> bool:
+    return family in _GPT_FAMILIES
+
+
+def _free_size_problem(width: int, height: int) -> str | None:
+    """types/image_generate_params.py for gpt-image-2 and 2.5: "Width and height must both be
+    divisible by 16 and the requested aspect ratio must be between 1:3 and 3:1 ... the
+    maximum supported resolution is 3840x2160"; the lower bound is OpenAI's image guide's."""
+    if width % 16 or height % 16:
+        return "Width and height must both be divisible by 16."
+    if max(width, height) > 3 * min(width, height):
+        return "The aspect ratio must be between 1:3 and 3:1."
+    if max(width, height) > 3840 or width * height > 3840 * 2160:
+        return "The maximum supported resolution is 3840x2160."
+    if width * height < 655_360:
+        return "The image must have at least 655,360 pixels."
     return None
 
 
@@ -420,11 +529,20 @@ class FakeOpenAIUpstream(LoopbackServer[Behaviour]):
         default: Behaviour | None = None,
         azure_deployments: Mapping[str, str] | None = None,
         azure_api_versions: Collection[str] = AZURE_API_VERSIONS,
+        azure_tokens: Collection[str] = (),
+        retired_models: Collection[str] = (),
+        listed_models: Collection[str] | None = None,
+        shutdown_dates: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(default or ok())
         self.api_key = api_key
         self.azure_deployments = dict(azure_deployments) if azure_deployments is not None else None
         self.azure_api_versions = frozenset(azure_api_versions)
+        # Microsoft Entra ID access tokens this Azure resource accepts as Bearer.
+        self.azure_tokens = frozenset(azure_tokens)
+        self.retired_models = frozenset(retired_models)
+        self.listed_models = tuple(LIVE_IMAGE_MODELS if listed_models is None else listed_models)
+        self.shutdown_dates = dict(shutdown_dates or {})
         # Downloads of images handed out by url-style answers.
         self.file_requests: list[RecordedRequest] = []
         self.base_url = ""
@@ -469,10 +587,14 @@ class FakeOpenAIUpstream(LoopbackServer[Behaviour]):
                 "/openai/deployments/{deployment}/images/generations", self._azure_generations
             )
             app.router.add_post("/openai/deployments/{deployment}/images/edits", self._azure_edits)
+            app.router.add_post("/openai/v1/images/generations", self._azure_v1_generations)
+            app.router.add_post("/openai/v1/images/edits", self._azure_v1_edits)
+            app.router.add_get("/openai/v1/models", self._azure_v1_models)
         else:
             app.router.add_post("/v1/images/generations", self._openai_generations)
             app.router.add_post("/v1/images/edits", self._openai_edits)
             app.router.add_post("/v1/images/variations", self._openai_variations)
+            app.router.add_get("/v1/models", self._openai_models)
         app.router.add_get("/files/{name}", self._file)
         # Last, so it catches only what nothing above matched.
         app.router.add_route("*", "/{tail:.*}", self._no_route)
@@ -497,6 +619,23 @@ class FakeOpenAIUpstream(LoopbackServer[Behaviour]):
             )
         return await self._answer(seen.body, model=None, request=request)
 
+    async def _openai_models(self, request: web.Request) -> web.Response:
+        seen = await self.record(request)
+        if (denied := self._unauthorized(seen)) is not None:
+            return denied
+        data: list[dict[str, Any]] = []
+        for model in self.listed_models:
+            item: dict[str, Any] = {
+                "id": model,
+                "object": "model",
+                "created": 1_700_000_000,
+                "owned_by": "system",
+            }
+            if model in self.shutdown_dates:
+                item["shutdown_date"] = self.shutdown_dates[model]
+            data.append(item)
+        return web.json_response({"object": "list", "data": data}, dumps=_dumps)
+
     def _unauthorized(self, seen: RecordedRequest) -> web.Response | None:
         if self.api_key is None or seen.headers.get("Authorization") == f"Bearer {self.api_key}":
             return None
@@ -510,7 +649,7 @@ class FakeOpenAIUpstream(LoopbackServer[Behaviour]):
     async def _record_form(self, request: web.Request) -> tuple[RecordedRequest, Form | None]:
         """Records the request with its parsed multipart form as the body."""
         seen = await self.record(request)
-        form = _parse_form(request.headers.get("Content-Type", ""), seen.body)
+        form = parse_form(request.headers.get("Content-Type", ""), seen.body)
         if form is not None:
             seen = dataclasses.replace(seen, body=form)
             self.requests[-1] = seen
@@ -555,8 +694,7 @@ class FakeOpenAIUpstream(LoopbackServer[Behaviour]):
             return rejection
         if form is None:
             return _error_response(400, "The request must be multipart/form-data.")
-        form.fields.pop("model", None)
-        body, rejection = _edit_body(form, model=model)
+        body, rejection = _edit_body(_without_model(form), model=model)
         if rejection is not None:
             return rejection
         body.pop("model", None)
@@ -569,14 +707,8 @@ class FakeOpenAIUpstream(LoopbackServer[Behaviour]):
         version = seen.query.get("api-version")
         if not version:
             return "", _azure_error(404, "404", "Resource not found")
-        if self.api_key is not None and seen.headers.get("api-key") != self.api_key:
-            return "", _azure_error(
-                401,
-                "401",
-                "Access denied due to invalid subscription key or wrong API endpoint. Make sure "
-                "to provide a valid key for an active subscription and use a correct regional "
-                "API endpoint for your resource.",
-            )
+        if (denied := self._azure_unauthorized(seen, v1=False)) is not None:
+            return "", denied
         if version not in self.azure_api_versions:
             return "", _azure_error(400, "BadRequest", "API version not supported")
         assert self.azure_deployments is not None
@@ -589,6 +721,100 @@ class FakeOpenAIUpstream(LoopbackServer[Behaviour]):
                 "deployment within the last 5 minutes, please wait a moment and try again.",
             )
         return model, None
+
+    def _azure_unauthorized(self, seen: RecordedRequest, *, v1: bool) -> web.Response | None:
+        """Azure's 401, unless the request carries the key (``api-key``; on v1 also as a
+        Bearer token) or one of the Entra ID tokens as ``Authorization: Bearer``."""
+        if self.api_key is None and not self.azure_tokens:
+            return None
+        if self.api_key is not None and seen.headers.get("api-key") == self.api_key:
+            return None
+        accepted = set(self.azure_tokens)
+        if v1 and self.api_key is not None:
+            accepted.add(self.api_key)
+        scheme, _, token = seen.headers.get("Authorization", "").partition(" ")
+        if scheme == "Bearer" and token in accepted:
+            return None
+        return _azure_error(
+            401,
+            "401",
+            "Access denied due to invalid subscription key or wrong API endpoint. Make sure "
+            "to provide a valid key for an active subscription and use a correct regional "
+            "API endpoint for your resource.",
+        )
+
+    def _azure_v1_refusal(self, seen: RecordedRequest) -> web.Response | None:
+        """The v1 API's answer to a wrong credential or a dated api-version, else None."""
+        if (denied := self._azure_unauthorized(seen, v1=True)) is not None:
+            return denied
+        version = seen.query.get("api-version")
+        if version is not None and version not in _AZURE_V1_VERSIONS:
+            return _azure_error(400, "BadRequest", "API version not supported")
+        return None
+
+    def _azure_v1_model(self, model: Any) -> tuple[str, web.Response | None]:
+        """The model of the deployment the v1 body names, or the v1 API's 404 for it."""
+        if not isinstance(model, str) or not model:
+            return "", _error_response(400, "Missing required parameter: 'model'.", param="model")
+        assert self.azure_deployments is not None
+        deployed = self.azure_deployments.get(model)
+        if deployed is None:
+            return "", _error_response(
+                404,
+                f"The model `{model}` does not exist or you do not have access to it.",
+                code="model_not_found",
+            )
+        return deployed, None
+
+    async def _azure_v1_generations(self, request: web.Request) -> web.StreamResponse:
+        seen = await self.record(request)
+        if (refusal := self._azure_v1_refusal(seen)) is not None:
+            return refusal
+        if not isinstance(seen.body, dict):
+            return await self._answer(seen.body, model=None, request=request)
+        model, rejection = self._azure_v1_model(seen.body.get("model"))
+        if rejection is not None:
+            return rejection
+        return await self._answer(seen.body, model=model, request=request)
+
+    async def _azure_v1_edits(self, request: web.Request) -> web.StreamResponse:
+        seen, form = await self._record_form(request)
+        if (refusal := self._azure_v1_refusal(seen)) is not None:
+            return refusal
+        if form is None:
+            return _error_response(400, "The request must be multipart/form-data.")
+        model, rejection = self._azure_v1_model(form.fields.get("model"))
+        if rejection is not None:
+            return rejection
+        body, rejection = _edit_body(_without_model(form), model=model)
+        if rejection is not None:
+            return rejection
+        body.pop("model", None)
+        return await self._answer(body, model=model, request=request, prefix="image_edit")
+
+    async def _azure_v1_models(self, request: web.Request) -> web.Response:
+        """The resource's models, as Azure lists them: ``lifecycle_status`` and the time
+        after which ``deprecation.inference`` ends (past for retired models)."""
+        seen = await self.record(request)
+        if (refusal := self._azure_v1_refusal(seen)) is not None:
+            return refusal
+        assert self.azure_deployments is not None
+        now = int(time.time())
+        data = [
+            {
+                "id": model,
+                "object": "model",
+                "created_at": 1_700_000_000,
+                "status": "succeeded",
+                "lifecycle_status": "generally-available",
+                "capabilities": {"inference": True, "fine_tune": False},
+                "deprecation": {
+                    "inference": now - 86_400 if model in self.retired_models else now + 86_400
+                },
+            }
+            for model in sorted(set(self.azure_deployments.values()))
+        ]
+        return web.json_response({"object": "list", "data": data}, dumps=_dumps)
 
     async def _answer(
         self,
@@ -605,6 +831,14 @@ class FakeOpenAIUpstream(LoopbackServer[Behaviour]):
                 "you aren't using your HTTP library correctly.)",
             )
         model = model or body.get("model")
+        if model in self.retired_models:
+            # OpenAI answers a retired model before looking at anything else.
+            return _error_response(
+                404,
+                f"The model `{model}` has been deprecated, learn more here: "
+                "https://platform.openai.com/docs/deprecations",
+                code="model_not_found",
+            )
         # Validation comes first, as upstream: a body the model cannot take never reaches
         # generation, so it does not use up a scripted behaviour either.
         rejection = self._request_error(_family(model), body)
@@ -696,14 +930,35 @@ class FakeOpenAIUpstream(LoopbackServer[Behaviour]):
     def _request_error(self, family: str | None, body: dict[str, Any]) -> web.Response | None:
         """The real 400 for a body this model does not take, else None."""
         size, quality = body.get("size", "1024x1024"), body.get("quality")
-        if family == "gpt-image":
+        for name in ("safety_identifier", "user"):
+            if body.get(name) is not None and not isinstance(body[name], str):
+                return _error_response(
+                    400, f"Invalid type for '{name}'.", code="invalid_type", param=name
+                )
+        if _is_gpt(family):
             for name in ("response_format", "style"):
                 if name in body:
                     return _unknown_parameter(name)
-            if quality is not None and quality not in _GPT_IMAGE_QUALITIES:
-                return _not_supported(quality, "quality", _GPT_IMAGE_QUALITIES)
-            if size not in (*_GPT_IMAGE_SIZES, "auto"):
-                return _not_supported(size, "size", (*_GPT_IMAGE_SIZES, "auto"))
+            qualities = (
+                _GPT_IMAGE_2_5_QUALITIES if family == "gpt-image-2.5" else _GPT_IMAGE_QUALITIES
+            )
+            if quality is not None and quality not in qualities:
+                return _not_supported(quality, "quality", qualities)
+            if family == "gpt-image":
+                if size not in (*_GPT_IMAGE_SIZES, "auto"):
+                    return _not_supported(size, "size", (*_GPT_IMAGE_SIZES, "auto"))
+            elif size != "auto":
+                parsed = _parse_size(size)
+                problem = (
+                    "Expected WIDTHxHEIGHT." if parsed is None else _free_size_problem(*parsed)
+                )
+                if problem is not None:
+                    return _error_response(
+                        400,
+                        f"Invalid value: {size!r}. {problem}",
+                        code="invalid_value",
+                        param="size",
+                    )
             formats = ("png", "jpeg") if self.azure else ("png", "jpeg", "webp")
             output_format = body.get("output_format", "png")
             if output_format not in formats:
@@ -794,7 +1049,7 @@ class FakeOpenAIUpstream(LoopbackServer[Behaviour]):
         size = body.get("size", "1024x1024")
         parsed = _parse_size(size)
         assert parsed is not None, "validated by _request_error"
-        output_format = body.get("output_format", "png") if family == "gpt-image" else "png"
+        output_format = body.get("output_format", "png") if _is_gpt(family) else "png"
         data = _image(*parsed, output_format)
         prompt = body.get("prompt")
         revised = f"revised: {prompt}" if isinstance(prompt, str) else ""
@@ -814,20 +1069,24 @@ class FakeOpenAIUpstream(LoopbackServer[Behaviour]):
                 item["url"] = f"{self.origin}/files/{name}"
             else:
                 item["b64_json"] = base64.b64encode(data).decode("ascii")
-            if family != "gpt-image":
+            if not _is_gpt(family):
                 item["revised_prompt"] = revised
                 if self.azure and "content_filter_results" not in item:
                     item["content_filter_results"] = _verdicts()
-            if self.azure and family != "gpt-image":
+            if self.azure and not _is_gpt(family):
                 item["prompt_filter_results"] = _verdicts()
             items.append(item)
         answer: dict[str, Any] = {"created": int(time.time()), "data": items}
-        if family == "gpt-image":
+        if _is_gpt(family):
             quality = body.get("quality", "high" if self.azure else "auto")
             answer.update(
                 background="opaque", output_format=output_format, quality=quality, size=size
             )
             answer["usage"] = _gpt_image_usage(prompt, quality, parsed, n)
+            # types/images_response.py: the non-empty safety_identifier, else `user`.
+            identifier = body.get("safety_identifier") or body.get("user")
+            if identifier:
+                answer["safety_identifier"] = identifier
         if behaviour.usage is not None:
             answer["usage"] = dict(behaviour.usage)
 
@@ -865,8 +1124,7 @@ def _verdicts(filtered_category: str = "") -> dict[str, Any]:
 def _gpt_image_usage(prompt: Any, quality: Any, size: tuple[int, int], n: int) -> dict[str, Any]:
     text_tokens = len(prompt.split()) if isinstance(prompt, str) else 0
     per_image = _GPT_IMAGE_TOKENS.get(quality, _GPT_IMAGE_TOKENS["high"])
-    if size != (1024, 1024):
-        per_image = per_image * 3 // 2
+    per_image = per_image * size[0] * size[1] // (1024 * 1024)
     output_tokens = per_image * n
     return {
         "input_tokens": text_tokens,
@@ -911,7 +1169,8 @@ class Form:
     files: dict[str, list[FilePart]] = field(default_factory=dict)
 
 
-def _parse_form(content_type: str, raw: Any) -> Form | None:
+def parse_form(content_type: str, raw: Any) -> Form | None:
+    """A multipart/form-data body as a ``Form``; None when it is not one."""
     if not content_type.startswith("multipart/form-data") or not isinstance(raw, bytes):
         return None
     message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
@@ -934,6 +1193,11 @@ def _parse_form(content_type: str, raw: Any) -> Form | None:
                 FilePart(filename, part.get_content_type(), data)
             )
     return form
+
+
+def _without_model(form: Form) -> Form:
+    """The form to check against a deployment's model (the recorded one stays as sent)."""
+    return Form({k: v for k, v in form.fields.items() if k != "model"}, form.files)
 
 
 def _image_info(data: bytes) -> tuple[str, int, int, str] | None:
