@@ -30,6 +30,7 @@ PROVIDER_TYPES = (
     "google-imagen",
     "vertex-imagen",
     "gemini",
+    "vertex-gemini",
     "stability",
     "bfl",
 )

@@ -1,6 +1,6 @@
 """POST /v1/images/edits through the real stack (the official SDK, the gateway, the service)
-on Gemini native image (inlineData parts in generateContent) and on Azure OpenAI (multipart to
-the deployment's /images/edits), each against its loopback fake."""
+on Gemini native image (gemini-3.1-flash-image: inlineData parts in generateContent) and on
+Azure OpenAI (multipart to the deployment's /images/edits), each against its loopback fake."""
 
 from __future__ import annotations
 
@@ -57,16 +57,12 @@ def _config_toml(root: str, gemini_url: str, azure_url: str) -> str:
         timeout_seconds = 5
         max_retries = 0
 
-        [models."gemini-2.5-flash-image"]
+        # The family (families.py) fills in sizes, operations and input limits.
+        [models."gemini-3.1-flash-image"]
         provider = "gemini"
         owned_by = "google"
-        sizes = ["1024x1024", "1536x1024", "1024x1536"]
-        qualities = ["standard"]
-        max_images = 4
-        operations = ["generate", "edit"]
-        max_input_images = 3
 
-        [models."gemini-2.5-flash-image".price_usd]
+        [models."gemini-3.1-flash-image".price_usd]
         default = "0.039"
 
         [models.azure-gpt-image]
@@ -127,7 +123,7 @@ async def test_a_gemini_edit_through_the_stack_is_charged_exactly_and_a_refusal_
     source = image_bytes(768, 512)
     async with stack.openai_client(key) as client:
         answer = await client.images.edit(
-            model="gemini-2.5-flash-image",
+            model="gemini-3.1-flash-image",
             image=("photo.png", source, "image/png"),
             prompt="make the sky stormy",
             size="1536x1024",
@@ -137,12 +133,17 @@ async def test_a_gemini_edit_through_the_stack_is_charged_exactly_and_a_refusal_
     assert answer.data is not None and len(answer.data) == 2
     for item in answer.data:
         with Image.open(io.BytesIO(base64.b64decode(item.b64_json or ""))) as edited:
-            # 1536x1024 is Gemini's 3:2, made at the model's own 1248x832.
-            assert edited.size == (1248, 832)
+            # 1536x1024 is Gemini's 3:2 at the 1K size, made at the model's own 1264x848.
+            assert edited.size == (1264, 848)
     assert gemini.hits == 2
     for seen in gemini.requests:
+        assert seen.path == "/v1/models/gemini-3.1-flash-image:generateContent"
         assert input_images(seen.body) == [("image/png", source)]
         assert seen.body["contents"][0]["parts"][-1] == {"text": "make the sky stormy"}
+        assert seen.body["generationConfig"]["imageConfig"] == {
+            "aspectRatio": "3:2",
+            "imageSize": "1K",
+        }
     await stack.assert_balance(account_id, OPENING - 2 * GEMINI_PRICE)
 
     # A refusal costs nothing.
@@ -151,7 +152,7 @@ async def test_a_gemini_edit_through_the_stack_is_charged_exactly_and_a_refusal_
     async with stack.openai_client(refused_key) as client:
         with pytest.raises(openai.BadRequestError) as raised:
             await client.images.edit(
-                model="gemini-2.5-flash-image",
+                model="gemini-3.1-flash-image",
                 image=("photo.png", source, "image/png"),
                 prompt="something refused",
                 size="1024x1024",
@@ -165,7 +166,7 @@ async def test_a_gemini_edit_through_the_stack_is_charged_exactly_and_a_refusal_
     async with stack.openai_client(masked_key) as client:
         with pytest.raises(openai.BadRequestError) as raised:
             await client.images.edit(
-                model="gemini-2.5-flash-image",
+                model="gemini-3.1-flash-image",
                 image=("photo.png", source, "image/png"),
                 mask=("mask.png", _alpha_mask(768, 512), "image/png"),
                 prompt="make the sky stormy",

@@ -24,6 +24,7 @@ FACTORIES: Mapping[str, str] = {
     "google-imagen": "imagegen_service.providers.google_imagen:from_config",
     "vertex-imagen": "imagegen_service.providers.google_imagen:vertex_from_config",
     "gemini": "imagegen_service.providers.gemini_image:from_config",
+    "vertex-gemini": "imagegen_service.providers.gemini_image:vertex_from_config",
     "stability": "imagegen_service.providers.stability:from_config",
     "bfl": "imagegen_service.providers.bfl:from_config",
 }

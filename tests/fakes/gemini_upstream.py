@@ -1,4 +1,5 @@
-"""A loopback fake of the Gemini API's ``generateContent`` for image models.
+"""A loopback fake of Gemini image models' ``generateContent`` and of the model list, as the
+Gemini API or as Vertex AI.
 
 Typical use::
 
@@ -7,23 +8,48 @@ Typical use::
         fake.script(ok(), prompt_blocked(), rate_limited(retry_delay="7s"))
         ...  # one behaviour per call, in arrival order; then the default (a normal answer)
 
-Route: ``POST /v1beta/models/{model}:generateContent``. Like Google it
+    async with FakeGeminiUpstream.vertex_ai(TOKEN, project="p", location="global") as fake:
+        ...  # fake.base_url is the Vertex AI base (ending /v1)
 
-* takes the key from ``x-goog-api-key`` (or ``?key=``): none answers 403 PERMISSION_DENIED,
-  a wrong one 400 INVALID_ARGUMENT with ErrorInfo reason ``API_KEY_INVALID`` and a DebugInfo
-  that echoes the key (as Google's does);
-* answers 404 NOT_FOUND for a model it does not know or another method;
-* rejects a body with unknown or misspelt fields with 400 INVALID_ARGUMENT ("Invalid JSON
-  payload received. Unknown name ..."). Stricter than Google on one point: only the camelCase
-  field names are accepted (Google also takes snake_case), so that the adapter's spelling is
-  pinned down;
-* answers one image per call, PNG by default, at the model's real pixel size for the
-  requested ``imageConfig.aspectRatio`` (and ``imageSize`` for models that have it);
-* takes input images for edits as ``inlineData`` parts (``mimeType`` + base64 ``data``, both
-  required, nothing else) beside one text part: a MIME type Gemini does not read, data that
-  is not base64 of an image of that type, or more input images than the model takes (3 for
-  gemini-2.5-flash-image, 14 for gemini-3-pro-image-preview) answer 400 INVALID_ARGUMENT.
-  Each input image adds ``INPUT_IMAGE_TOKENS`` to ``promptTokenCount``.
+Routes (the real paths):
+
+* Gemini API: ``POST /{v1|v1beta}/models/{model}:generateContent`` and
+  ``GET /{v1|v1beta}/models?pageSize=&pageToken=``. Like Google it takes the key from
+  ``x-goog-api-key`` (or ``?key=``): none answers 403 PERMISSION_DENIED, a wrong one 400
+  INVALID_ARGUMENT with ErrorInfo reason ``API_KEY_INVALID`` and a DebugInfo that echoes the
+  key (as Google's does).
+* Vertex AI: ``POST /v1/projects/{p}/locations/{l}/publishers/google/models/{model}:
+  generateContent`` and ``GET /v1beta1/publishers/google/models?pageSize=&pageToken=``, with
+  ``Authorization: Bearer <token>``: none or a wrong one answers 401 UNAUTHENTICATED; another
+  project or location 403 IAM_PERMISSION_DENIED. ``fake.token`` may be changed to model a
+  rotation.
+
+Models (``MODELS``): ``gemini-3.1-flash-image`` (14 aspect ratios, image sizes 512/1K/2K/4K,
+thinking level) and ``gemini-3-pro-image`` (10 ratios, 1K/2K/4K), each taking up to 14 input
+images, as Google's model pages describe them. ``gemini-2.5-flash-image`` was shut down by
+Google on 2026-10-02; the fake still serves it (10 ratios, one size, 3 input images) only
+because the shared routing suite drives it, and leaves it off the model list. Any other id,
+and any id in ``retired``, answers Google's 404 NOT_FOUND for a model that does not exist:
+``models/x is not found for API version v1, or is not supported for generateContent...`` on
+the Gemini API, ``Publisher Model `projects/.../models/x` was not found or your project does
+not have access to it...`` on Vertex AI.
+
+The body is checked the way Google rejects it, with 400 INVALID_ARGUMENT ("Invalid JSON payload
+received. Unknown name ..."): unknown or misspelt fields; an aspect ratio or image size the
+model does not have; ``thinkingConfig`` for a model without a thinking level (an assumption:
+the model pages list the thinking level for the flash family only); more input images than the
+model takes; ``inlineData`` whose ``mimeType`` Gemini does not read or whose ``data`` is not
+base64 of an image of that type. Stricter than Google on one point: only the camelCase field
+names are accepted (Google's JSON parser also takes snake_case, which google-genai sends for
+``thinking_level`` and ``mime_type``; see tests/test_contract_google.py), so that the adapter's
+spelling is pinned down.
+
+Answers: one image per call, PNG by default, at the model's pixel size for the requested ratio
+and size (``pixel_size``; the 1K sizes of the ten standard ratios are the ones Google
+publishes, the others are close approximations: the adapter reads the real size from the image,
+never from a table), with ``candidatesTokenCount`` the model's output tokens for that size
+(gemini-3.1-flash-image: 747, 1120, 1680, 2520 for 512, 1K, 2K, 4K). Each input image adds
+``INPUT_IMAGE_TOKENS`` to ``promptTokenCount``.
 
 Auth, routing and body-shape failures answer without using up a scripted behaviour. Every
 request, refused or not, is recorded in ``fake.requests``; ``max_in_flight`` says how many
@@ -36,7 +62,7 @@ import base64
 import functools
 import io
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -47,17 +73,19 @@ from PIL import Image
 from tests.fakes.loopback import LoopbackServer, image_bytes
 
 __all__ = [
-    "FLASH_IMAGE_SIZES",
     "INPUT_IMAGE_TOKENS",
-    "PRO_IMAGE_SIZES",
+    "MODELS",
     "Behaviour",
     "FakeGeminiUpstream",
+    "FakeModel",
     "finish_refusal",
+    "finished",
     "garbage",
     "google_error",
     "input_images",
     "invalid_argument",
     "ok",
+    "pixel_size",
     "prompt_blocked",
     "rate_limited",
     "raw",
@@ -70,24 +98,9 @@ __all__ = [
     "wrong_content_type",
 ]
 
-ASPECT_RATIOS = ("1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9")
-# gemini-2.5-flash-image: one resolution only.
-FLASH_IMAGE_SIZES: Mapping[str, tuple[int, int]] = {
-    "1:1": (1024, 1024),
-    "2:3": (832, 1248),
-    "3:2": (1248, 832),
-    "3:4": (864, 1184),
-    "4:3": (1184, 864),
-    "4:5": (896, 1152),
-    "5:4": (1152, 896),
-    "9:16": (768, 1344),
-    "16:9": (1344, 768),
-    "21:9": (1536, 672),
-}
-# gemini-3-pro-image-preview at imageSize "1K" (its default); "2K" doubles and "4K" quadruples
-# each side. Public sources agree on 1:1, 3:4, 4:3, 9:16, 16:9 and 21:9; the other four are
-# close approximations (the adapter reads the real size from the image, never from a table).
-PRO_IMAGE_SIZES: Mapping[str, tuple[int, int]] = {
+STANDARD_RATIOS = ("1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9")
+# The 1K sizes Google publishes for the Gemini 3 image models' standard ratios.
+_STANDARD_1K: Mapping[str, tuple[int, int]] = {
     "1:1": (1024, 1024),
     "2:3": (848, 1264),
     "3:2": (1264, 848),
@@ -99,19 +112,72 @@ PRO_IMAGE_SIZES: Mapping[str, tuple[int, int]] = {
     "16:9": (1376, 768),
     "21:9": (1584, 672),
 }
-_SCALE = {"1K": 1, "2K": 2, "4K": 4}
-# Model id -> (sizes at 1K, whether imageConfig.imageSize is accepted).
-MODELS: Mapping[str, tuple[Mapping[str, tuple[int, int]], bool]] = {
-    "gemini-2.5-flash-image": (FLASH_IMAGE_SIZES, False),
-    "gemini-2.5-flash-image-preview": (FLASH_IMAGE_SIZES, False),
-    "gemini-3-pro-image-preview": (PRO_IMAGE_SIZES, True),
+# gemini-3.1-flash-image's extra ratios at 1K: about a megapixel in multiples of 16 (not
+# published sizes).
+_EXTREME_1K: Mapping[str, tuple[int, int]] = {
+    "1:4": (512, 2048),
+    "4:1": (2048, 512),
+    "1:8": (368, 2944),
+    "8:1": (2944, 368),
 }
-# Input images per prompt.
-MAX_INPUT_IMAGES: Mapping[str, int] = {
-    "gemini-2.5-flash-image": 3,
-    "gemini-2.5-flash-image-preview": 3,
-    "gemini-3-pro-image-preview": 14,
+# gemini-2.5-flash-image's one size per ratio.
+_LEGACY_SIZES: Mapping[str, tuple[int, int]] = {
+    "1:1": (1024, 1024),
+    "2:3": (832, 1248),
+    "3:2": (1248, 832),
+    "3:4": (864, 1184),
+    "4:3": (1184, 864),
+    "4:5": (896, 1152),
+    "5:4": (1152, 896),
+    "9:16": (768, 1344),
+    "16:9": (1344, 768),
+    "21:9": (1536, 672),
 }
+# Each side at an image size, relative to 1K.
+_SCALE = {"512": 0.5, "1K": 1, "2K": 2, "4K": 4}
+THINKING_LEVELS = frozenset({"MINIMAL", "LOW", "MEDIUM", "HIGH", "XHIGH"})
+
+
+@dataclass(frozen=True, slots=True)
+class FakeModel:
+    # Pixel size per aspect ratio at imageSize 1K (the default).
+    sizes: Mapping[str, tuple[int, int]]
+    # imageConfig.imageSize values it takes; empty: it takes no imageSize.
+    image_sizes: tuple[str, ...]
+    # candidatesTokenCount of one image, per image size.
+    output_tokens: Mapping[str, int]
+    max_input_images: int
+    thinking_level: bool
+    # Served, but not on the model list (shut down upstream).
+    unlisted: bool = False
+
+
+MODELS: Mapping[str, FakeModel] = {
+    "gemini-3.1-flash-image": FakeModel(
+        sizes={**_STANDARD_1K, **_EXTREME_1K},
+        image_sizes=("512", "1K", "2K", "4K"),
+        output_tokens={"512": 747, "1K": 1120, "2K": 1680, "4K": 2520},
+        max_input_images=14,
+        thinking_level=True,
+    ),
+    "gemini-3-pro-image": FakeModel(
+        sizes=_STANDARD_1K,
+        image_sizes=("1K", "2K", "4K"),
+        output_tokens={"1K": 1120, "2K": 1120, "4K": 2000},
+        max_input_images=14,
+        thinking_level=False,
+    ),
+    "gemini-2.5-flash-image": FakeModel(
+        sizes=_LEGACY_SIZES,
+        image_sizes=(),
+        output_tokens={"1K": 1290},
+        max_input_images=3,
+        thinking_level=False,
+        unlisted=True,
+    ),
+}
+# Listed beside the image models, so a list is more than what the catalog asks about.
+_OTHER_LISTED = ("gemini-3-flash", "gemini-3.1-pro", "gemini-embedding-001")
 INPUT_MIME_TYPES = frozenset({"image/png", "image/jpeg", "image/webp", "image/heic", "image/heif"})
 # What an input image adds to promptTokenCount.
 INPUT_IMAGE_TOKENS = 258
@@ -130,6 +196,7 @@ _GENERATION_CONFIG_FIELDS = frozenset(
     {
         "responseModalities",
         "imageConfig",
+        "thinkingConfig",
         "candidateCount",
         "seed",
         "temperature",
@@ -140,9 +207,19 @@ _GENERATION_CONFIG_FIELDS = frozenset(
     }
 )
 _IMAGE_CONFIG_FIELDS = frozenset({"aspectRatio", "imageSize"})
-_IMAGE_TOKENS = 1290
+_THINKING_CONFIG_FIELDS = frozenset({"thinkingLevel", "includeThoughts"})
+# Google's list methods: 50 a page unless asked, never more than 1000.
+_DEFAULT_PAGE_SIZE = 50
+_MAX_PAGE_SIZE = 1000
 
-Kind = Literal["ok", "prompt_blocked", "finish_refusal", "text_only", "error", "raw", "truncated"]
+Kind = Literal["ok", "prompt_blocked", "finished", "error", "raw", "truncated"]
+
+
+def pixel_size(model: str, aspect_ratio: str, image_size: str = "1K") -> tuple[int, int]:
+    """The size of the image ``model`` answers for this ratio and image size."""
+    width, height = MODELS[model].sizes[aspect_ratio]
+    scale = _SCALE[image_size]
+    return int(width * scale), int(height * scale)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,11 +229,11 @@ class Behaviour:
     kind:
         ``ok``: 200 with one image (``image_format``), preceded by a text part when ``text``
         is set or TEXT was asked for. ``prompt_blocked``: 200 with
-        ``promptFeedback.blockReason = reason`` and no candidates. ``finish_refusal``: 200
-        with one candidate whose ``finishReason = reason`` and no content. ``text_only``: 200
-        with one candidate that answers ``text`` (finishReason ``reason``) and no image.
-        ``error``: ``status`` with ``{"error": error}``. ``raw``: exactly ``status``, ``body``,
-        ``content_type``. ``truncated``: the ``ok`` JSON cut in half.
+        ``promptFeedback.blockReason = reason`` and no candidates. ``finished``: 200 with one
+        candidate whose ``finishReason = reason`` and no image: no content, or a text part
+        when ``text`` is set. ``error``: ``status`` with ``{"error": error}``. ``raw``:
+        exactly ``status``, ``body``, ``content_type``. ``truncated``: the ``ok`` JSON cut in
+        half.
     delay: seconds to wait first; ``stop()`` cuts the wait short.
     """
 
@@ -182,21 +259,28 @@ def slow(seconds: float) -> Behaviour:
 
 
 def prompt_blocked(reason: str = "PROHIBITED_CONTENT") -> Behaviour:
-    """The prompt itself is blocked: SAFETY, OTHER, BLOCKLIST, PROHIBITED_CONTENT, IMAGE_SAFETY."""
+    """The prompt itself is blocked (``types.BlockedReason``): SAFETY, OTHER, BLOCKLIST,
+    PROHIBITED_CONTENT, IMAGE_SAFETY, and on Vertex AI MODEL_ARMOR and JAILBREAK."""
     return Behaviour(kind="prompt_blocked", reason=reason)
 
 
+def finished(reason: str, *, text: str | None = None) -> Behaviour:
+    """A candidate that ends ``reason`` (``types.FinishReason``) without an image."""
+    return Behaviour(kind="finished", reason=reason, text=text)
+
+
 def finish_refusal(reason: str = "IMAGE_SAFETY") -> Behaviour:
-    """The generated image is withheld: IMAGE_SAFETY, IMAGE_PROHIBITED_CONTENT, SAFETY, ..."""
-    return Behaviour(kind="finish_refusal", reason=reason)
+    """The generated image is withheld for safety: IMAGE_SAFETY, IMAGE_PROHIBITED_CONTENT,
+    SAFETY, PROHIBITED_CONTENT, BLOCKLIST, SPII, RECITATION, IMAGE_RECITATION."""
+    return finished(reason)
 
 
 def text_instead_of_image(
     text: str = "I can't create that image. Can I help with something else?",
     reason: str = "STOP",
 ) -> Behaviour:
-    """The model declines in words (finishReason STOP or NO_IMAGE) and sends no image."""
-    return Behaviour(kind="text_only", text=text, reason=reason)
+    """The model answers in words (finishReason STOP, or NO_IMAGE) and sends no image."""
+    return finished(reason, text=text)
 
 
 def raw(
@@ -261,7 +345,7 @@ def rate_limited(retry_delay: str | None = "7s", retry_after: int | None = None)
                 {
                     "quotaMetric": "generativelanguage.googleapis.com/generate_content_requests",
                     "quotaId": "GenerateRequestsPerMinutePerProjectPerModel",
-                    "quotaDimensions": {"location": "global", "model": "gemini-2.5-flash-image"},
+                    "quotaDimensions": {"location": "global", "model": "gemini-3.1-flash-image"},
                 }
             ],
         },
@@ -329,12 +413,24 @@ def _json_response(
 
 
 def _error_response(
-    status: int, status_name: str, message: str, details: Sequence[Mapping[str, Any]] = ()
+    status: int,
+    status_name: str,
+    message: str,
+    details: Sequence[Mapping[str, Any]] = (),
+    headers: Mapping[str, str] | None = None,
 ) -> web.Response:
     error: dict[str, Any] = {"code": status, "message": message, "status": status_name}
     if details:
         error["details"] = [dict(d) for d in details]
-    return _json_response(status, {"error": error})
+    return _json_response(status, {"error": error}, headers)
+
+
+class _Rejected(Exception):
+    """A request the upstream refuses before any behaviour applies."""
+
+    def __init__(self, response: web.Response) -> None:
+        super().__init__(response.status)
+        self.response = response
 
 
 def _unknown_field(name: str, where: str = "") -> tuple[str, str]:
@@ -346,56 +442,99 @@ def _unknown_field(name: str, where: str = "") -> tuple[str, str]:
 
 
 class FakeGeminiUpstream(LoopbackServer[Behaviour]):
-    """The Gemini API on 127.0.0.1; see the module docstring."""
+    """Gemini image models on 127.0.0.1; see the module docstring."""
 
-    def __init__(self, api_key: str = "AIza-test-key", *, default: Behaviour | None = None):
+    def __init__(
+        self,
+        api_key: str = "AIza-test-key",
+        *,
+        vertex: bool = False,
+        project: str = "test-project",
+        location: str = "global",
+        retired: Iterable[str] = (),
+        default: Behaviour | None = None,
+    ) -> None:
         super().__init__(default or ok())
-        self.api_key = api_key
+        self.vertex = vertex
+        # The API key (Gemini API) or access token (Vertex AI) the fake accepts; tests may
+        # change it to model a rotation.
+        self.token = api_key
+        self.project = project
+        self.location = location
+        # Model ids that answer 404 NOT_FOUND as Google answers for a shut-down model.
+        self.retired = set(retired)
+        # The most models one list page holds (Google's is 1000); lower it to force paging.
+        self.max_page_size = _MAX_PAGE_SIZE
         self.in_flight = 0
         self.max_in_flight = 0
 
+    @classmethod
+    def vertex_ai(
+        cls,
+        token: str,
+        *,
+        project: str = "test-project",
+        location: str = "global",
+        retired: Iterable[str] = (),
+        default: Behaviour | None = None,
+    ) -> FakeGeminiUpstream:
+        return cls(
+            token,
+            vertex=True,
+            project=project,
+            location=location,
+            retired=retired,
+            default=default,
+        )
+
+    @property
+    def api_key(self) -> str:
+        return self.token
+
     @property
     def base_url(self) -> str:
-        return f"{self.origin}/v1beta"
+        return f"{self.origin}/v1"
 
     def routes(self, app: web.Application) -> None:
-        app.router.add_post("/v1beta/models/{target}", self._generate)
+        if self.vertex:
+            app.router.add_post(
+                "/v1/projects/{project}/locations/{location}/publishers/google/models/{target}",
+                self._generate,
+            )
+            app.router.add_get("/v1beta1/publishers/google/models", self._list)
+        else:
+            app.router.add_post("/{version:v1|v1beta}/models/{target}", self._generate)
+            app.router.add_get("/{version:v1|v1beta}/models", self._list)
+
+    # -- routes -------------------------------------------------------------------------------
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             return await self._answer(request)
+        except _Rejected as rejected:
+            return rejected.response
         finally:
             self.in_flight -= 1
 
+    async def _list(self, request: web.Request) -> web.StreamResponse:
+        await self.record(request)
+        try:
+            self._authenticate(request, "")
+            return self._model_page(request)
+        except _Rejected as rejected:
+            return rejected.response
+
     async def _answer(self, request: web.Request) -> web.StreamResponse:
         recorded = await self.record(request)
-
-        key = request.headers.get("x-goog-api-key") or request.query.get("key")
-        if not key:
-            return _error_response(
-                403,
-                "PERMISSION_DENIED",
-                "Method doesn't allow unregistered callers (callers without established "
-                "identity). Please use API Key or other form of API consumer identity to call "
-                "this API.",
-            )
-        if key != self.api_key:
-            return self._invalid_key(key)
-
         model, _, method = request.match_info["target"].rpartition(":")
-        if method != "generateContent" or model not in MODELS:
-            return _error_response(
-                404,
-                "NOT_FOUND",
-                f"models/{model} is not found for API version v1beta, or is not supported "
-                "for generateContent. Call ListModels to see the list of available models and "
-                "their supported methods.",
-            )
-        sizes, has_image_size = MODELS[model]
+        self._authenticate(request, model)
+        if method != "generateContent" or model not in MODELS or model in self.retired:
+            raise _Rejected(self._not_found(request, model))
+        spec = MODELS[model]
         body = recorded.body
-        problem = _validate(body, model, has_image_size)
+        problem = _validate(body, model, spec)
         if problem is not None:
             message, field_path = problem
             return _error_response(
@@ -422,13 +561,98 @@ class FakeGeminiUpstream(LoopbackServer[Behaviour]):
                 body=behaviour.body,
                 headers={"Content-Type": behaviour.content_type, **behaviour.headers},
             )
-        payload = self._answer_body(body, model, sizes, behaviour)
+        payload = self._answer_body(body, model, spec, behaviour)
         if behaviour.kind == "truncated":
             raw_payload = orjson.dumps(payload)
             return web.Response(
                 body=raw_payload[: len(raw_payload) // 2], content_type="application/json"
             )
         return _json_response(200, payload)
+
+    # -- auth and routing failures ------------------------------------------------------------
+
+    def _authenticate(self, request: web.Request, model: str) -> None:
+        if self.vertex:
+            self._authenticate_vertex(request, model)
+            return
+        key = request.headers.get("x-goog-api-key") or request.query.get("key")
+        if not key:
+            raise _Rejected(
+                _error_response(
+                    403,
+                    "PERMISSION_DENIED",
+                    "Method doesn't allow unregistered callers (callers without established "
+                    "identity). Please use API Key or other form of API consumer identity to "
+                    "call this API.",
+                )
+            )
+        if key != self.token:
+            raise _Rejected(self._invalid_key(key))
+
+    def _authenticate_vertex(self, request: web.Request, model: str) -> None:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme != "Bearer" or token != self.token:
+            missing = not header
+            raise _Rejected(
+                _error_response(
+                    401,
+                    "UNAUTHENTICATED",
+                    (
+                        "Request is missing required authentication credential."
+                        if missing
+                        else "Request had invalid authentication credentials."
+                    )
+                    + " Expected OAuth 2 access token, login cookie or other valid "
+                    "authentication credential.",
+                    [
+                        {
+                            "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                            "reason": "CREDENTIALS_MISSING" if missing else "ACCESS_TOKEN_EXPIRED",
+                            "domain": "googleapis.com",
+                            "metadata": {"service": "aiplatform.googleapis.com"},
+                        }
+                    ],
+                    {"WWW-Authenticate": 'Bearer realm="https://accounts.google.com/"'},
+                )
+            )
+        project = request.match_info.get("project")
+        location = request.match_info.get("location")
+        if project is not None and (project, location) != (self.project, self.location):
+            raise _Rejected(
+                _error_response(
+                    403,
+                    "PERMISSION_DENIED",
+                    f"Permission 'aiplatform.endpoints.predict' denied on resource "
+                    f"'//aiplatform.googleapis.com/projects/{project}/locations/{location}/"
+                    f"publishers/google/models/{model}' (or it may not exist).",
+                    [
+                        {
+                            "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                            "reason": "IAM_PERMISSION_DENIED",
+                            "domain": "aiplatform.googleapis.com",
+                            "metadata": {"permission": "aiplatform.endpoints.predict"},
+                        }
+                    ],
+                )
+            )
+
+    def _not_found(self, request: web.Request, model: str) -> web.Response:
+        if self.vertex:
+            message = (
+                f"Publisher Model `projects/{self.project}/locations/{self.location}/publishers/"
+                f"google/models/{model}` was not found or your project does not have access to "
+                "it. Please ensure you are using a valid model version. For more information, "
+                "see: https://cloud.google.com/vertex-ai/generative-ai/docs/learn/model-versions"
+            )
+        else:
+            version = request.match_info.get("version", "v1")
+            message = (
+                f"models/{model} is not found for API version {version}, or is not supported "
+                "for generateContent. Call ListModels to see the list of available models and "
+                "their supported methods."
+            )
+        return _error_response(404, "NOT_FOUND", message)
 
     def _invalid_key(self, key: str) -> web.Response:
         message = "API key not valid. Please pass a valid API key."
@@ -455,11 +679,60 @@ class FakeGeminiUpstream(LoopbackServer[Behaviour]):
             ],
         )
 
+    # -- the model list -----------------------------------------------------------------------
+
+    def listed_ids(self) -> list[str]:
+        """What the model list holds, in its order."""
+        served = [m for m, spec in MODELS.items() if not spec.unlisted and m not in self.retired]
+        return sorted([*served, *_OTHER_LISTED])
+
+    def _model_page(self, request: web.Request) -> web.Response:
+        try:
+            size = int(request.query.get("pageSize", _DEFAULT_PAGE_SIZE))
+            start = int(request.query.get("pageToken") or "0", 16)
+        except ValueError:
+            raise _Rejected(
+                _error_response(400, "INVALID_ARGUMENT", "Invalid page token or size.")
+            ) from None
+        size = min(size if size > 0 else _DEFAULT_PAGE_SIZE, self.max_page_size)
+        ids = self.listed_ids()
+        page = ids[start : start + size]
+        payload: dict[str, Any]
+        if self.vertex:
+            payload = {
+                "publisherModels": [
+                    {
+                        "name": f"publishers/google/models/{model}",
+                        "versionId": "default",
+                        "openSourceCategory": "PROPRIETARY",
+                        "launchStage": "GA",
+                    }
+                    for model in page
+                ]
+            }
+        else:
+            payload = {
+                "models": [
+                    {
+                        "name": f"models/{model}",
+                        "version": "001",
+                        "displayName": model,
+                        "supportedGenerationMethods": ["generateContent", "countTokens"],
+                    }
+                    for model in page
+                ]
+            }
+        if start + size < len(ids):
+            payload["nextPageToken"] = f"{start + size:x}"
+        return _json_response(200, payload)
+
+    # -- answers ------------------------------------------------------------------------------
+
     def _answer_body(
         self,
         body: dict[str, Any],
         model: str,
-        sizes: Mapping[str, tuple[int, int]],
+        spec: FakeModel,
         behaviour: Behaviour,
     ) -> dict[str, Any]:
         parts_in = body["contents"][-1]["parts"]
@@ -481,34 +754,21 @@ class FakeGeminiUpstream(LoopbackServer[Behaviour]):
                 "usageMetadata": prompt_only_usage,
                 **common,
             }
-        if behaviour.kind == "finish_refusal":
-            return {
-                "candidates": [{"finishReason": behaviour.reason, "index": 0}],
-                "usageMetadata": prompt_only_usage,
-                **common,
-            }
-        if behaviour.kind == "text_only":
-            text_tokens = max(1, len(behaviour.text or "") // 4)
-            return {
-                "candidates": [
-                    {
-                        "content": {"parts": [{"text": behaviour.text}], "role": "model"},
-                        "finishReason": behaviour.reason,
-                        "index": 0,
-                    }
-                ],
-                "usageMetadata": {
-                    **prompt_only_usage,
-                    "candidatesTokenCount": text_tokens,
-                    "totalTokenCount": prompt_tokens + text_tokens,
-                },
-                **common,
-            }
+        if behaviour.kind == "finished":
+            candidate: dict[str, Any] = {"finishReason": behaviour.reason, "index": 0}
+            usage = dict(prompt_only_usage)
+            if behaviour.text is not None:
+                text_tokens = max(1, len(behaviour.text) // 4)
+                candidate["content"] = {"parts": [{"text": behaviour.text}], "role": "model"}
+                usage["candidatesTokenCount"] = text_tokens
+                usage["totalTokenCount"] = prompt_tokens + text_tokens
+            return {"candidates": [candidate], "usageMetadata": usage, **common}
 
         config = body["generationConfig"]
         image_config = config.get("imageConfig", {})
-        width, height = sizes[image_config.get("aspectRatio", "1:1")]
-        scale = _SCALE[image_config.get("imageSize", "1K")]
+        image_size = image_config.get("imageSize", "1K")
+        width, height = pixel_size(model, image_config.get("aspectRatio", "1:1"), image_size)
+        output_tokens = spec.output_tokens[image_size]
         fmt = behaviour.image_format.upper()
         parts: list[dict[str, Any]] = []
         text = behaviour.text
@@ -520,7 +780,7 @@ class FakeGeminiUpstream(LoopbackServer[Behaviour]):
             {
                 "inlineData": {
                     "mimeType": f"image/{fmt.lower()}",
-                    "data": _encoded_image(width * scale, height * scale, fmt),
+                    "data": _encoded_image(width, height, fmt),
                 }
             }
         )
@@ -534,16 +794,16 @@ class FakeGeminiUpstream(LoopbackServer[Behaviour]):
             ],
             "usageMetadata": {
                 "promptTokenCount": prompt_tokens,
-                "candidatesTokenCount": _IMAGE_TOKENS,
-                "totalTokenCount": prompt_tokens + _IMAGE_TOKENS,
+                "candidatesTokenCount": output_tokens,
+                "totalTokenCount": prompt_tokens + output_tokens,
                 "promptTokensDetails": [{"modality": "TEXT", "tokenCount": prompt_tokens}],
-                "candidatesTokensDetails": [{"modality": "IMAGE", "tokenCount": _IMAGE_TOKENS}],
+                "candidatesTokensDetails": [{"modality": "IMAGE", "tokenCount": output_tokens}],
             },
             **common,
         }
 
 
-def _validate(body: Any, model: str, has_image_size: bool) -> tuple[str, str] | None:
+def _validate(body: Any, model: str, spec: FakeModel) -> tuple[str, str] | None:
     """Google's complaint (message, field path) about a request body, or None if it is fine."""
     if not isinstance(body, dict):
         return "Invalid JSON payload received. Expected an object.", ""
@@ -588,10 +848,10 @@ def _validate(body: Any, model: str, has_image_size: bool) -> tuple[str, str] | 
             "contents[0].parts[0].text",
         )
     images = sum(1 for p in last_parts if "inlineData" in p)
-    if images > MAX_INPUT_IMAGES[model]:
+    if images > spec.max_input_images:
         return (
             f"Too many images in the request: {images}; models/{model} accepts at most "
-            f"{MAX_INPUT_IMAGES[model]}.",
+            f"{spec.max_input_images}.",
             "contents[0].parts",
         )
 
@@ -630,6 +890,9 @@ def _validate(body: Any, model: str, has_image_size: bool) -> tuple[str, str] | 
             f"Invalid value at 'generation_config.seed' (TYPE_INT32), {seed!r}",
             "generation_config.seed",
         )
+    problem = _thinking_problem(config.get("thinkingConfig"), model, spec)
+    if problem is not None:
+        return problem
     image_config = config.get("imageConfig", {})
     if not isinstance(image_config, dict):
         return "Invalid value at 'generation_config.image_config'", "generation_config.image_config"
@@ -637,22 +900,47 @@ def _validate(body: Any, model: str, has_image_size: bool) -> tuple[str, str] | 
         if name not in _IMAGE_CONFIG_FIELDS:
             return _unknown_field(name, "generation_config.image_config")
     ratio = image_config.get("aspectRatio", "1:1")
-    if ratio not in ASPECT_RATIOS:
+    if ratio not in spec.sizes:
         return (
-            f"Unsupported aspect ratio: {ratio!r}. Supported values are "
-            f"{', '.join(ASPECT_RATIOS)}.",
+            f"Unsupported aspect ratio: {ratio!r}. Supported values are {', '.join(spec.sizes)}.",
             "generation_config.image_config.aspect_ratio",
         )
     if "imageSize" in image_config:
-        if not has_image_size:
+        if not spec.image_sizes:
             return (
                 f"Image size is not supported for models/{model}.",
                 "generation_config.image_config.image_size",
             )
-        if image_config["imageSize"] not in _SCALE:
+        if image_config["imageSize"] not in spec.image_sizes:
             return (
-                f"Unsupported image size: {image_config['imageSize']!r}.",
+                f"Unsupported image size: {image_config['imageSize']!r}. Supported values are "
+                f"{', '.join(spec.image_sizes)}.",
                 "generation_config.image_config.image_size",
+            )
+    return None
+
+
+def _thinking_problem(thinking: Any, model: str, spec: FakeModel) -> tuple[str, str] | None:
+    if thinking is None:
+        return None
+    where = "generation_config.thinking_config"
+    if not isinstance(thinking, dict):
+        return f"Invalid value at '{where}'", where
+    for name in thinking:
+        if name not in _THINKING_CONFIG_FIELDS:
+            return _unknown_field(name, where)
+    if "thinkingLevel" in thinking:
+        if not spec.thinking_level:
+            return (
+                f"Thinking level is not supported for models/{model}.",
+                f"{where}.thinking_level",
+            )
+        if thinking["thinkingLevel"] not in THINKING_LEVELS:
+            return (
+                f"Invalid value at '{where}.thinking_level' (type.googleapis.com/"
+                f"google.ai.generativelanguage.v1.ThinkingConfig.ThinkingLevel), "
+                f"{thinking['thinkingLevel']!r}",
+                f"{where}.thinking_level",
             )
     return None
 
@@ -669,16 +957,16 @@ def _inline_data_problem(inline: Any, where: str) -> tuple[str, str] | None:
         return f"Unsupported MIME type: {mime}", f"{where}.mime_type"
     data = inline.get("data")
     try:
-        raw = base64.b64decode(data, validate=True) if isinstance(data, str) else b""
+        raw_bytes = base64.b64decode(data, validate=True) if isinstance(data, str) else b""
     except ValueError:
-        raw = b""
-    if not raw:
+        raw_bytes = b""
+    if not raw_bytes:
         return (
             f"Invalid value at '{where}.data' (TYPE_BYTES), Base64 decoding failed",
             f"{where}.data",
         )
     try:
-        with Image.open(io.BytesIO(raw)) as image:
+        with Image.open(io.BytesIO(raw_bytes)) as image:
             fmt = (image.format or "").lower()
     except Exception:
         fmt = ""
