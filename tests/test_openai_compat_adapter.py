@@ -294,6 +294,35 @@ async def test_another_bad_request_becomes_invalid_parameter_carrying_the_param(
     assert raised.value.message == "Invalid value: '64x48'."
 
 
+@pytest.mark.parametrize(
+    ("code", "param", "message"),
+    [
+        ("invalid_image_mask", "mask", "Invalid mask image: the mask must be the image's size."),
+        ("invalid_image_format", "image", "Invalid image file or mode for image 1."),
+        (None, None, "The image could not be read; please upload a PNG, WEBP or JPEG."),
+    ],
+    ids=["bad-mask", "bad-format", "no-code"],
+)
+async def test_a_user_correctable_image_error_is_invalid_parameter_not_a_refusal(
+    fake: FakeOpenAIUpstream,
+    provider: OpenAICompatibleProvider,
+    code: str | None,
+    param: str | None,
+    message: str,
+) -> None:
+    # OpenAI gives every correctable image error the type image_generation_user_error; only
+    # the code moderation_blocked makes it a refusal.
+    fake.script(
+        http_error(400, message=message, type="image_generation_user_error", code=code, param=param)
+    )
+
+    with pytest.raises(InvalidParameter) as raised:
+        await provider.generate(make_request(upstream_model="gpt-image-2", width=1024, height=1024))
+    assert raised.value.message == message
+    assert raised.value.param == param
+    assert fake.hits == 1
+
+
 async def test_a_long_upstream_message_is_cut_to_300_characters(
     fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider
 ) -> None:

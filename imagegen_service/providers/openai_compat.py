@@ -99,13 +99,14 @@ __all__ = [
 ]
 
 _CONTENT_POLICY_MESSAGE = "The prompt was refused by the provider's content policy."
-# dall-e answers `content_policy_violation`; gpt-image answers `moderation_blocked` with the
-# type `image_generation_user_error`; Azure adds its content filter's `contentFilter` /
-# `content_filter` and names `ResponsibleAIPolicyViolation` in its inner error.
+# dall-e answered `content_policy_violation`; gpt-image answers `moderation_blocked`; Azure
+# adds its content filter's `contentFilter` / `content_filter` and names
+# `ResponsibleAIPolicyViolation` in its inner error. The type `image_generation_user_error`
+# is NOT a refusal by itself: OpenAI gives it to every error the caller can correct (a bad
+# mask, an image format it cannot read), which are the caller's 400 `invalid_value`.
 _CONTENT_POLICY_CODES = frozenset(
     {"content_policy_violation", "moderation_blocked", "contentFilter", "content_filter"}
 )
-_CONTENT_POLICY_TYPES = frozenset({"image_generation_user_error"})
 _CONTENT_POLICY_INNER_CODES = frozenset({"ResponsibleAIPolicyViolation"})
 _MAX_UPSTREAM_MESSAGE = 300
 
@@ -954,7 +955,6 @@ def _is_content_policy(error: Mapping[str, Any]) -> bool:
     message = error.get("message")
     return (
         short_identifier(error.get("code")) in _CONTENT_POLICY_CODES
-        or short_identifier(error.get("type")) in _CONTENT_POLICY_TYPES
         or inner_code in _CONTENT_POLICY_INNER_CODES
         or (isinstance(message, str) and "safety system" in message.lower())
     )
