@@ -199,7 +199,8 @@ def _provider(name: str, raw: Any) -> ProviderConfig:
             api_key_file=str(raw.get("api_key_file", "")),
             timeout_seconds=float(raw.get("timeout_seconds", 120.0)),
             max_connections=int(raw.get("max_connections", 64)),
-            max_concurrency=int(raw.get("max_concurrency", 16)),
+            # BFL counts tasks (one per image), and allows 24 active per account.
+            max_concurrency=int(raw.get("max_concurrency", 24 if kind == "bfl" else 16)),
             max_retries=int(raw.get("max_retries", 2)),
             retry_ambiguous=_bool(raw.get("retry_ambiguous", False), f"providers.{name}"),
             precomputed=bool(raw.get("precomputed", False)),
