@@ -91,7 +91,7 @@ import functools
 import io
 import time
 import uuid
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -882,7 +882,9 @@ class FakeOpenAIUpstream(LoopbackServer[Behaviour]):
             "output_format": output_format,
         }
         b64 = base64.b64encode(_image(*parsed, output_format)).decode("ascii")
-        usage = _gpt_image_usage(body.get("prompt"), quality, parsed, 1)
+        usage = _gpt_image_usage(
+            body.get("prompt"), quality, parsed, 1, body.get("_input_sizes", ())
+        )
         events: list[dict[str, Any]] = []
         for _ in range(n):
             for k in range(partials):
@@ -1082,7 +1084,9 @@ class FakeOpenAIUpstream(LoopbackServer[Behaviour]):
             answer.update(
                 background="opaque", output_format=output_format, quality=quality, size=size
             )
-            answer["usage"] = _gpt_image_usage(prompt, quality, parsed, n)
+            answer["usage"] = _gpt_image_usage(
+                prompt, quality, parsed, n, body.get("_input_sizes", ())
+            )
             # types/images_response.py: the non-empty safety_identifier, else `user`.
             identifier = body.get("safety_identifier") or body.get("user")
             if identifier:
@@ -1121,16 +1125,25 @@ def _verdicts(filtered_category: str = "") -> dict[str, Any]:
     }
 
 
-def _gpt_image_usage(prompt: Any, quality: Any, size: tuple[int, int], n: int) -> dict[str, Any]:
+def _gpt_image_usage(
+    prompt: Any,
+    quality: Any,
+    size: tuple[int, int],
+    n: int,
+    input_sizes: Sequence[tuple[int, int]] = (),
+) -> dict[str, Any]:
     text_tokens = len(prompt.split()) if isinstance(prompt, str) else 0
+    # An edit's input images, as vision input is counted: 85 plus 170 per 512x512 tile.
+    image_tokens = sum(85 + 170 * -(-w // 512) * -(-h // 512) for w, h in input_sizes)
     per_image = _GPT_IMAGE_TOKENS.get(quality, _GPT_IMAGE_TOKENS["high"])
     per_image = per_image * size[0] * size[1] // (1024 * 1024)
     output_tokens = per_image * n
+    input_tokens = text_tokens + image_tokens
     return {
-        "input_tokens": text_tokens,
-        "input_tokens_details": {"image_tokens": 0, "text_tokens": text_tokens},
+        "input_tokens": input_tokens,
+        "input_tokens_details": {"image_tokens": image_tokens, "text_tokens": text_tokens},
         "output_tokens": output_tokens,
-        "total_tokens": text_tokens + output_tokens,
+        "total_tokens": input_tokens + output_tokens,
     }
 
 
@@ -1249,6 +1262,8 @@ def _edit_body(form: Form, model: str | None = None) -> tuple[dict[str, Any], we
         if info[1:3] != first[1:3]:
             return {}, _invalid_image("Invalid mask - must be the size of the image.", "mask")
     body: dict[str, Any] = {"model": model, "prompt": fields["prompt"]}
+    # Not a wire field: the input images' sizes, which GPT image models bill as image tokens.
+    body["_input_sizes"] = [info[1:3] for part in images if (info := _image_info(part.data))]
     for name, value in fields.items():
         if name in ("model", "prompt"):
             continue
