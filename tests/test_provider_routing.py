@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import textwrap
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -27,7 +28,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
+from PIL import Image
 
 from tests.conftest import assert_openai_error, bearer, image_size
 from tests.fakes import bfl_upstream as bfl
@@ -83,6 +86,10 @@ class Scenario:
     # A 5xx answer to a submission may already be billed (BFL bills on submit): never
     # repeated on the same deployment.
     server_error_is_ambiguous: bool = False
+    # A well-formed answer whose image is cut short, in the provider's own shape.
+    cut_image: Callable[[], Any] = lambda: None
+    # Whether such an answer may already be billed (the image was made): not repeated.
+    cut_image_is_ambiguous: bool = False
     # Generation calls only (BFL's polls and downloads are not calls).
     generation_requests: Callable[[Any], list[RecordedRequest]] = lambda fake: fake.requests
     sent_size: Callable[[RecordedRequest], str] = lambda seen: seen.body["size"]
@@ -104,6 +111,35 @@ class Scenario:
 
 AZURE_DEPLOYMENT = "dalle3-prod"
 
+
+def _cut_png() -> bytes:
+    """A whole PNG's first half: a valid header, the pixels cut short, no IEND."""
+    buffer = io.BytesIO()
+    Image.effect_noise((1024, 1024), 40).convert("RGB").save(buffer, "PNG")
+    data = buffer.getvalue()
+    return data[: len(data) // 2]
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _openai_answer(image: bytes) -> bytes:
+    return orjson.dumps({"created": 1_795_520_000, "data": [{"b64_json": _b64(image)}]})
+
+
+def _imagen_answer(image: bytes) -> bytes:
+    return orjson.dumps(
+        {"predictions": [{"bytesBase64Encoded": _b64(image), "mimeType": "image/png"}]}
+    )
+
+
+def _gemini_answer(image: bytes) -> bytes:
+    part = {"inlineData": {"mimeType": "image/png", "data": _b64(image)}}
+    candidate = {"content": {"role": "model", "parts": [part]}, "finishReason": "STOP"}
+    return orjson.dumps({"candidates": [candidate]})
+
+
 SCENARIOS = [
     Scenario(
         type="openai",
@@ -117,6 +153,7 @@ SCENARIOS = [
         garbage=oai.garbage,
         slow=lambda: oai.slow(SLOW),
         refusals={"non2xx": oai.moderation_blocked},
+        cut_image=lambda: oai.raw(200, _openai_answer(_cut_png())),
         # gpt-image has no 16:9: its landscape size passes through as it is.
         wide_size="1536x1024",
         wide_sent="1536x1024",
@@ -140,6 +177,7 @@ SCENARIOS = [
             "non2xx": oai.azure_content_policy_violation,
             "in200": oai.refusal_in_200,
         },
+        cut_image=lambda: oai.raw(200, _openai_answer(_cut_png())),
         wide_size="1792x1024",
         wide_sent="1792x1024",
         wide_pixels=(1792, 1024),
@@ -160,6 +198,7 @@ SCENARIOS = [
         garbage=imagen.garbage,
         slow=lambda: imagen.slow(SLOW),
         refusals={"non2xx": imagen.prompt_blocked, "in200": imagen.all_filtered},
+        cut_image=lambda: imagen.raw(200, _imagen_answer(_cut_png())),
         wide_size="1792x1024",
         wide_sent="16:9",
         wide_pixels=(1408, 768),
@@ -177,6 +216,7 @@ SCENARIOS = [
         garbage=imagen.wrong_content_type,
         slow=lambda: imagen.slow(SLOW),
         refusals={"non2xx": imagen.response_blocked, "in200": imagen.all_filtered},
+        cut_image=lambda: imagen.raw(200, _imagen_answer(_cut_png())),
         wide_size="1792x1024",
         wide_sent="16:9",
         wide_pixels=(1408, 768),
@@ -199,6 +239,7 @@ SCENARIOS = [
             "in200": gemini.prompt_blocked,
             "in200-finish": gemini.finish_refusal,
         },
+        cut_image=lambda: gemini.raw(200, _gemini_answer(_cut_png())),
         wide_size="1792x1024",
         wide_sent="16:9",
         wide_pixels=(1344, 768),
@@ -219,6 +260,9 @@ SCENARIOS = [
         garbage=stability.garbage,
         slow=lambda: stability.slow(SLOW),
         refusals={"non2xx": stability.content_moderation, "in200": stability.content_filtered},
+        cut_image=stability.half_image,
+        # Stability bills the generation it made, whole or not.
+        cut_image_is_ambiguous=True,
         wide_size="1792x1024",
         wide_sent="16:9",
         wide_pixels=(1344, 768),
@@ -247,6 +291,9 @@ SCENARIOS = [
         options="poll_interval_seconds = 0.01",
         call_per_image=True,
         server_error_is_ambiguous=True,
+        cut_image=lambda: bfl.ok(sample="half"),
+        # The task was submitted and billed; its sample came back cut short.
+        cut_image_is_ambiguous=True,
         generation_requests=lambda fake: fake.submits,
         sent_size=lambda seen: f"{seen.body['width']}x{seen.body['height']}",
     ),
@@ -760,3 +807,105 @@ async def test_the_callers_request_id_reaches_the_upstream(case: Case) -> None:
     assert resp.headers["x-request-id"] == request_id
     sent = [r.headers.get("X-Request-ID") for r in case.a.requests]
     assert request_id in sent, sent
+
+
+# -- an image cut short is a failure, never a delivery -----------------------------------------
+
+
+async def test_an_image_cut_short_fails_over_to_a_whole_one_charged_at_its_price(
+    case: Case,
+) -> None:
+    # Every call the first deployment may make (a try and, unless billed, a retry) is cut.
+    case.a.script(case.s.cut_image(), case.s.cut_image())
+    async with await case.post(model=f"{case.s.model}-failover", n=1) as resp:
+        assert resp.status == 200, await resp.text()
+        body = await resp.json()
+    data = base64.b64decode(body["data"][0]["b64_json"])
+    assert image_size(data) == (1024, 1024)
+    Image.open(io.BytesIO(data)).load()  # decodes whole
+    assert case.s.calls(case.a) == (1 if case.s.cut_image_is_ambiguous else 2)
+    assert case.s.calls(case.b) == 1
+    await case.stack.assert_balance(case.account_id, OPENING - SECOND_PRICE)
+    assert await _ledger(case.stack, case.account_id) == [
+        ("credit", OPENING, 0),
+        ("hold", -FIRST_PRICE, FIRST_PRICE),
+        ("capture", 0, -SECOND_PRICE),
+        ("release", FIRST_PRICE - SECOND_PRICE, -(FIRST_PRICE - SECOND_PRICE)),
+    ]
+
+
+async def test_an_image_cut_short_with_no_other_deployment_is_502_and_charges_nothing(
+    case: Case,
+) -> None:
+    case.a.script(case.s.cut_image())
+    async with await case.post(model=f"{case.s.model}-once") as resp:
+        await _assert_upstream_error(case, resp)
+    assert case.s.calls(case.a) == 1
+    await case.stack.assert_not_charged(case.account_id, OPENING)
+    await _assert_ledger_sums_to_balance(case.stack, case.account_id)
+
+
+# -- errors named for what they are ------------------------------------------------------------
+
+GEMINI_REFUSALS = [
+    "SAFETY",
+    "IMAGE_SAFETY",
+    "PROHIBITED_CONTENT",
+    "IMAGE_PROHIBITED_CONTENT",
+    "BLOCKLIST",
+    "SPII",
+    "RECITATION",
+    "IMAGE_RECITATION",
+]
+GEMINI_FAILURES = ["MAX_TOKENS", "OTHER", "MALFORMED_RESPONSE", "IMAGE_OTHER", "NO_IMAGE"]
+
+
+@pytest.mark.parametrize("reason", GEMINI_REFUSALS)
+async def test_a_gemini_safety_ending_is_400_content_policy_and_not_failed_over(
+    env: World, http: aiohttp.ClientSession, reason: str
+) -> None:
+    account_id, key, _ = await env.stack.new_account(OPENING)
+    a, b = env.fakes["gemini"]
+    a.script(gemini.finished(reason))
+    case = Case(BY_TYPE["gemini"], env.stack, a, b, account_id, key, http)
+    async with await case.post(model="via-gemini-failover") as resp:
+        await assert_openai_error(resp, 400, "content_policy_violation", should_retry=False)
+    assert (a.hits, b.hits) == (1, 0)
+    await env.stack.assert_not_charged(account_id, OPENING)
+
+
+@pytest.mark.parametrize("reason", [*GEMINI_FAILURES, "STOP-with-text"])
+async def test_a_gemini_ending_without_an_image_is_an_upstream_failure_that_fails_over(
+    env: World, http: aiohttp.ClientSession, reason: str
+) -> None:
+    account_id, key, _ = await env.stack.new_account(OPENING)
+    a, b = env.fakes["gemini"]
+    failure = (
+        gemini.text_instead_of_image() if reason == "STOP-with-text" else gemini.finished(reason)
+    )
+    a.script(failure, failure)
+    case = Case(BY_TYPE["gemini"], env.stack, a, b, account_id, key, http)
+    async with await case.post(model="via-gemini-failover") as resp:
+        assert resp.status == 200, await resp.text()
+    # Tried, retried, then the second deployment served it at its price.
+    assert (a.hits, b.hits) == (2, 1)
+    await env.stack.assert_balance(account_id, OPENING - SECOND_PRICE)
+
+
+async def test_an_openai_user_error_is_400_invalid_value_with_its_message_not_a_refusal(
+    env: World, http: aiohttp.ClientSession
+) -> None:
+    account_id, key, _ = await env.stack.new_account(OPENING)
+    a, b = env.fakes["openai"]
+    message = "Invalid image: the file could not be read as PNG, JPEG or WEBP."
+    a.script(
+        oai.http_error(
+            400, message=message, type="image_generation_user_error", code="invalid_image"
+        )
+    )
+    case = Case(BY_TYPE["openai"], env.stack, a, b, account_id, key, http)
+    async with await case.post(model="via-openai-failover") as resp:
+        error = await assert_openai_error(resp, 400, "invalid_value", should_retry=False)
+    assert error["message"] == message
+    assert (a.hits, b.hits) == (1, 0)
+    await env.stack.assert_not_charged(account_id, OPENING)
