@@ -377,6 +377,9 @@ breaker_failures = 1000
             _model(f"{s.model}-once", f"{t}-once", s, ["1024x1024"]),
             _failover_model(f"{s.model}-failover", f"{t}-first", f"{t}-second", s.upstream_model),
             _model(f"{s.model}-nokey", f"{t}-nokey", s, ["1024x1024"]),
+            # An operator who accepts paying twice over paying nothing: ambiguous retried.
+            _provider(f"{t}-repeat", s, a, timeout=TIMEOUT, retries=1) + "retry_ambiguous = true\n",
+            _model(f"{s.model}-repeat", f"{t}-repeat", s, ["1024x1024"]),
         ]
     return "".join(parts)
 
@@ -909,3 +912,81 @@ async def test_an_openai_user_error_is_400_invalid_value_with_its_message_not_a_
     assert error["message"] == message
     assert (a.hits, b.hits) == (1, 0)
     await env.stack.assert_not_charged(account_id, OPENING)
+
+
+# -- outcomes that are unknown: counted, and repeated only where the operator says so --------
+
+
+def _ambiguous(stack: Stack, provider: str, action: str) -> float:
+    registry = stack.running.pipeline.metrics.registry
+    value = registry.get_sample_value(
+        "imagegen_upstream_ambiguous_total", {"provider": provider, "action": action}
+    )
+    return value or 0.0
+
+
+async def test_a_timeout_after_sending_is_not_repeated_and_is_counted_as_ambiguous(
+    env: World, http: aiohttp.ClientSession
+) -> None:
+    account_id, key, _ = await env.stack.new_account(OPENING)
+    a, b = env.fakes["openai"]
+    case = Case(BY_TYPE["openai"], env.stack, a, b, account_id, key, http)
+    before = _ambiguous(env.stack, "openai-once", "failed_over")
+    a.script(oai.slow(SLOW))
+    async with await case.post(model="via-openai-once") as resp:
+        await _assert_upstream_error(case, resp)
+    assert a.hits == 1
+    assert _ambiguous(env.stack, "openai-once", "failed_over") == before + 1
+    await env.stack.assert_not_charged(account_id, OPENING)
+
+
+async def test_with_retry_ambiguous_a_timeout_is_repeated_and_counted_as_retried(
+    env: World, http: aiohttp.ClientSession
+) -> None:
+    account_id, key, _ = await env.stack.new_account(OPENING)
+    a, b = env.fakes["openai"]
+    case = Case(BY_TYPE["openai"], env.stack, a, b, account_id, key, http)
+    before = _ambiguous(env.stack, "openai-repeat", "retried")
+    a.script(oai.slow(SLOW), oai.ok())
+    async with await case.post(model="via-openai-repeat") as resp:
+        assert resp.status == 200, await resp.text()
+    assert a.hits == 2
+    assert _ambiguous(env.stack, "openai-repeat", "retried") == before + 1
+    await env.stack.assert_balance(account_id, OPENING - PRICE)
+
+
+# -- BFL through the stack: one submission per image, whatever the polls do ------------------
+
+
+async def test_a_bfl_poll_failing_with_500_then_429_still_delivers_one_image_submitted_once(
+    env: World, http: aiohttp.ClientSession
+) -> None:
+    account_id, key, _ = await env.stack.new_account(OPENING)
+    a, b = env.fakes["bfl"]
+    a.script(bfl.ok(poll_errors=(500, 429)))
+    case = Case(BY_TYPE["bfl"], env.stack, a, b, account_id, key, http)
+    async with await case.post(model="via-bfl") as resp:
+        assert resp.status == 200, await resp.text()
+        assert len((await resp.json())["data"]) == 1
+    assert len(a.submits) == 1
+    await env.stack.assert_balance(account_id, OPENING - PRICE)
+
+
+async def test_a_bfl_request_of_3_with_one_task_moderated_delivers_and_charges_2(
+    env: World, http: aiohttp.ClientSession
+) -> None:
+    account_id, key, _ = await env.stack.new_account(OPENING)
+    a, b = env.fakes["bfl"]
+    a.script(bfl.ok(), bfl.moderated(), bfl.ok())
+    case = Case(BY_TYPE["bfl"], env.stack, a, b, account_id, key, http)
+    async with await case.post(model="via-bfl", n=3) as resp:
+        assert resp.status == 200, await resp.text()
+        assert len((await resp.json())["data"]) == 2
+    assert len(a.submits) == 3
+    await env.stack.assert_balance(account_id, OPENING - 2 * PRICE)
+    assert await _ledger(env.stack, account_id) == [
+        ("credit", OPENING, 0),
+        ("hold", -3 * PRICE, 3 * PRICE),
+        ("capture", 0, -2 * PRICE),
+        ("release", PRICE, -PRICE),
+    ]
