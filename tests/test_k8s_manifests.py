@@ -666,13 +666,21 @@ def test_each_deployment_has_one_hpa_and_one_pdb(objects: list[dict[str, Any]]) 
 # -- scraping --------------------------------------------------------------------------------
 
 
-def test_pods_carry_prometheus_scrape_annotations(objects: list[dict[str, Any]]) -> None:
+def test_each_overlay_is_scraped_one_way_annotations_or_service_monitors(
+    objects: list[dict[str, Any]],
+) -> None:
+    monitors = of_kind(objects, "ServiceMonitor")
     for name, port in ((SERVICE, SERVICE_METRICS_PORT), (GATEWAY, HTTP_PORT)):
         deployment = get(objects, "Deployment", name)
-        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
-        assert annotations["prometheus.io/scrape"] == "true"
-        assert annotations["prometheus.io/path"] == "/metrics"
-        assert int(annotations["prometheus.io/port"]) == port
+        annotations = deployment["spec"]["template"]["metadata"].get("annotations") or {}
+        scrape_annotations = {k for k in annotations if k.startswith("prometheus.io/")}
+        if monitors:
+            # Both ways at once would scrape every target twice.
+            assert not scrape_annotations, name
+        else:
+            assert annotations["prometheus.io/scrape"] == "true"
+            assert annotations["prometheus.io/path"] == "/metrics"
+            assert int(annotations["prometheus.io/port"]) == port
         assert container_port(container(deployment), port) == port
     service_env = literal_env(container(get(objects, "Deployment", SERVICE)))
     assert int(service_env["IMAGEGEN_METRICS_PORT"]) == SERVICE_METRICS_PORT
