@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Running needs only the project's own dependencies; tests, lint and benchmarks add the dev tools.
+RUN_STAMP := $(VENV)/.installed-run
 PROTO_OUT := imagegen_service/gen
 
 .DEFAULT_GOAL := help
@@ -14,7 +16,12 @@ help: ## List the targets
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	touch $(STAMP) $(RUN_STAMP)
+
+$(RUN_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e .
+	touch $(RUN_STAMP)
 
 install: $(STAMP) ## Create .venv and install the project with its dev tools
 
@@ -30,7 +37,7 @@ proto: $(STAMP) ## Regenerate the Python code and type stubs from proto/
 	sed -i 's/^from imagegen\.v1 import/from imagegen_service.gen import/' $(PROTO_OUT)/*.py $(PROTO_OUT)/*.pyi
 	printf '"""Code generated from proto/ by `make proto`; do not edit."""\n' > $(PROTO_OUT)/__init__.py
 
-run: $(STAMP) ## Start the service and the gateway on 127.0.0.1 (Ctrl-C stops both)
+run: $(RUN_STAMP) ## Start the service and the gateway on 127.0.0.1 (Ctrl-C stops both)
 	$(BIN)/imagegen-run
 
 test: $(STAMP) ## Run the test suite
