@@ -238,6 +238,8 @@ class Catalog:
     models: dict[str, ImageModel] = field(default_factory=dict)
     # Ids the operator knows that cannot make images (chat, embedding, ...).
     non_image_models: frozenset[str] = frozenset()
+    # Ids their providers retired, each with the model to use instead.
+    retired_models: Mapping[str, str] = field(default_factory=dict)
     # Configured models left out at startup (their provider has no credential): id -> why.
     unavailable: dict[str, str] = field(default_factory=dict)
 
@@ -249,6 +251,12 @@ class Catalog:
             return model
         if model_id in self.unavailable:
             raise errors.ModelNotFound(self.unavailable[model_id], param="model")
+        if model_id in self.retired_models:
+            instead = self.retired_models[model_id]
+            hint = f" Use '{instead}' instead." if instead in self.models else ""
+            raise errors.ModelNotFound(
+                f"The model '{model_id}' was retired by its provider.{hint}", param="model"
+            )
         if model_id in self.non_image_models:
             raise errors.ModelNotSupported(
                 f"The model '{errors.excerpt(model_id)}' cannot generate images.", param="model"
@@ -511,13 +519,17 @@ def load_catalog(
     models: Mapping[str, Any],
     non_image_models: Iterable[str] = (),
     providers: Iterable[str] = (),
+    retired_models: Mapping[str, str] | None = None,
     provider_types: Mapping[str, str] | None = None,
 ) -> Catalog:
     """Builds the catalog from parsed TOML, checking every model refers to a known provider.
     A model of a known family (named by ``family``, or by its upstream id's prefix) takes
     the family's rules for every key its table leaves out."""
     known_providers = set(providers)
-    catalog = Catalog(non_image_models=frozenset(non_image_models))
+    retired = dict(retired_models or {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in retired.items()):
+        raise CatalogError("catalog.retired_models must map model ids to model ids")
+    catalog = Catalog(non_image_models=frozenset(non_image_models), retired_models=retired)
     for model_id, table in models.items():
         where = f"models.{model_id}"
         if not isinstance(table, dict):

@@ -268,6 +268,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> ServiceConfig:
         catalog = load_catalog(
             _table(doc, "models"),
             non_image_models=catalog_table.get("non_image_models", []),
+            retired_models=catalog_table.get("retired_models", {}),
             providers=providers,
             provider_types={name: c.type for name, c in providers.items()},
         )

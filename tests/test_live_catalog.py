@@ -351,6 +351,28 @@ async def test_the_seeds_imagen_3_request_gets_an_image_from_googles_current_mod
 # -- a model the upstream retired -------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("model", "instead"),
+    [
+        ("dall-e-3", "gpt-image-1.5"),
+        ("gpt-image-1", "gpt-image-1.5"),
+        ("dall-e-2", "gpt-image-1-mini"),
+    ],
+)
+async def test_a_retired_id_is_400_model_not_found_naming_the_model_to_use(
+    env: World, http: aiohttp.ClientSession, model: str, instead: str
+) -> None:
+    account_id, key = await _account(env.stack)
+    body = {"model": model, "prompt": "a lighthouse"}
+    async with http.post(env.stack.http_url + GENERATIONS, json=body, headers=bearer(key)) as resp:
+        error = await assert_openai_error(resp, 400, "model_not_found", param="model")
+    assert error["message"] == (
+        f"The model '{model}' was retired by its provider. Use '{instead}' instead."
+    )
+    assert env.openai.hits == 0
+    await env.stack.assert_untouched(account_id, OPENING)
+
+
 async def test_a_retired_model_fails_over_at_once_to_the_next_deployment(
     env: World, http: aiohttp.ClientSession
 ) -> None:
