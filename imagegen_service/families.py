@@ -19,7 +19,7 @@ Sources, per family (the official SDKs' parameter docs; see docs/providers.md):
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 PriceBasis = Literal["image", "token", "megapixel"]
@@ -138,82 +138,63 @@ _GEMINI_SIZES = (
     "4096x4096",
 )
 
+# The GPT image models' common rules; gpt-image-2 and 2.5 differ in sizes and qualities.
+_GPT_IMAGE = Family(
+    name="gpt-image",
+    provider_types=_OPENAI,
+    # gpt-image-2.6: the SDK names no size rule or extra qualities for it yet.
+    prefixes=("gpt-image", "chatgpt-image", "gpt-image-2.6"),
+    sizes=_GPT_IMAGE_SIZES,
+    qualities=_GPT_IMAGE_QUALITIES,
+    default_quality="auto",
+    price_basis="token",
+    parameters=_GPT_IMAGE_PARAMETERS,
+    operations=("generate", "edit"),
+    max_images=10,
+    max_prompt_chars=32000,
+    max_input_images=16,
+)
+_GPT_IMAGE_2 = replace(
+    _GPT_IMAGE,
+    name="gpt-image-2",
+    prefixes=("gpt-image-2",),
+    sizes=_GPT_IMAGE_2_SIZES,
+    size_rule=_GPT_IMAGE_2_RULE,
+)
+# Both Gemini image models: 14 reference images of up to 7 MiB, one image per call.
+_GEMINI_3_PRO_IMAGE = Family(
+    name="gemini-3-pro-image",
+    provider_types=_GEMINI,
+    prefixes=("gemini-3-pro-image",),
+    sizes=_GEMINI_SIZES,
+    qualities=("standard",),
+    default_quality="standard",
+    price_basis="image",
+    operations=("generate", "edit"),
+    max_images=4,
+    max_prompt_chars=32000,
+    max_input_images=14,
+    max_input_image_bytes=7 * 1024 * 1024,
+)
+
 FAMILIES: Mapping[str, Family] = {
     f.name: f
     for f in (
-        Family(
-            name="gpt-image",
-            provider_types=_OPENAI,
-            # gpt-image-2.6: the SDK names no size rule or extra qualities for it yet.
-            prefixes=("gpt-image", "chatgpt-image", "gpt-image-2.6"),
-            sizes=_GPT_IMAGE_SIZES,
-            qualities=_GPT_IMAGE_QUALITIES,
-            default_quality="auto",
-            price_basis="token",
-            parameters=_GPT_IMAGE_PARAMETERS,
-            operations=("generate", "edit"),
-            max_images=10,
-            max_prompt_chars=32000,
-            max_input_images=16,
-        ),
-        Family(
-            name="gpt-image-2",
-            provider_types=_OPENAI,
-            prefixes=("gpt-image-2",),
-            sizes=_GPT_IMAGE_2_SIZES,
-            size_rule=_GPT_IMAGE_2_RULE,
-            qualities=_GPT_IMAGE_QUALITIES,
-            default_quality="auto",
-            price_basis="token",
-            parameters=_GPT_IMAGE_PARAMETERS,
-            operations=("generate", "edit"),
-            max_images=10,
-            max_prompt_chars=32000,
-            max_input_images=16,
-        ),
-        Family(
+        _GPT_IMAGE,
+        _GPT_IMAGE_2,
+        replace(
+            _GPT_IMAGE_2,
             name="gpt-image-2.5",
-            provider_types=_OPENAI,
             prefixes=("gpt-image-2.5",),
-            sizes=_GPT_IMAGE_2_SIZES,
-            size_rule=_GPT_IMAGE_2_RULE,
             qualities=(*_GPT_IMAGE_QUALITIES, "xhigh", "max"),
-            default_quality="auto",
-            price_basis="token",
-            parameters=_GPT_IMAGE_PARAMETERS,
-            operations=("generate", "edit"),
-            max_images=10,
-            max_prompt_chars=32000,
-            max_input_images=16,
         ),
-        Family(
+        _GEMINI_3_PRO_IMAGE,
+        replace(
+            _GEMINI_3_PRO_IMAGE,
             name="gemini-3.1-flash-image",
-            provider_types=_GEMINI,
             prefixes=("gemini-3.1-flash-image",),
             sizes=("512x512", *_GEMINI_SIZES),
             default_size="1024x1024",
-            qualities=("standard",),
-            default_quality="standard",
-            price_basis="image",
-            operations=("generate", "edit"),
-            max_images=4,
-            max_prompt_chars=32000,
-            max_input_images=14,
-            max_input_image_bytes=7 * 1024 * 1024,
-        ),
-        Family(
-            name="gemini-3-pro-image",
-            provider_types=_GEMINI,
-            prefixes=("gemini-3-pro-image",),
-            sizes=_GEMINI_SIZES,
-            qualities=("standard",),
-            default_quality="standard",
-            price_basis="image",
-            operations=("generate", "edit"),
-            max_images=4,
-            max_prompt_chars=32000,
-            max_input_images=14,
-            max_input_image_bytes=7 * 1024 * 1024,
         ),
         Family(
             name="flux-2",
