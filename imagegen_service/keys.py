@@ -36,9 +36,11 @@ def bearer_token(authorization: str | None) -> str | None:
 class KeyCache(Generic[T]):
     """Recently authenticated keys, by hash, for ``ttl_seconds``.
 
-    Only safe where the key is checked again by the write that matters: the hold is placed
-    with the key's id and fails for a revoked key, so revocation still stops the very next
-    generation. Rate-limit overrides read from a cached key may lag by ``ttl_seconds``.
+    Only safe where the key is checked again before any answer: the hold is placed with the
+    key's id and fails for a revoked key, and a request refused before its hold looks the
+    key up again (``ImagePipeline.refusal_for``), so from the moment a revocation is written
+    every answer treats the key as unknown. Rate-limit overrides read from a cached key may
+    lag by ``ttl_seconds``.
     """
 
     def __init__(self, ttl_seconds: float = 30.0, max_entries: int = 10_000) -> None:
@@ -57,6 +59,9 @@ class KeyCache(Generic[T]):
             # Dropping everything is crude but bounded, and refills at one lookup per key.
             self._entries.clear()
         self._entries[key_hash] = (now + self.ttl_seconds, value)
+
+    def discard(self, key_hash: str) -> None:
+        self._entries.pop(key_hash, None)
 
     def clear(self) -> None:
         self._entries.clear()

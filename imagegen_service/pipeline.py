@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from imagegen_service import errors
+from imagegen_service import errors, inputs
 from imagegen_service.catalog import Catalog, Deployment, ImageModel, Options, ValidatedRequest
 from imagegen_service.keys import KeyCache, bearer_token, hash_secret
 from imagegen_service.providers.base import (
@@ -66,6 +66,8 @@ class Prepared:
     request_id: str
     rate_limit: Decision | None
     quote_micros: int
+    # Pixels the serving provider may decode for the inputs (inputs.decode_pixels).
+    decode_pixels: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,13 +142,16 @@ class ImagePipeline:
         self.rate_limiter = rate_limiter
         self.key_cache: KeyCache[ApiKey] = KeyCache()
         self.hold_ttl_seconds = hold_ttl_seconds
+        # One per service process: what its requests may be decoding at once.
+        self.decode_budget = inputs.DecodeBudget()
 
     def models(self) -> list[ImageModel]:
         return sorted(self.catalog.models.values(), key=lambda m: m.id)
 
     async def authenticate(self, authorization: str | None, *, cached: bool = False) -> ApiKey:
         """The active key behind ``authorization``. ``cached`` answers from a short cache:
-        only for requests that go on to place a hold, which checks revocation again."""
+        only for requests that go on to place a hold, which checks revocation again, and
+        whose refusals before the hold go through ``refusal_for``."""
         token = bearer_token(authorization)
         if token is None:
             raise errors.InvalidApiKey(
@@ -158,9 +163,28 @@ class ImagePipeline:
         if key is None:
             key = await self.ledger.find_active_key(key_hash)
             if key is None:
+                # Revoked (or never known): the cache must not answer for it any more.
+                self.key_cache.discard(key_hash)
                 raise errors.InvalidApiKey("Incorrect API key provided.")
             self.key_cache.put(key_hash, key, now)
         return key
+
+    async def refusal_for(self, authorization: str | None, refusal: Exception) -> Exception:
+        """What to answer when a request authenticated from the cache fails without having
+        charged anything (invalid parameters, rate limits, Idempotency-Key conflicts, a
+        failed provider): the failure while the key is active, else InvalidApiKey. A revoked
+        key is answered exactly as an unknown one from the moment the revocation is written,
+        by any process, on every replica; a failed lookup is answered as for an unknown key.
+
+        One indexed read, on failures only: a request that succeeds was checked by its hold,
+        whose statement places it only for an active key."""
+        if isinstance(refusal, errors.InvalidApiKey):
+            return refusal
+        try:
+            await self.authenticate(authorization)
+        except Exception as exc:
+            return exc
+        return refusal
 
     async def prepare(self, key: ApiKey, params: GenerationParams, *, request_id: str) -> Prepared:
         """Everything that can refuse a request before money moves: validation against the
@@ -180,13 +204,28 @@ class ImagePipeline:
         )
         provider_request = _provider_request(request, request_id)
         deployments = self.router.check(request.model, provider_request, request.operation)
+        decode_pixels = inputs.decode_pixels(
+            [self.providers[d.provider] for d in deployments],
+            request.images,
+            request.mask,
+            n=request.n,
+            stream=request.stream,
+        )
+        inputs.check_request_pixels(decode_pixels)
         # Hold the most that any deployment able to serve this request could charge.
         unit = max(_unit_price(request, d) for d in deployments)
         decision = None
         if self.rate_limiter is not None:
             decision = await self.rate_limiter.admit(key, request.n)
         return Prepared(
-            key, request, provider_request, deployments, request_id, decision, unit * request.n
+            key,
+            request,
+            provider_request,
+            deployments,
+            request_id,
+            decision,
+            unit * request.n,
+            decode_pixels,
         )
 
     async def generate(
@@ -198,7 +237,7 @@ class ImagePipeline:
             async for event in events:
                 yield event
 
-    async def run(self, prepared: Prepared) -> AsyncGenerator[Event]:
+    def run(self, prepared: Prepared) -> AsyncGenerator[Event]:
         """Yields one DeliveredImage per image, then the Summary once the charge is made.
 
         The caller must consume the stream to the Summary for the images to be charged;
@@ -206,7 +245,21 @@ class ImagePipeline:
         renders and each image as soon as it is made, and is charged per image the caller
         took: a failure or cancellation midway captures the images already taken and
         releases the rest (docs/architecture.md, "Streaming and money").
+
+        A request with input images to decode first reserves them in the process's decode
+        budget, before the hold: RateLimited when the process is decoding all it can hold.
         """
+        if prepared.decode_pixels:
+            return self._run_decoding(prepared)
+        return self._run(prepared)
+
+    async def _run_decoding(self, prepared: Prepared) -> AsyncGenerator[Event]:
+        with self.decode_budget.reserve(prepared.decode_pixels):
+            async with contextlib.aclosing(self._run(prepared)) as events:
+                async for event in events:
+                    yield event
+
+    async def _run(self, prepared: Prepared) -> AsyncGenerator[Event]:
         key, request, request_id = prepared.key, prepared.request, prepared.request_id
         provider_request, deployments = prepared.provider_request, prepared.deployments
         hold = await self.ledger.place_hold(

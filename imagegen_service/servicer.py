@@ -1,7 +1,9 @@
 """The gRPC plug: request messages in, pipeline calls, response messages out.
 
 Every handler runs its work through ``_handle``, which turns a domain error into its status
-(``grpc_errors``) and anything else into INTERNAL with the details kept in the log.
+(``grpc_errors``) and anything else into INTERNAL with the details kept in the log. Every
+status goes out with the call's request id (``method_metrics.request_id_of``) in its
+trailing metadata.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import asyncio
 import contextlib
 import secrets
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import grpc
 import structlog
@@ -20,6 +22,7 @@ from imagegen_service.catalog import Options
 from imagegen_service.gen import admin_pb2, admin_pb2_grpc, images_pb2, images_pb2_grpc
 from imagegen_service.grpc_errors import internal_status, to_status
 from imagegen_service.idempotency import IdempotencyKeys, fingerprint
+from imagegen_service.method_metrics import REQUEST_ID_KEY, request_id_of, with_request_id
 from imagegen_service.pipeline import (
     DeliveredImage,
     DeliveredPartial,
@@ -41,11 +44,6 @@ def metadata_value(context: grpc.aio.ServicerContext, name: str) -> str | None: 
         if key == name:
             return value if isinstance(value, str) else value.decode()
     return None
-
-
-def request_id_of(context: grpc.aio.ServicerContext) -> str:  # type: ignore[type-arg]
-    given = metadata_value(context, "x-request-id")
-    return given[:128] if given else f"req_{secrets.token_hex(12)}"
 
 
 def _status_of(
@@ -70,8 +68,23 @@ async def _handle(
         return await work()
     except Exception as exc:
         status = _status_of(exc, context, method)
-    await context.abort(status.code, status.details, status.trailing_metadata)
+    await _abort(context, status)
+
+
+async def _abort(
+    context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    status: grpc.Status,
+) -> NoReturn:
+    """Ends the call with ``status``, the call's request id among its trailing metadata."""
+    await context.abort(
+        status.code, status.details, with_request_id(context, status.trailing_metadata)
+    )
     raise AssertionError("abort() always raises")
+
+
+def _charged(exc: Exception) -> bool:
+    """Whether a failed stream charged the images it delivered (its status says so)."""
+    return isinstance(exc, errors.ImagegenError) and "images_charged" in exc.details
 
 
 class ImageGenerationServicer(images_pb2_grpc.ImageGenerationServicer):
@@ -136,9 +149,11 @@ class ImageGenerationServicer(images_pb2_grpc.ImageGenerationServicer):
         """One image-making RPC: authenticate, honour Idempotency-Key, run the pipeline."""
         request_id = request_id_of(context)
         idempotency_key = metadata_value(context, "idempotency-key")
+        authorization = metadata_value(context, "authorization")
+        key: ApiKey | None = None
         try:
-            authorization = metadata_value(context, "authorization")
-            # From the cache: the hold checks revocation again, as does a replay below.
+            # From the cache: the hold checks revocation again, as do a replay and any
+            # failure below (refusal_for).
             key = await self.pipeline.authenticate(authorization, cached=True)
             params = params_of()
             if idempotency_key is None or self.idempotency is None:
@@ -165,8 +180,12 @@ class ImageGenerationServicer(images_pb2_grpc.ImageGenerationServicer):
             await asyncio.shield(self._remember(key.account_id, idempotency_key, frames))
             return
         except Exception as exc:
-            status = _status_of(exc, context, method)
-        await context.abort(status.code, status.details, status.trailing_metadata)
+            failure = exc
+            if key is not None and not _charged(exc):
+                # A revoked key is answered as an unknown one, whatever else was wrong.
+                failure = await self.pipeline.refusal_for(authorization, exc)
+            status = _status_of(failure, context, method)
+        await _abort(context, status)
 
     async def _generate(
         self,
@@ -180,17 +199,22 @@ class ImageGenerationServicer(images_pb2_grpc.ImageGenerationServicer):
             request_id=request_id, account_id=key.account_id, params=params
         ) as record:
             prepared = await self.pipeline.prepare(key, params, request_id=request_id)
+            initial: tuple[tuple[str, str], ...] = ()
             if prepared.rate_limit is not None:
                 headers = tuple(prepared.rate_limit.headers().items())
                 # With the status, at no extra cost; a stream's caller needs them before
-                # its first event, so a stream also sends them up front (its own message).
-                context.set_trailing_metadata(headers)
+                # its first event, so a stream also sends them ahead of it (their own
+                # message), once the hold has found the key active.
+                context.set_trailing_metadata((*headers, (REQUEST_ID_KEY, request_id)))
                 if params.options.stream:
-                    await context.send_initial_metadata(headers)
+                    initial = headers
             # Each yield returns only once gRPC has taken the message, so the pipeline
             # charges after the last image has left, and closing releases the hold.
             async with contextlib.aclosing(self.pipeline.run(prepared)) as events:
                 async for event in events:
+                    if initial:
+                        await context.send_initial_metadata(initial)
+                        initial = ()
                     if isinstance(event, Summary):
                         record.charged(event)
                     yield _to_message(event)
@@ -237,7 +261,7 @@ class ImageGenerationServicer(images_pb2_grpc.ImageGenerationServicer):
             image = await self.pipeline.images.get(request.token)
         except Exception as exc:
             status = _status_of(exc, context, "GetImage")
-            await context.abort(status.code, status.details, status.trailing_metadata)
+            await _abort(context, status)
         view = memoryview(image.data)
         yield images_pb2.GetImageResponse(
             mime_type=image.mime_type,
