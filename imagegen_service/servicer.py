@@ -252,6 +252,19 @@ class ImageGenerationServicer(images_pb2_grpc.ImageGenerationServicer):
 
         return await _handle(context, "ListModels", work)
 
+    async def CheckAccess(
+        self,
+        request: images_pb2.CheckAccessRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> images_pb2.CheckAccessResponse:
+        async def work() -> images_pb2.CheckAccessResponse:
+            # Not from the cache: a revoked key is refused at once, before its upload.
+            key = await self.pipeline.authenticate(metadata_value(context, "authorization"))
+            account = await self.pipeline.ledger.get_account(key.account_id)
+            return images_pb2.CheckAccessResponse(has_balance=account.available_micros > 0)
+
+        return await _handle(context, "CheckAccess", work)
+
     async def GetImage(
         self,
         request: images_pb2.GetImageRequest,

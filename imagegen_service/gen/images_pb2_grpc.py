@@ -59,6 +59,11 @@ class ImageGenerationStub:
                 request_serializer=imagegen_dot_v1_dot_images__pb2.GetImageRequest.SerializeToString,
                 response_deserializer=imagegen_dot_v1_dot_images__pb2.GetImageResponse.FromString,
                 _registered_method=True)
+        self.CheckAccess = channel.unary_unary(
+                '/imagegen.v1.ImageGeneration/CheckAccess',
+                request_serializer=imagegen_dot_v1_dot_images__pb2.CheckAccessRequest.SerializeToString,
+                response_deserializer=imagegen_dot_v1_dot_images__pb2.CheckAccessResponse.FromString,
+                _registered_method=True)
 
 
 class ImageGenerationServicer:
@@ -106,6 +111,17 @@ class ImageGenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckAccess(self, request, context):
+        """Whether the key in the metadata may spend, asked before a request's body is sent:
+        the gateway calls it before it reads an upload, so that an unknown key or an empty
+        account is refused before megabytes arrive. The key is authenticated as for
+        GenerateImages (a revoked key fails at once; a bad one is UNAUTHENTICATED with
+        reason INVALID_API_KEY). Moves no money and counts against no rate limit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ImageGenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -133,6 +149,11 @@ def add_ImageGenerationServicer_to_server(servicer, server):
                     servicer.GetImage,
                     request_deserializer=imagegen_dot_v1_dot_images__pb2.GetImageRequest.FromString,
                     response_serializer=imagegen_dot_v1_dot_images__pb2.GetImageResponse.SerializeToString,
+            ),
+            'CheckAccess': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckAccess,
+                    request_deserializer=imagegen_dot_v1_dot_images__pb2.CheckAccessRequest.FromString,
+                    response_serializer=imagegen_dot_v1_dot_images__pb2.CheckAccessResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -270,6 +291,33 @@ class ImageGeneration:
             '/imagegen.v1.ImageGeneration/GetImage',
             imagegen_dot_v1_dot_images__pb2.GetImageRequest.SerializeToString,
             imagegen_dot_v1_dot_images__pb2.GetImageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckAccess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegen.v1.ImageGeneration/CheckAccess',
+            imagegen_dot_v1_dot_images__pb2.CheckAccessRequest.SerializeToString,
+            imagegen_dot_v1_dot_images__pb2.CheckAccessResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -57,6 +57,13 @@ class ImageGenerationStub:
     """Returns a stored image named by a signed token, in chunks. Needs no API key:
     the token's signature and expiry are the authorization.
     """
+    CheckAccess: _grpc.UnaryUnaryMultiCallable[_images_pb2.CheckAccessRequest, _images_pb2.CheckAccessResponse]
+    """Whether the key in the metadata may spend, asked before a request's body is sent:
+    the gateway calls it before it reads an upload, so that an unknown key or an empty
+    account is refused before megabytes arrive. The key is authenticated as for
+    GenerateImages (a revoked key fails at once; a bad one is UNAUTHENTICATED with
+    reason INVALID_API_KEY). Moves no money and counts against no rate limit.
+    """
 
 @_typing.type_check_only
 class ImageGenerationAsyncStub(ImageGenerationStub):
@@ -80,6 +87,13 @@ class ImageGenerationAsyncStub(ImageGenerationStub):
     GetImage: _aio.UnaryStreamMultiCallable[_images_pb2.GetImageRequest, _images_pb2.GetImageResponse]  # type: ignore[assignment]
     """Returns a stored image named by a signed token, in chunks. Needs no API key:
     the token's signature and expiry are the authorization.
+    """
+    CheckAccess: _aio.UnaryUnaryMultiCallable[_images_pb2.CheckAccessRequest, _images_pb2.CheckAccessResponse]  # type: ignore[assignment]
+    """Whether the key in the metadata may spend, asked before a request's body is sent:
+    the gateway calls it before it reads an upload, so that an unknown key or an empty
+    account is refused before megabytes arrive. The key is authenticated as for
+    GenerateImages (a revoked key fails at once; a bad one is UNAUTHENTICATED with
+    reason INVALID_API_KEY). Moves no money and counts against no rate limit.
     """
 
 class ImageGenerationServicer(metaclass=_abc_1.ABCMeta):
@@ -131,6 +145,19 @@ class ImageGenerationServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_images_pb2.GetImageResponse], _abc.AsyncIterator[_images_pb2.GetImageResponse]]:
         """Returns a stored image named by a signed token, in chunks. Needs no API key:
         the token's signature and expiry are the authorization.
+        """
+
+    @_abc_1.abstractmethod
+    def CheckAccess(
+        self,
+        request: _images_pb2.CheckAccessRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_images_pb2.CheckAccessResponse, _abc.Awaitable[_images_pb2.CheckAccessResponse]]:
+        """Whether the key in the metadata may spend, asked before a request's body is sent:
+        the gateway calls it before it reads an upload, so that an unknown key or an empty
+        account is refused before megabytes arrive. The key is authenticated as for
+        GenerateImages (a revoked key fails at once; a bad one is UNAUTHENTICATED with
+        reason INVALID_API_KEY). Moves no money and counts against no rate limit.
         """
 
 def add_ImageGenerationServicer_to_server(servicer: ImageGenerationServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
