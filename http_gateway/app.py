@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import grpc
 from aiohttp import web
 
-from http_gateway import openapi, views
+from http_gateway import log_redaction, openapi, uploads, views
 from http_gateway.config import GatewayConfig
 from http_gateway.metrics import METRICS, GatewayMetrics, scrape
 from http_gateway.middlewares import MAX_BODY, request_id_middleware
@@ -35,6 +35,9 @@ def bare_app(config: GatewayConfig) -> web.Application:
     app[views.CONFIG] = config
     app[MAX_BODY] = config.max_body_bytes
     app[METRICS] = GatewayMetrics()
+    app[views.UPLOAD_SLOTS] = uploads.UploadSlots(config.max_uploads_in_flight)
+    # aiohttp's own loggers run in this process: keep the callers' bytes out of them.
+    log_redaction.install()
     return app
 
 
@@ -45,13 +48,17 @@ def create_app(config: GatewayConfig) -> web.Application:
         channel = grpc.aio.insecure_channel(config.service_address, options=channel_options(config))
         app[views.CHANNEL] = channel
         app[views.STUB] = images_pb2_grpc.ImageGenerationStub(channel)
+        app[views.UPLOAD_RPCS] = views.upload_rpcs(channel)
         yield
         await channel.close(grace=5.0)
 
     app.cleanup_ctx.append(grpc_channel)
     app.router.add_post("/v1/images/generations", views.create_images)
-    app.router.add_post("/v1/images/edits", views.create_edits)
-    app.router.add_post("/v1/images/variations", views.create_variations)
+    # Uploads answer Expect: 100-continue themselves, once the key and a slot are granted.
+    app.router.add_post("/v1/images/edits", views.create_edits, expect_handler=views.defer_continue)
+    app.router.add_post(
+        "/v1/images/variations", views.create_variations, expect_handler=views.defer_continue
+    )
     app.router.add_get("/v1/models", views.list_models)
     app.router.add_get("/v1/models/{model}", views.retrieve_model)
     app.router.add_get("/v1/files/images/{token}", views.download_image)

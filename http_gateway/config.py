@@ -27,6 +27,9 @@ class GatewayConfig:
     max_body_bytes: int = 1024 * 1024
     # The whole multipart body of an edit or a variation (files included); larger gets 413.
     max_upload_bytes: int = 64 * 1024 * 1024
+    # Edits and variations being read and sent to the service at once; past it, 429 before
+    # any body is read. Each holds up to about three times its body meanwhile.
+    max_uploads_in_flight: int = 4
     request_timeout_seconds: float = 300.0
     max_message_bytes: int = 32 * 1024 * 1024
     # What the gateway may send the service (the service's max_receive_message_bytes).
@@ -62,6 +65,7 @@ def load_gateway_config(environ: Mapping[str, str] | None = None) -> GatewayConf
         ).rstrip("/"),
         max_body_bytes=int(gateway.get("max_body_bytes", 1024 * 1024)),
         max_upload_bytes=int(gateway.get("max_upload_bytes", 64 * 1024 * 1024)),
+        max_uploads_in_flight=int(gateway.get("max_uploads_in_flight", 4)),
         request_timeout_seconds=float(gateway.get("request_timeout_seconds", 300.0)),
         max_message_bytes=int(service.get("max_message_bytes", 32 * 1024 * 1024)),
         max_send_message_bytes=int(service.get("max_receive_message_bytes", 128 * 1024 * 1024)),

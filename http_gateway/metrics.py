@@ -7,7 +7,7 @@ raw path, and by a method from a closed list: a caller cannot mint new label val
 from __future__ import annotations
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 
 # From /healthz to a batch of large images behind a slow upstream.
@@ -31,6 +31,11 @@ class GatewayMetrics:
             "Time from receiving a request to its handler's answer.",
             ("route", "method"),
             buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.uploads_in_flight = Gauge(
+            "http_uploads_in_flight",
+            "Edits and variations being read or served (at most max_uploads_in_flight).",
             registry=self.registry,
         )
 

@@ -22,6 +22,11 @@ _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/=+-]{1,128}$")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+# nginx's status for a request whose client went away before it was answered: counted and
+# logged apart from the server's own failures, and never sent (nobody is left to read it).
+CLIENT_CLOSED_REQUEST = 499
+
+
 @web.middleware
 async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     given = request.headers.get("x-request-id", "")
@@ -31,13 +36,18 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
     response = await _answer(request, handler)
     response.headers["x-request-id"] = request_id
     elapsed, route = time.perf_counter() - started, route_of(request)
-    request.app[METRICS].observe(route, request.method, response.status, elapsed)
+    status = response.status
+    if not response.prepared and request.transport is None:
+        # Whatever the handler made of it (a body cut short can read as a bad one), the
+        # client left before its answer: nothing was sent.
+        status = CLIENT_CLOSED_REQUEST
+    request.app[METRICS].observe(route, request.method, status, elapsed)
     log.info(
         "http.request",
         request_id=request_id,
         method=request.method,
         route=route,
-        status=response.status,
+        status=status,
         latency_ms=round(elapsed * 1000, 1),
     )
     return response
@@ -46,6 +56,11 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
 async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
+    except ConnectionResetError:
+        # The client went away mid-body (aiohttp's "Connection lost"): not a failure of ours.
+        return web.Response(status=CLIENT_CLOSED_REQUEST)
+    except errors.HeaderTooLarge as exc:
+        return errors.error_response(errors.HEADERS_TOO_LARGE, exc.message)
     except web.HTTPRequestEntityTooLarge:
         return errors.error_response(
             errors.TOO_LARGE,

@@ -507,7 +507,8 @@ _RESPONSES: dict[str, Schema] = {
     ),
     "PaymentRequired": _error_response(
         "The account's balance is too low for the request (`insufficient_balance`). Nothing "
-        "was charged.",
+        "was charged. An edit or a variation from an account with nothing available is "
+        "refused before its upload is read.",
         "insufficient_balance",
         "Insufficient balance: this request costs 0.002000 USD.",
         error_type="insufficient_quota",
@@ -534,17 +535,29 @@ _RESPONSES: dict[str, Schema] = {
         error_type="invalid_request_error",
     ),
     "PayloadTooLarge": _error_response(
-        "The request body is over the gateway's limit (`request_too_large`; 1 MiB by default).",
+        "The request body is over the gateway's limit (`request_too_large`; 1 MiB by default, "
+        "64 MiB for uploads), or over the image service's message limit.",
         "request_too_large",
         "The request body is larger than the limit of 1048576 bytes.",
         error_type="invalid_request_error",
     ),
     "TooManyRequests": _error_response(
         "The key's rate limit is used up for this minute (`rate_limit_exceeded`); retry after "
-        "`Retry-After` seconds. Nothing was charged.",
+        "`Retry-After` seconds. Nothing was charged. Edits and variations also get it, "
+        "`too_many_uploads` and without the `x-ratelimit-*` headers, while the gateway is "
+        "reading as many uploads as it takes at once (`max_uploads_in_flight`); the body was "
+        "not read.",
         "rate_limit_exceeded",
         "Rate limit reached: 60 requests per minute.",
         error_type="rate_limit_error",
+    ),
+    "RequestHeaderFieldsTooLarge": _error_response(
+        "`Authorization` or `Idempotency-Key` is longer than 2048 bytes "
+        "(`request_header_too_large`): the gateway passes them on as gRPC metadata, which has "
+        "a size limit. Nothing was charged.",
+        "request_header_too_large",
+        "The Authorization header is longer than 2048 bytes.",
+        error_type="invalid_request_error",
     ),
     "InternalServerError": _error_response(
         "A bug of ours (`server_error`). Nothing was charged.",
@@ -558,6 +571,12 @@ _RESPONSES: dict[str, Schema] = {
         "upstream_error",
         "The image provider failed. Try again shortly.",
         error_type="api_error",
+    ),
+    "NotImplemented": _error_response(
+        "The image service is older than the gateway and lacks the operation (`not_implemented`).",
+        "not_implemented",
+        "The image service does not offer this operation.",
+        error_type="server_error",
     ),
     "ServiceUnavailable": _error_response(
         "The gateway cannot reach the image service (`service_unavailable`).",
@@ -593,7 +612,9 @@ def _errors(*names: str) -> dict[str, Schema]:
         "Conflict": "409",
         "PayloadTooLarge": "413",
         "TooManyRequests": "429",
+        "RequestHeaderFieldsTooLarge": "431",
         "InternalServerError": "500",
+        "NotImplemented": "501",
         "BadGateway": "502",
         "ServiceUnavailable": "503",
         "GatewayTimeout": "504",
@@ -608,12 +629,14 @@ _GENERATION_ERRORS = _errors(
     "Conflict",
     "PayloadTooLarge",
     "TooManyRequests",
+    "RequestHeaderFieldsTooLarge",
     "InternalServerError",
+    "NotImplemented",
     "BadGateway",
     "ServiceUnavailable",
     "GatewayTimeout",
 )
-_SERVER_ERRORS = ("InternalServerError", "ServiceUnavailable", "GatewayTimeout")
+_SERVER_ERRORS = ("InternalServerError", "NotImplemented", "ServiceUnavailable", "GatewayTimeout")
 
 _REQUEST_ID_HEADER = {"x-request-id": _ref("headers", "XRequestId")}
 
@@ -713,7 +736,7 @@ _PATHS: dict[str, Schema] = {
             "parameters": [_ref("parameters", "XRequestId")],
             "responses": {
                 "200": _json_ok("The models.", "ListModelsResponse"),
-                **_errors("Unauthorized", *_SERVER_ERRORS),
+                **_errors("Unauthorized", "RequestHeaderFieldsTooLarge", *_SERVER_ERRORS),
             },
         }
     },
@@ -735,7 +758,9 @@ _PATHS: dict[str, Schema] = {
             ],
             "responses": {
                 "200": _json_ok("The model.", "Model"),
-                **_errors("Unauthorized", "ModelNotFound", *_SERVER_ERRORS),
+                **_errors(
+                    "Unauthorized", "ModelNotFound", "RequestHeaderFieldsTooLarge", *_SERVER_ERRORS
+                ),
             },
         }
     },

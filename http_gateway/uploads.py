@@ -9,11 +9,44 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from aiohttp import BodyPartReader, web
+from aiohttp import (
+    BadContentDispositionHeader,
+    BadContentDispositionParam,
+    BodyPartReader,
+    web,
+)
 
 from http_gateway.validation import BodyError
 
 _CHUNK_BYTES = 256 * 1024
+# What aiohttp warns of a part whose Content-Disposition it cannot parse (the part then has
+# no name: a 400). The gateway ignores these warnings (log_redaction), which would print
+# the caller's header; where warnings are errors, they arrive here as exceptions.
+MALFORMED_PART_WARNINGS = (BadContentDispositionHeader, BadContentDispositionParam)
+
+
+class UploadSlots:
+    """How many uploads the gateway reads and sends to the service at once
+    (``max_uploads_in_flight``).
+
+    An upload is in memory from its first byte until gRPC has sent it on (then the gateway
+    drops it: ``views.Handover``), up to about three times its size meanwhile; so this count
+    times ``max_upload_bytes`` bounds what uploads can take. A request that finds no free
+    slot is refused before its body is read: waiting for one would hold the connection, and
+    reading it would hold the memory."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+
+    def take(self) -> bool:
+        if self.in_use >= self.limit:
+            return False
+        self.in_use += 1
+        return True
+
+    def give_back(self) -> None:
+        self.in_use -= 1
 
 
 class UploadTooLarge(Exception):
@@ -64,6 +97,8 @@ async def read_form(request: web.Request, *, limit: int, file_fields: frozenset[
                     raise UploadTooLarge(limit)
                 chunks.append(chunk)
             data = b"".join(chunks)
+            # The pieces go now, not once the next part has been read too.
+            del chunks
             if part.name in file_fields or part.filename is not None:
                 form.files.setdefault(part.name, []).append(data)
                 continue
@@ -71,7 +106,7 @@ async def read_form(request: web.Request, *, limit: int, file_fields: frozenset[
                 form.fields[part.name] = data.decode("utf-8")
             except UnicodeDecodeError:
                 raise BodyError(f"'{part.name}' must be UTF-8 text.", part.name) from None
-    except (ValueError, AssertionError, RuntimeError) as exc:
+    except (ValueError, AssertionError, RuntimeError, *MALFORMED_PART_WARNINGS) as exc:
         if isinstance(exc, BodyError):
             raise
         raise BodyError("The multipart body could not be read.") from None

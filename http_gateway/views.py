@@ -5,15 +5,18 @@ from __future__ import annotations
 import base64
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
 import orjson
 import structlog
-from aiohttp import web
+from aiohttp import HttpVersion11, web
+from google.protobuf.message import Message
 
 from http_gateway import errors, uploads
 from http_gateway.config import GatewayConfig
+from http_gateway.metrics import METRICS
 from http_gateway.middlewares import REQUEST_ID
 from http_gateway.validation import (
     INT32_MAX,
@@ -34,6 +37,7 @@ log = structlog.get_logger("imagegen.gateway")
 CONFIG = web.AppKey("config", GatewayConfig)
 CHANNEL = web.AppKey("channel", grpc.aio.Channel)
 STUB: web.AppKey[ImageGenerationAsyncStub] = web.AppKey("stub")
+UPLOAD_SLOTS = web.AppKey("upload_slots", uploads.UploadSlots)
 
 
 def _metadata(request: web.Request, *, with_key: bool = True) -> tuple[tuple[str, str], ...]:
@@ -41,8 +45,20 @@ def _metadata(request: web.Request, *, with_key: bool = True) -> tuple[tuple[str
     # gRPC metadata must be printable ASCII; anything else cannot be a valid key anyway.
     authorization = request.headers.get("Authorization")
     if with_key and authorization and authorization.isascii() and authorization.isprintable():
-        md.append(("authorization", authorization))
+        md.append(("authorization", _forwardable("Authorization", authorization)))
     return tuple(md)
+
+
+# What one header may bring to the gRPC metadata: the service's side refuses metadata over
+# 8 KiB (gRPC's default), at random between 8 and 16 KiB. Real keys and Idempotency-Keys
+# are far shorter.
+MAX_FORWARDED_HEADER_BYTES = 2048
+
+
+def _forwardable(name: str, value: str) -> str:
+    if len(value) > MAX_FORWARDED_HEADER_BYTES:
+        raise errors.HeaderTooLarge(name, MAX_FORWARDED_HEADER_BYTES)
+    return value
 
 
 def _idempotency_metadata(request: web.Request) -> tuple[tuple[str, str], ...]:
@@ -51,7 +67,7 @@ def _idempotency_metadata(request: web.Request) -> tuple[tuple[str, str], ...]:
         return ()
     if not (key.isascii() and key.isprintable()):
         raise BodyError("The Idempotency-Key header must be printable ASCII.", "Idempotency-Key")
-    return (("idempotency-key", key),)
+    return (("idempotency-key", _forwardable("Idempotency-Key", key)),)
 
 
 def _passed_headers(metadata: Any) -> dict[str, str]:
@@ -127,7 +143,7 @@ async def create_images(request: web.Request) -> web.StreamResponse:
 async def create_edits(request: web.Request) -> web.StreamResponse:
     """``POST /v1/images/edits``: multipart with ``image`` or repeated ``image[]``, ``mask``."""
     return await _multipart_images(
-        request, _EDIT_FILES, _edit_request, request.app[STUB].EditImages, "image_edit"
+        request, _EDIT_FILES, _edit_request, request.app[UPLOAD_RPCS].edit, "image_edit"
     )
 
 
@@ -137,7 +153,7 @@ async def create_variations(request: web.Request) -> web.StreamResponse:
         request,
         _VARIATION_FILES,
         _variation_request,
-        request.app[STUB].CreateImageVariations,
+        request.app[UPLOAD_RPCS].vary,
         None,
     )
 
@@ -149,9 +165,50 @@ async def _multipart_images(
     rpc: Callable[..., ImagesCall],
     stream_prefix: str | None,
 ) -> web.StreamResponse:
-    """A multipart image request: read the form within the upload limit, call ``rpc``, and
-    answer JSON, or SSE events named ``{stream_prefix}.*`` when streaming was asked."""
+    """A multipart image request: refuse it before its body is read if the key or the
+    account cannot pay, or if too many uploads are in flight; else read the form within the
+    upload limit, send it to ``rpc``, and answer JSON, or SSE events named
+    ``{stream_prefix}.*`` when streaming was asked."""
+    refusal = await _check_access(request)
+    if refusal is not None:
+        return _unread(request, refusal)
+    slots = request.app[UPLOAD_SLOTS]
+    if not slots.take():
+        return _unread(
+            request,
+            errors.error_response(
+                errors.UPLOADS_BUSY,
+                "The server is busy with other uploads. Try again shortly.",
+                headers={"Retry-After": str(_BUSY_RETRY_AFTER_SECONDS)},
+            ),
+        )
+    metrics = request.app[METRICS]
+    metrics.uploads_in_flight.inc()
+    try:
+        sent = await _read_and_send(request, file_fields, build, rpc, stream_prefix)
+    finally:
+        slots.give_back()
+        metrics.uploads_in_flight.dec()
+    if isinstance(sent, web.Response):
+        return sent
+    call, streaming = sent
+    if stream_prefix is not None and streaming:
+        return await _stream_answer(request, call, stream_prefix)
+    return await _json_answer(request, call)
+
+
+async def _read_and_send(
+    request: web.Request,
+    file_fields: frozenset[str],
+    build: Callable[[uploads.Form], Any],
+    rpc: Callable[..., ImagesCall],
+    stream_prefix: str | None,
+) -> tuple[ImagesCall, bool] | web.Response:
+    """What an upload slot covers: reading the form and sending it to the service. Once
+    gRPC has sent the message, the gateway holds none of the upload's bytes. Returns the
+    call and whether it streams, or the refusal."""
     config = request.app[CONFIG]
+    await _continue(request)
     try:
         form = await uploads.read_form(
             request, limit=config.max_upload_bytes, file_fields=file_fields
@@ -162,10 +219,118 @@ async def _multipart_images(
         return errors.error_response(errors.TOO_LARGE, exc.message)
     except BodyError as exc:
         return errors.error_response(errors.BAD_REQUEST, exc.message, param=exc.param)
-    call = rpc(message, metadata=metadata, timeout=config.request_timeout_seconds)
-    if stream_prefix is not None and message.stream:
-        return await _stream_answer(request, call, stream_prefix)
-    return await _json_answer(request, call)
+    # The message holds the files now; the form's copy goes.
+    del form
+    streaming = stream_prefix is not None and bool(message.stream)
+    call = rpc(Handover(message), metadata=metadata, timeout=config.request_timeout_seconds)
+    del message
+    try:
+        await call.wait_for_connection()
+    except grpc.aio.AioRpcError as exc:
+        return errors.from_grpc_error(exc)
+    return call, streaming
+
+
+class Handover:
+    """An upload's request message, handed to gRPC: the serialiser takes it out, so the
+    call keeps no reference to it and its bytes go once they are sent, not when the
+    generation ends."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: Message) -> None:
+        self.message: Message | None = message
+
+
+def _serialize_handover(request: Handover) -> bytes:
+    message, request.message = request.message, None
+    if message is None:
+        raise ValueError("an upload's message is sent once")
+    return message.SerializeToString()
+
+
+@dataclass(frozen=True, slots=True)
+class UploadRpcs:
+    """EditImages and CreateImageVariations, taking their request as a Handover."""
+
+    edit: Callable[..., ImagesCall]
+    vary: Callable[..., ImagesCall]
+
+
+def upload_rpcs(channel: grpc.aio.Channel) -> UploadRpcs:
+    service = images_pb2.DESCRIPTOR.services_by_name["ImageGeneration"]
+
+    def rpc(name: str) -> Callable[..., ImagesCall]:
+        return channel.unary_stream(
+            f"/{service.full_name}/{name}",
+            request_serializer=_serialize_handover,
+            response_deserializer=images_pb2.GenerateImagesResponse.FromString,
+        )
+
+    return UploadRpcs(edit=rpc("EditImages"), vary=rpc("CreateImageVariations"))
+
+
+UPLOAD_RPCS = web.AppKey("upload_rpcs", UploadRpcs)
+
+
+# Seconds a caller refused for busy upload slots is asked to wait: about one edit's upload.
+_BUSY_RETRY_AFTER_SECONDS = 2
+
+
+async def _check_access(request: web.Request) -> web.Response | None:
+    """Asks the service, before the body is read, whether the key is good and its account
+    has money: the refusal to send, or None to go on. A service that predates CheckAccess
+    is not asked (the upload is then judged whole, as before)."""
+    config = request.app[CONFIG]
+    try:
+        answer = await request.app[STUB].CheckAccess(
+            images_pb2.CheckAccessRequest(),
+            metadata=_metadata(request),
+            timeout=min(config.request_timeout_seconds, 30.0),
+        )
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+            return None
+        return errors.from_grpc_error(exc)
+    if not answer.has_balance:
+        return errors.error_response(
+            errors.INSUFFICIENT_BALANCE,
+            "Your balance is too low for this request. Top up the account and retry.",
+        )
+    return None
+
+
+def _expects_continue(request: web.Request) -> bool:
+    return (
+        request.version == HttpVersion11
+        and request.headers.get("Expect", "").lower() == "100-continue"
+    )
+
+
+async def defer_continue(request: web.Request) -> None:
+    """The upload routes' ``Expect`` handler. For ``100-continue`` it says nothing yet: the
+    view sends ``100 Continue`` once the key and a slot are granted, so a refused client
+    never sends its body at all. Any other expectation is refused, as aiohttp does."""
+    expect = request.headers.get("Expect", "")
+    if request.version == HttpVersion11 and expect.lower() != "100-continue":
+        raise web.HTTPExpectationFailed(text="Unknown Expect header.")
+
+
+async def _continue(request: web.Request) -> None:
+    if _expects_continue(request):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        # Not part of the answer: the answer's own bytes start after it.
+        request.writer.output_size = 0
+
+
+def _unread(request: web.Request, response: web.Response) -> web.Response:
+    """A refusal sent while the body is still unread. A client waiting for ``100 Continue``
+    sends nothing more: the connection is closed after the answer. Any other client may be
+    sending its body: aiohttp reads and discards it (for at most its lingering time, never
+    holding it) so the client can read the answer instead of a reset connection."""
+    if _expects_continue(request):
+        response.force_close()
+    return response
 
 
 _EDIT_FILES = frozenset({"image", "image[]", "mask"})
