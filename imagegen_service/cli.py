@@ -16,7 +16,8 @@ from typing import Any
 import orjson
 
 from imagegen_service import catalog_check, errors, keys
-from imagegen_service.config import ConfigError, load_config
+from imagegen_service.config import StartupError, database_error, load_config
+from imagegen_service.logging_setup import exit_with_error, start_logging
 from imagegen_service.money import format_usd, parse_usd
 from imagegen_service.stores.ledger_sql import (
     Account,
@@ -247,23 +248,38 @@ async def _run(
         await store.close()
 
 
+PROGRAM = "imagegen-admin"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    # Errors are plain lines for the operator at a terminal; JSON when IMAGEGEN_LOG_FORMAT
+    # asks for it (the Kubernetes migration Job, say).
+    start_logging(PROGRAM, json_unless_terminal=False)
     if getattr(args, "check", False):
         try:
             sys.exit(_check_providers(args.json))
-        except ConfigError as exc:
-            sys.exit(f"imagegen-admin: {exc}")
+        except StartupError as exc:
+            exit_with_error(PROGRAM, str(exc))
     try:
         config = load_config()
+    except StartupError as exc:
+        exit_with_error(PROGRAM, str(exc))
+    try:
         if args.run is None:
             result = asyncio.run(_run_db(config.database_url, args.db))
         else:
             result = asyncio.run(_run(config.database_url, args.run, args))
-    except (ConfigError, SchemaOutOfDate) as exc:
-        sys.exit(f"imagegen-admin: {exc}")
+    except SchemaOutOfDate as exc:
+        exit_with_error(PROGRAM, str(exc))
     except errors.ImagegenError as exc:
-        sys.exit(f"imagegen-admin: {exc.message}")
+        exit_with_error(PROGRAM, exc.message)
+    except Exception as exc:
+        # All it does is database work: a failure to reach the database says so in one line.
+        problem = database_error(config.database_url, exc)
+        if problem is None:
+            raise
+        exit_with_error(PROGRAM, str(problem))
     if args.json:
         sys.stdout.write(orjson.dumps(result).decode() + "\n")
     else:

@@ -5,17 +5,28 @@
 ``IMAGEGEN_DATABASE_URL``, ``IMAGEGEN_SIGNING_KEY`` and ``IMAGEGEN_ADMIN_TOKEN`` override it.
 ``IMAGEGEN_METRICS_PORT`` overrides ``[service] metrics_port``; ``IMAGEGEN_LOG_PROMPT_CHARS``
 (default 0) is how much of each prompt the generation log line may carry.
+
+The file is read strictly: a table or key this version does not know (a typo, most often)
+and a value of the wrong type are refused at startup, with the file, the key and the
+nearest known name, rather than silently replaced by a default.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import secrets
+import socket
+import sqlite3
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import sqlalchemy as sa
 
 from imagegen_service.catalog import Catalog, CatalogError, load_catalog
 from imagegen_service.money import parse_usd
@@ -48,9 +59,96 @@ _PROVIDER_KEYS = frozenset(
         "precomputed",
     }
 )
+# The options each provider type's adapter reads (its ``from_config`` in providers/); every
+# other key of a [providers.*] table is refused. The adapters check the values.
+_IMAGEN_OPTIONS = ("person_generation", "add_watermark", "max_images_per_call")
+_GEMINI_OPTIONS = ("image_size", "include_text", "thinking_level")
+PROVIDER_OPTIONS: Mapping[str, frozenset[str]] = {
+    "local": frozenset(),
+    "openai": frozenset(),
+    "azure-openai": frozenset(
+        {"api", "deployment", "deployment_model", "api_version", "token_file"}
+    ),
+    "google-imagen": frozenset(_IMAGEN_OPTIONS),
+    "vertex-imagen": frozenset({"project", "location", *_IMAGEN_OPTIONS}),
+    "gemini": frozenset(_GEMINI_OPTIONS),
+    "vertex-gemini": frozenset({"project", "location", *_GEMINI_OPTIONS}),
+    "stability": frozenset({"client_id"}),
+    "bfl": frozenset({"safety_tolerance", "poll_interval_seconds"}),
+}
+# The keys catalog.load_catalog reads from a [models.*] table and from each of its
+# [[models.*.deployments]]; price tables inside are checked by the catalog itself.
+MODEL_KEYS = frozenset(
+    {
+        "family",
+        "provider",
+        "upstream_model",
+        "deployments",
+        "sizes",
+        "default_size",
+        "qualities",
+        "default_quality",
+        "styles",
+        "max_images",
+        "max_prompt_chars",
+        "price_usd",
+        "megapixel_price_usd",
+        "token_price_usd",
+        "owned_by",
+        "created",
+        "parameters",
+        "operations",
+        "input_formats",
+        "max_input_image_bytes",
+        "max_input_images",
+    }
+)
+DEPLOYMENT_KEYS = frozenset({"provider", "upstream_model", "price_usd"})
+# Every table of the file. [gateway] is the gateway's (http_gateway/config.py checks its
+# keys); the service checks the rest.
+TABLES = (
+    "service",
+    "images",
+    "rate_limits",
+    "routing",
+    "gateway",
+    "providers",
+    "catalog",
+    "models",
+)
+SERVICE_KEYS = frozenset(
+    {
+        "grpc_host",
+        "grpc_port",
+        "data_dir",
+        "database_url",
+        "url_ttl_seconds",
+        "hold_ttl_seconds",
+        "dev_account_balance_usd",
+        "max_message_bytes",
+        "max_receive_message_bytes",
+        "housekeeping_seconds",
+        "health_check_seconds",
+        "metrics_port",
+    }
+)
+IMAGES_KEYS = frozenset({"backend", "bucket", "prefix", "endpoint_url", "region"})
+RATE_LIMITS_KEYS = frozenset({"requests_per_minute", "images_per_minute", "redis_url"})
+CATALOG_KEYS = frozenset({"non_image_models", "retired_models"})
+_DATABASE_SCHEMES = (
+    "sqlite:///",
+    "postgresql://",
+    "postgres://",
+    "sqlite+aiosqlite://",
+    "postgresql+asyncpg://",
+)
 
 
-class ConfigError(ValueError):
+class StartupError(Exception):
+    """The process cannot start; the message, one line, says what, why and what to do."""
+
+
+class ConfigError(StartupError, ValueError):
     """The configuration cannot be used; the message says which key and why."""
 
 
@@ -125,6 +223,8 @@ class ServiceConfig:
     redis_url: str = ""
     rate_limits: Limits = field(default_factory=Limits)
     housekeeping_seconds: float = 60.0
+    # How often the database (readiness) and the rate-limit counters are checked.
+    health_check_seconds: float = 5.0
     admin_token: str | None = None
     signing_key_env: str | None = None
     max_message_bytes: int = 32 * 1024 * 1024
@@ -161,149 +261,391 @@ def read_toml(environ: Mapping[str, str] | None = None) -> tuple[Path, dict[str,
             return path, tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"configuration file {path} does not exist (IMAGEGEN_CONFIG)") from None
+    except IsADirectoryError:
+        raise ConfigError(f"configuration file {path} is a directory (IMAGEGEN_CONFIG)") from None
+    except PermissionError:
+        raise ConfigError(f"configuration file {path} cannot be read (IMAGEGEN_CONFIG)") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"configuration file {path} is not UTF-8 text") from None
 
 
-def env_int(env: Mapping[str, str], name: str, default: Any) -> int:
+def env_int(env: Mapping[str, str], name: str, default: int, *, maximum: int | None = None) -> int:
+    """The integer in environment variable ``name``, else ``default`` (already checked)."""
     raw = env.get(name)
-    value = default if raw in (None, "") else raw
+    if raw in (None, ""):
+        return default
     try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be an integer; got {value!r}") from None
+        number = int(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer; got {raw!r}") from None
     if number < 0:
         raise ConfigError(f"{name} must not be negative; got {number}")
+    if maximum is not None and number > maximum:
+        raise ConfigError(f"{name} must be at most {maximum}; got {number}")
     return number
 
 
-def _table(doc: Mapping[str, Any], name: str) -> dict[str, Any]:
-    value = doc.get(name, {})
-    if not isinstance(value, dict):
-        raise ConfigError(f"[{name}] must be a table")
-    return value
+def nearest(name: str, known: Collection[str]) -> str | None:
+    """The known name ``name`` most likely misspells, if any is close."""
+    found = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return found[0] if found else None
 
 
-def _provider(name: str, raw: Any) -> ProviderConfig:
+def unknown_name(what: str, name: str, known: Collection[str]) -> str:
+    """``unknown key 'url_tl_seconds'; did you mean 'url_ttl_seconds'?`` or, with nothing
+    close, the list of known names."""
+    near = nearest(name, known)
+    if near is not None:
+        return f"unknown {what} {name!r}; did you mean {near!r}?"
+    if not known:
+        return f"unknown {what} {name!r}; this table takes none"
+    return f"unknown {what} {name!r}; known: {', '.join(sorted(known))}"
+
+
+class _Table:
+    """One table of the file, read key by key. A key it does not know and a value of the
+    wrong type are ConfigErrors naming the file, the table and the key."""
+
+    def __init__(self, path: Path, name: str, raw: Any, known: Collection[str] | None) -> None:
+        """``known``: the keys the table may have; None for a table of names the operator
+        chooses ([providers], [models]) or another process's ([gateway])."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: [{name}] must be a table; got {raw!r}")
+        self.path, self.name, self.raw = path, name, raw
+        for key in raw:
+            if known is not None and key not in known:
+                raise ConfigError(f"{path}: [{name}]: {unknown_name('key', key, known)}")
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.path}: [{self.name}] {key} {message}")
+
+    def _wrong(self, key: str, what: str) -> ConfigError:
+        return self.error(key, f"must be {what}; got {self.raw[key]!r}")
+
+    def text(self, key: str, default: str) -> str:
+        value = self.raw.get(key, default)
+        if not isinstance(value, str):
+            raise self._wrong(key, "a string")
+        return value
+
+    def integer(
+        self, key: str, default: int, *, minimum: int = 0, maximum: int | None = None
+    ) -> int:
+        value = self.raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self._wrong(key, "an integer")
+        if value < minimum:
+            raise self._wrong(key, f"at least {minimum}")
+        if maximum is not None and value > maximum:
+            raise self._wrong(key, f"at most {maximum}")
+        return value
+
+    def number(self, key: str, default: float, *, positive: bool = False) -> float:
+        value = self.raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self._wrong(key, "a number")
+        if value < 0 or (positive and value == 0):
+            raise self._wrong(key, "more than 0" if positive else "0 or more")
+        return float(value)
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.raw.get(key, default)
+        if not isinstance(value, bool):
+            raise self._wrong(key, "true or false")
+        return value
+
+    def texts(self, key: str) -> list[str]:
+        value = self.raw.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self._wrong(key, "a list of strings")
+        return value
+
+
+def _check_tables(path: Path, doc: Mapping[str, Any]) -> None:
+    """Every top-level name is a known table; a key outside any table says where it goes."""
+    homes = {
+        "service": SERVICE_KEYS,
+        "images": IMAGES_KEYS,
+        "rate_limits": RATE_LIMITS_KEYS,
+        "catalog": CATALOG_KEYS,
+        "routing": frozenset(RoutingPolicy.__dataclass_fields__),
+    }
+    for name, value in doc.items():
+        if name in TABLES:
+            continue
+        if not isinstance(value, dict):
+            home = next((table for table, keys in homes.items() if name in keys), None)
+            where = f"it belongs in [{home}]" if home else "every key belongs in a table"
+            raise ConfigError(f"{path}: {name!r} stands outside any table; {where}")
+        near = nearest(name, TABLES)
+        hint = f"did you mean [{near}]?" if near else f"known: {', '.join(TABLES)}"
+        raise ConfigError(f"{path}: unknown table [{name}]; {hint}")
+
+
+def _provider(path: Path, name: str, raw: Any) -> ProviderConfig:
+    where = f"providers.{name}"
     if not isinstance(raw, dict):
-        raise ConfigError(f"providers.{name} must be a table")
+        raise ConfigError(f"{path}: [{where}] must be a table; got {raw!r}")
     kind = raw.get("type")
     if kind not in PROVIDER_TYPES:
-        raise ConfigError(f"providers.{name}.type must be one of {', '.join(PROVIDER_TYPES)}")
-    try:
-        return ProviderConfig(
-            name=name,
-            type=kind,
-            base_url=str(raw.get("base_url", "")).rstrip("/"),
-            api_key_env=str(raw.get("api_key_env", "")),
-            api_key_file=str(raw.get("api_key_file", "")),
-            timeout_seconds=float(raw.get("timeout_seconds", 120.0)),
-            max_connections=int(raw.get("max_connections", 64)),
-            # BFL counts tasks (one per image), and allows 24 active per account.
-            max_concurrency=int(raw.get("max_concurrency", 24 if kind == "bfl" else 16)),
-            max_retries=int(raw.get("max_retries", 2)),
-            retry_ambiguous=_bool(raw.get("retry_ambiguous", False), f"providers.{name}"),
-            precomputed=bool(raw.get("precomputed", False)),
-            options={k: v for k, v in raw.items() if k not in _PROVIDER_KEYS},
+        hint = ""
+        if isinstance(kind, str) and (near := nearest(kind, PROVIDER_TYPES)):
+            hint = f"; did you mean {near!r}?"
+        raise ConfigError(
+            f"{path}: [{where}] type must be one of {', '.join(PROVIDER_TYPES)}; got {kind!r}{hint}"
         )
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"providers.{name}: {exc}") from None
+    options = PROVIDER_OPTIONS[kind]
+    known = _PROVIDER_KEYS | options
+    for key in raw:
+        if key not in known:
+            raise ConfigError(
+                f"{path}: [{where}] (type {kind!r}): {unknown_name('key', key, known)}"
+            )
+    table = _Table(path, where, raw, known)
+    return ProviderConfig(
+        name=name,
+        type=kind,
+        base_url=table.text("base_url", "").rstrip("/"),
+        api_key_env=table.text("api_key_env", ""),
+        api_key_file=table.text("api_key_file", ""),
+        timeout_seconds=table.number("timeout_seconds", 120.0, positive=True),
+        max_connections=table.integer("max_connections", 64, minimum=1),
+        # BFL counts tasks (one per image), and allows 24 active per account.
+        max_concurrency=table.integer("max_concurrency", 24 if kind == "bfl" else 16),
+        max_retries=table.integer("max_retries", 2),
+        retry_ambiguous=table.flag("retry_ambiguous", False),
+        precomputed=table.flag("precomputed", False),
+        options={k: v for k, v in raw.items() if k in options},
+    )
 
 
-def _bool(value: Any, where: str) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{where}: retry_ambiguous must be true or false")
-    return value
+def _check_models(path: Path, models: _Table) -> None:
+    """The keys of each [models.*] table and of its deployments; their values are the
+    catalog's to check."""
+    for model_id, raw in models.raw.items():
+        where = f"models.{model_id}"
+        _Table(path, where, raw, MODEL_KEYS)
+        entries = raw.get("deployments")
+        if isinstance(entries, list):
+            for i, entry in enumerate(entries):
+                if isinstance(entry, dict):
+                    _Table(path, f"{where}.deployments[{i}]", entry, DEPLOYMENT_KEYS)
 
 
-def _images(raw: Mapping[str, Any], env: Mapping[str, str], path: Path) -> ImageStoreConfig:
+def _images(table: _Table, env: Mapping[str, str]) -> ImageStoreConfig:
     config = ImageStoreConfig(
-        backend=env.get("IMAGEGEN_IMAGE_STORE") or str(raw.get("backend", "local")),
-        bucket=env.get("IMAGEGEN_S3_BUCKET") or str(raw.get("bucket", "")),
-        prefix=str(raw.get("prefix", "")),
-        endpoint_url=env.get("IMAGEGEN_S3_ENDPOINT_URL") or str(raw.get("endpoint_url", "")),
-        region=env.get("AWS_REGION") or str(raw.get("region", "us-east-1")),
+        backend=env.get("IMAGEGEN_IMAGE_STORE") or table.text("backend", "local"),
+        bucket=env.get("IMAGEGEN_S3_BUCKET") or table.text("bucket", ""),
+        prefix=table.text("prefix", ""),
+        endpoint_url=env.get("IMAGEGEN_S3_ENDPOINT_URL") or table.text("endpoint_url", ""),
+        region=env.get("AWS_REGION") or table.text("region", "us-east-1"),
     )
     if config.backend not in ("local", "s3"):
-        raise ConfigError(f"{path}: [images].backend must be 'local' or 's3'")
+        raise ConfigError(
+            f"{table.path}: [images] backend (or IMAGEGEN_IMAGE_STORE) must be 'local' or "
+            f"'s3'; got {config.backend!r}"
+        )
     if config.backend == "s3" and not config.bucket:
-        raise ConfigError(f"{path}: [images].bucket (or IMAGEGEN_S3_BUCKET) is required for s3")
+        raise ConfigError(
+            f"{table.path}: [images] bucket (or IMAGEGEN_S3_BUCKET) is required for s3"
+        )
     return config
 
 
-def _routing_policy(raw: Mapping[str, Any], path: Path) -> RoutingPolicy:
+def _routing_policy(table: _Table) -> RoutingPolicy:
     defaults = RoutingPolicy()
-    unknown = set(raw) - set(RoutingPolicy.__dataclass_fields__)
-    if unknown:
-        raise ConfigError(f"{path}: [routing] has unknown keys: {', '.join(sorted(unknown))}")
-    try:
-        return RoutingPolicy(
-            backoff_base_seconds=float(
-                raw.get("backoff_base_seconds", defaults.backoff_base_seconds)
-            ),
-            backoff_max_seconds=float(raw.get("backoff_max_seconds", defaults.backoff_max_seconds)),
-            max_retry_after_seconds=float(
-                raw.get("max_retry_after_seconds", defaults.max_retry_after_seconds)
-            ),
-            breaker_failures=int(raw.get("breaker_failures", defaults.breaker_failures)),
-            breaker_cooldown_seconds=float(
-                raw.get("breaker_cooldown_seconds", defaults.breaker_cooldown_seconds)
-            ),
+    return RoutingPolicy(
+        backoff_base_seconds=table.number("backoff_base_seconds", defaults.backoff_base_seconds),
+        backoff_max_seconds=table.number("backoff_max_seconds", defaults.backoff_max_seconds),
+        max_retry_after_seconds=table.number(
+            "max_retry_after_seconds", defaults.max_retry_after_seconds
+        ),
+        breaker_failures=table.integer("breaker_failures", defaults.breaker_failures, minimum=1),
+        breaker_cooldown_seconds=table.number(
+            "breaker_cooldown_seconds", defaults.breaker_cooldown_seconds
+        ),
+    )
+
+
+def _database_url(env: Mapping[str, str], service: _Table, data_dir: Path) -> str:
+    from_env = env.get("IMAGEGEN_DATABASE_URL", "")
+    url = from_env or service.text("database_url", "")
+    if not url:
+        return f"sqlite:///{data_dir / 'imagegen.db'}"
+    if not url.startswith(_DATABASE_SCHEMES):
+        source = "IMAGEGEN_DATABASE_URL" if from_env else f"{service.path}: [service] database_url"
+        raise ConfigError(
+            f"{source} must start with sqlite:/// or postgresql://; got {redact_url(url)!r}"
         )
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{path}: [routing]: {exc}") from None
+    return url
 
 
 def load_config(environ: Mapping[str, str] | None = None) -> ServiceConfig:
     env = dict(os.environ if environ is None else environ)
     path, doc = read_toml(env)
-    service = _table(doc, "service")
-    data_dir = Path(env.get("IMAGEGEN_DATA_DIR") or service.get("data_dir", "./var"))
-    database_url = env.get("IMAGEGEN_DATABASE_URL") or service.get("database_url") or ""
-    if not database_url:
-        database_url = f"sqlite:///{data_dir / 'imagegen.db'}"
-    providers = {name: _provider(name, raw) for name, raw in _table(doc, "providers").items()}
-    catalog_table = _table(doc, "catalog")
+    _check_tables(path, doc)
+    service = _Table(path, "service", doc.get("service", {}), SERVICE_KEYS)
+    data_dir = Path(env.get("IMAGEGEN_DATA_DIR") or service.text("data_dir", "./var"))
+    database_url = _database_url(env, service, data_dir)
+    provider_tables = _Table(path, "providers", doc.get("providers", {}), None)
+    providers = {name: _provider(path, name, raw) for name, raw in provider_tables.raw.items()}
+    catalog_table = _Table(path, "catalog", doc.get("catalog", {}), CATALOG_KEYS)
+    models = _Table(path, "models", doc.get("models", {}), None)
+    _check_models(path, models)
     try:
         catalog = load_catalog(
-            _table(doc, "models"),
-            non_image_models=catalog_table.get("non_image_models", []),
-            retired_models=catalog_table.get("retired_models", {}),
+            models.raw,
+            non_image_models=catalog_table.texts("non_image_models"),
+            retired_models=catalog_table.raw.get("retired_models", {}),
             providers=providers,
             provider_types={name: c.type for name, c in providers.items()},
         )
-        dev_balance = parse_usd(service.get("dev_account_balance_usd", "10.00"))
     except (CatalogError, ValueError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    policy = _routing_policy(_table(doc, "routing"), path)
-    images = _images(_table(doc, "images"), env, path)
-    limits_table = _table(doc, "rate_limits")
+    try:
+        dev_balance = parse_usd(service.raw.get("dev_account_balance_usd", "10.00"))
+    except ValueError as exc:
+        raise service.error("dev_account_balance_usd", f"must be a USD amount: {exc}") from None
+    policy = _routing_policy(
+        _Table(
+            path, "routing", doc.get("routing", {}), frozenset(RoutingPolicy.__dataclass_fields__)
+        )
+    )
+    images = _images(_Table(path, "images", doc.get("images", {}), IMAGES_KEYS), env)
+    limits = _Table(path, "rate_limits", doc.get("rate_limits", {}), RATE_LIMITS_KEYS)
+    redis_url = env.get("IMAGEGEN_REDIS_URL") or limits.text("redis_url", "")
+    if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(
+            "the Redis URL (IMAGEGEN_REDIS_URL or [rate_limits] redis_url) must start with "
+            f"redis://, rediss:// or unix://; got {redact_url(redis_url)!r}"
+        )
+    _Table(path, "gateway", doc.get("gateway", {}), None)
     return ServiceConfig(
         config_path=path,
         routing=policy,
         images=images,
-        redis_url=env.get("IMAGEGEN_REDIS_URL") or str(limits_table.get("redis_url", "")),
+        redis_url=redis_url,
         rate_limits=Limits(
-            requests_per_minute=int(limits_table.get("requests_per_minute", 0)),
-            images_per_minute=int(limits_table.get("images_per_minute", 0)),
+            requests_per_minute=limits.integer("requests_per_minute", 0),
+            images_per_minute=limits.integer("images_per_minute", 0),
         ),
-        housekeeping_seconds=float(service.get("housekeeping_seconds", 60.0)),
+        housekeeping_seconds=service.number("housekeeping_seconds", 60.0, positive=True),
+        health_check_seconds=service.number("health_check_seconds", 5.0, positive=True),
         data_dir=data_dir,
-        grpc_host=str(service.get("grpc_host", "127.0.0.1")),
-        grpc_port=env_int(env, "IMAGEGEN_GRPC_PORT", service.get("grpc_port", 50051)),
+        grpc_host=service.text("grpc_host", "127.0.0.1"),
+        grpc_port=env_int(
+            env,
+            "IMAGEGEN_GRPC_PORT",
+            service.integer("grpc_port", 50051, maximum=65535),
+            maximum=65535,
+        ),
         database_url=database_url,
         url_ttl_seconds=env_int(
-            env, "IMAGEGEN_URL_TTL_SECONDS", service.get("url_ttl_seconds", 3600)
+            env, "IMAGEGEN_URL_TTL_SECONDS", service.integer("url_ttl_seconds", 3600, minimum=1)
         ),
-        hold_ttl_seconds=int(service.get("hold_ttl_seconds", 900)),
+        hold_ttl_seconds=service.integer("hold_ttl_seconds", 900, minimum=1),
         dev_account_balance_micros=dev_balance,
         providers=providers,
         catalog=catalog,
         admin_token=env.get("IMAGEGEN_ADMIN_TOKEN") or None,
         signing_key_env=env.get("IMAGEGEN_SIGNING_KEY") or None,
-        max_message_bytes=int(service.get("max_message_bytes", 32 * 1024 * 1024)),
-        max_receive_message_bytes=int(service.get("max_receive_message_bytes", 128 * 1024 * 1024)),
-        metrics_port=env_int(env, "IMAGEGEN_METRICS_PORT", service.get("metrics_port", 9090)),
+        max_message_bytes=service.integer("max_message_bytes", 32 * 1024 * 1024, minimum=1),
+        max_receive_message_bytes=service.integer(
+            "max_receive_message_bytes", 128 * 1024 * 1024, minimum=1
+        ),
+        metrics_port=env_int(
+            env,
+            "IMAGEGEN_METRICS_PORT",
+            service.integer("metrics_port", 9090, maximum=65535),
+            maximum=65535,
+        ),
         log_prompt_chars=env_int(env, "IMAGEGEN_LOG_PROMPT_CHARS", 0),
         environ=env,
     )
+
+
+# -- what a startup error says -------------------------------------------------------------
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password, if any, replaced by ``***``: fit for logs and errors."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url.split("@", 1)[-1] if "@" in url else url
+    if not password:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+_DATABASE_SETTING = "IMAGEGEN_DATABASE_URL (or [service] database_url)"
+
+
+def database_error(url: str, exc: BaseException) -> StartupError | None:
+    """What an operator needs to know when the database at ``url`` cannot be used: one line
+    naming the URL (without its password), the cause and the fix. None when ``exc`` is not
+    a failure to reach or open the database (a bug, then, to be reported as such)."""
+    cause = _root_cause(exc)
+    if not isinstance(
+        cause, OSError | asyncpg.PostgresError | asyncpg.InterfaceError | sqlite3.Error
+    ) and not isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError):
+        return None
+    host = urlsplit(url).hostname or ""
+    if isinstance(cause, ConnectionRefusedError):
+        why = "connection refused"
+        fix = f"start the database server, or point {_DATABASE_SETTING} at the right host and port"
+    elif isinstance(cause, socket.gaierror):
+        why = f"cannot resolve the host name {host!r}"
+        fix = f"correct the host in {_DATABASE_SETTING}"
+    elif isinstance(cause, TimeoutError):
+        why = "timed out connecting"
+        fix = (
+            f"check that the database server is up and reachable from here, and {_DATABASE_SETTING}"
+        )
+    elif isinstance(cause, asyncpg.InvalidCatalogNameError):
+        why = str(cause)
+        fix = f"create the database, or name an existing one in {_DATABASE_SETTING}"
+    elif isinstance(
+        cause, asyncpg.InvalidAuthorizationSpecificationError | asyncpg.InvalidPasswordError
+    ):
+        why = str(cause)
+        fix = f"correct the user and password in {_DATABASE_SETTING}"
+    elif isinstance(cause, sqlite3.Error) or url.startswith("sqlite"):
+        why = str(cause) or type(cause).__name__
+        fix = (
+            "check that the file's directory exists and this user may write there "
+            "(IMAGEGEN_DATA_DIR, or IMAGEGEN_DATABASE_URL)"
+        )
+    else:
+        why = str(cause).strip() or type(cause).__name__
+        if isinstance(cause, OSError) and cause.strerror:
+            why = cause.strerror.lower()
+        fix = f"check the database server and {_DATABASE_SETTING}"
+    password = _password(url)
+    why = " ".join(why.split())
+    if password:
+        why = why.replace(password, "***")
+    return StartupError(f"cannot use the database {redact_url(url)}: {why}; {fix}")
+
+
+def _password(url: str) -> str:
+    try:
+        return urlsplit(url).password or ""
+    except ValueError:
+        return ""
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The first error in the chain, the driver's or the socket's, under the wrappers."""
+    seen = {id(exc)}
+    while True:
+        inner = exc.__cause__ or getattr(exc, "orig", None) or exc.__context__
+        if not isinstance(inner, BaseException) or id(inner) in seen:
+            return exc
+        seen.add(id(inner))
+        exc = inner

@@ -11,6 +11,9 @@ microseconds a line instead of ~40.
 ``IMAGEGEN_LOG_LEVEL``: a standard level name, default ``INFO``.
 What a prompt may leave in the logs is the service's setting (``IMAGEGEN_LOG_PROMPT_CHARS``,
 read by ``config.py``): log calls never pass a prompt but its configured prefix.
+
+A process that cannot start says why in one line on stderr (``exit_with_error``): a JSON
+object like every other line when the logs are JSON, ``program: message`` otherwise.
 """
 
 from __future__ import annotations
@@ -19,21 +22,51 @@ import logging
 import os
 import sys
 import threading
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 import orjson
 import structlog
 
+LOG_FORMATS = ("json", "console")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class LogSettingError(ValueError):
+    """IMAGEGEN_LOG_FORMAT or IMAGEGEN_LOG_LEVEL has a value no logger knows."""
+
 
 def configure_logging(
-    json_logs: bool | None = None, level: str | None = None, *, stream: TextIO | None = None
+    json_logs: bool | None = None,
+    level: str | None = None,
+    *,
+    stream: TextIO | None = None,
+    json_unless_terminal: bool = True,
 ) -> None:
-    """Routes structlog and the standard library's logging to ``stream`` (stderr)."""
+    """Routes structlog and the standard library's logging to ``stream`` (stderr).
+
+    Without ``json_logs``, ``IMAGEGEN_LOG_FORMAT`` decides; unset, JSON unless the stream is
+    a terminal (or, with ``json_unless_terminal=False``, plain). A setting that names no
+    format or level still leaves logging configured (the default format, INFO) and then
+    raises LogSettingError, so that the caller can report it in that format."""
     output = sys.stderr if stream is None else stream
+    problems: list[str] = []
     if json_logs is None:
-        wanted = os.environ.get("IMAGEGEN_LOG_FORMAT", "").lower()
-        json_logs = wanted == "json" or (wanted != "console" and not output.isatty())
-    level_name = (level or os.environ.get("IMAGEGEN_LOG_LEVEL") or "INFO").upper()
+        wanted = os.environ.get("IMAGEGEN_LOG_FORMAT", "").strip().lower()
+        if wanted and wanted not in LOG_FORMATS:
+            problems.append(
+                f"IMAGEGEN_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}; got {wanted!r}"
+            )
+            wanted = ""
+        json_logs = wanted == "json" or (
+            not wanted and json_unless_terminal and not output.isatty()
+        )
+    raw_level = level or os.environ.get("IMAGEGEN_LOG_LEVEL") or "INFO"
+    level_name = raw_level.strip().upper()
+    # WARN and FATAL, the standard library's aliases, are taken too.
+    if level_name not in LOG_LEVELS and level_name not in ("WARN", "FATAL"):
+        source = "level" if level else "IMAGEGEN_LOG_LEVEL"
+        problems.append(f"{source} must be one of {', '.join(LOG_LEVELS)}; got {raw_level!r}")
+        level_name = "INFO"
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
@@ -86,6 +119,29 @@ def configure_logging(
     logging.getLogger("alembic").setLevel(logging.WARNING)
     # At DEBUG it writes every SQL statement with its parameters: noise, and ledger data.
     logging.getLogger("aiosqlite").setLevel(logging.INFO)
+    if problems:
+        raise LogSettingError("; ".join(problems))
+
+
+def start_logging(program: str, *, json_unless_terminal: bool = True) -> None:
+    """``configure_logging`` from the environment for a process's ``main``: a setting it
+    cannot use ends the process at once, in one line that names the variable."""
+    try:
+        configure_logging(json_unless_terminal=json_unless_terminal)
+    except LogSettingError as exc:
+        exit_with_error(program, str(exc))
+
+
+def exit_with_error(program: str, message: str, status: int = 1) -> NoReturn:
+    """Ends the process with ``status`` after one line on stderr: a ``startup.failed`` JSON
+    object (``error`` holds the message) when the logs are JSON, else ``program: message``.
+    The message is one line: it says what failed, why, and what to do about it."""
+    message = " ".join(message.split())
+    if structlog.get_config()["logger_factory"] is _LineLogger:
+        structlog.get_logger(program).error("startup.failed", error=message)
+        raise SystemExit(status)
+    print(f"{program}: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(status)
 
 
 def _json_line(event: Any, **_: Any) -> str:

@@ -141,6 +141,23 @@ class ServiceMetrics:
             "Holds placed by this process and not yet settled (per replica).",
             registry=self.registry,
         )
+        self.database_up = Gauge(
+            "imagegen_database_up",
+            "1 while the last check of the database succeeded, 0 while it fails (the service "
+            "then reports NOT_SERVING and refuses calls that need the database).",
+            registry=self.registry,
+        )
+        self.rate_limit_backend_up = Gauge(
+            "imagegen_rate_limit_backend_up",
+            "1 while the rate-limit counters (Redis) answer, 0 while they do not and requests "
+            "are served without limits.",
+            registry=self.registry,
+        )
+        self.failed_open_requests = Counter(
+            "imagegen_rate_limit_failed_open",
+            "Requests served without a rate-limit check because the counters were unreachable.",
+            registry=self.registry,
+        )
 
     # -- providers (routing.py) -------------------------------------------------------------
 
@@ -170,6 +187,17 @@ class ServiceMetrics:
         self.open_holds.dec()
         self.captured_micros.inc(captured_micros)
         self.released_micros.inc(held_micros - captured_micros)
+
+    # -- dependencies (server.py, ratelimit.py) ---------------------------------------------
+
+    def database_checked(self, up: bool) -> None:
+        self.database_up.set(1 if up else 0)
+
+    def rate_limit_backend(self, up: bool) -> None:
+        self.rate_limit_backend_up.set(1 if up else 0)
+
+    def rate_limit_failed_open(self) -> None:
+        self.failed_open_requests.inc()
 
     # -- generations (servicer.py) ----------------------------------------------------------
 

@@ -4,13 +4,18 @@ Fixed one-minute windows aligned to the clock: simple to reason about, one count
 key and minute, and the same arithmetic in-process and in Redis. A limit of 0 means no
 limit. The counters live in ``stores/ratelimit_memory.py`` (one process) or
 ``stores/ratelimit_redis.py`` (shared by every replica).
+
+Counters that cannot be reached (Redis down) fail open: requests are served without limits.
+The outage is logged once (``ratelimit.unavailable``) and its end once
+(``ratelimit.recovered``), and reported to the metrics; meanwhile the counters are tried
+again at most once a second, so a Redis that does not answer costs requests no waiting.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import structlog
 
@@ -19,6 +24,8 @@ from imagegen_service.stores.ledger_sql import ApiKey
 
 log = structlog.get_logger("imagegen.ratelimit")
 WINDOW_SECONDS = 60
+# While the counters are unreachable, at most one request a second tries them again.
+RETRY_UNAVAILABLE_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,10 +68,39 @@ class CounterStore(Protocol):
     async def close(self) -> None: ...
 
 
+@runtime_checkable
+class Pingable(Protocol):
+    """Counters kept elsewhere (Redis), whose reachability can be checked."""
+
+    async def ping(self) -> None: ...
+
+
+class BackendRecorder(Protocol):
+    """Where the limiter reports the state of its counters (metrics.ServiceMetrics)."""
+
+    def rate_limit_backend(self, up: bool) -> None: ...
+
+    def rate_limit_failed_open(self) -> None: ...
+
+
 class RateLimiter:
-    def __init__(self, counters: CounterStore, defaults: Limits) -> None:
+    def __init__(
+        self,
+        counters: CounterStore,
+        defaults: Limits,
+        *,
+        recorder: BackendRecorder | None = None,
+    ) -> None:
         self.counters = counters
         self.defaults = defaults
+        self._recorder = recorder
+        # Since when the counters are unreachable (monotonic), or None while they answer.
+        self._down_since: float | None = None
+        self._retry_at = 0.0
+        # Requests served without limits during the current outage.
+        self._failed_open = 0
+        if recorder is not None:
+            recorder.rate_limit_backend(True)
 
     def limits_for(self, requests_per_minute: int | None, images_per_minute: int | None) -> Limits:
         return Limits(
@@ -99,10 +135,60 @@ class RateLimiter:
         reset = max(1, int((window + 1) * WINDOW_SECONDS - now + 0.999))
         if not limits.requests_per_minute and not limits.images_per_minute:
             return Decision(True, limits, 0, 0, reset)
+        if self._down_since is not None and time.monotonic() < self._retry_at:
+            return self._fail_open(limits, reset)
         try:
             allowed, requests, used = await self.counters.take(key_id, window, images, limits)
-        except Exception:
+        except Exception as exc:
             # The counters (Redis) are down: serving without limits beats refusing everyone.
-            log.warning("ratelimit.unavailable", exc_info=True)
-            return Decision(True, limits, 0, 0, reset)
+            self._unavailable(exc)
+            return self._fail_open(limits, reset)
+        self._available()
         return Decision(allowed, limits, requests, used, reset)
+
+    async def check_backend(self) -> None:
+        """Asks counters kept elsewhere whether they answer, so that an outage and its end
+        are noticed (and the metric is right) even when no request comes."""
+        if not isinstance(self.counters, Pingable):
+            return
+        try:
+            await self.counters.ping()
+        except Exception as exc:
+            self._unavailable(exc)
+            return
+        self._available()
+
+    def _fail_open(self, limits: Limits, reset: int) -> Decision:
+        self._failed_open += 1
+        if self._recorder is not None:
+            self._recorder.rate_limit_failed_open()
+        return Decision(True, limits, 0, 0, reset)
+
+    def _unavailable(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        self._retry_at = now + RETRY_UNAVAILABLE_SECONDS
+        if self._down_since is not None:
+            return
+        self._down_since = now
+        self._failed_open = 0
+        # One line per outage, without the traceback: the cause says it all.
+        log.warning("ratelimit.unavailable", error=_describe(exc), serving="without limits")
+        if self._recorder is not None:
+            self._recorder.rate_limit_backend(False)
+
+    def _available(self) -> None:
+        if self._down_since is None:
+            return
+        log.info(
+            "ratelimit.recovered",
+            down_seconds=round(time.monotonic() - self._down_since, 1),
+            requests_without_limits=self._failed_open,
+        )
+        self._down_since = None
+        if self._recorder is not None:
+            self._recorder.rate_limit_backend(True)
+
+
+def _describe(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())[:300]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

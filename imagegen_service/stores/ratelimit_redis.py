@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from imagegen_service.ratelimit import WINDOW_SECONDS, Limits
 
@@ -32,7 +34,14 @@ return {1, requests, images}
 
 class RedisCounters:
     def __init__(self, url: str, *, prefix: str = "imagegen:rl") -> None:
-        self._redis = aioredis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        # One immediate retry, for a pooled connection Redis closed (a restart); no more: a
+        # request must not wait out a backoff for its rate limit, which fails open anyway.
+        self._redis = aioredis.from_url(
+            url,
+            socket_timeout=2.0,
+            socket_connect_timeout=2.0,
+            retry=Retry(NoBackoff(), 1),
+        )
         self._prefix = prefix
         self._take = self._redis.register_script(_TAKE)
 
