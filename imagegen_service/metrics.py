@@ -118,6 +118,18 @@ class ServiceMetrics:
             ("provider", "upstream_model"),
             registry=self.registry,
         )
+        self.circuit_breaker_open = Gauge(
+            "imagegen_circuit_breaker_open",
+            "1 while a deployment's circuit is open and it is skipped, else 0 (per replica).",
+            ("provider", "upstream_model"),
+            registry=self.registry,
+        )
+        self.expired_holds = Counter(
+            "imagegen_expired_holds_released",
+            "Holds older than hold_ttl_seconds that housekeeping released (a replica died "
+            "mid-request, or a request outlived the TTL).",
+            registry=self.registry,
+        )
         self.upstream_ambiguous = Counter(
             "imagegen_upstream_ambiguous",
             "Paid submissions whose outcome was unknown (a timeout or 5xx after the body was "
@@ -176,6 +188,12 @@ class ServiceMetrics:
 
     def ambiguous(self, provider: str, action: str) -> None:
         self.upstream_ambiguous.labels(provider, action).inc()
+
+    def circuit(self, provider: str, upstream_model: str, *, open_: bool) -> None:
+        self.circuit_breaker_open.labels(provider, upstream_model).set(1 if open_ else 0)
+
+    def expired_holds_released(self, count: int) -> None:
+        self.expired_holds.inc(count)
 
     # -- money (pipeline.py) ----------------------------------------------------------------
 

@@ -324,6 +324,7 @@ class Router:
         if breaker.failures >= self.policy.breaker_failures:
             breaker.open_until = self.clock() + self.policy.breaker_cooldown_seconds
             if breaker.failures == self.policy.breaker_failures:
+                self.metrics.circuit(key[0], key[1], open_=True)
                 log.warning(
                     "routing.circuit_opened",
                     provider=key[0],
@@ -332,7 +333,9 @@ class Router:
                 )
 
     def _succeeded(self, key: tuple[str, str]) -> None:
-        self._breakers.pop(key, None)
+        breaker = self._breakers.pop(key, None)
+        if breaker is not None and breaker.failures >= self.policy.breaker_failures:
+            self.metrics.circuit(key[0], key[1], open_=False)
 
     def _release_trial(self, key: tuple[str, str]) -> None:
         breaker = self._breakers.get(key)

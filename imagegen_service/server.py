@@ -326,7 +326,7 @@ async def start_service(config: ServiceConfig, *, port: int | None = None) -> Ru
         _check_dependencies(config, ledger, rate_limiter, health_servicer, gate, metrics)
     )
     housekeeping = asyncio.create_task(
-        _housekeeping(ledger, images, idempotency, config.housekeeping_seconds, gate)
+        _housekeeping(ledger, images, idempotency, config.housekeeping_seconds, gate, metrics)
     )
     log.info(
         "service.started",
@@ -400,6 +400,7 @@ async def _housekeeping(
     idempotency: IdempotencyKeys,
     interval: float,
     gate: DatabaseGate,
+    metrics: ServiceMetrics,
 ) -> None:
     """Releases holds left open by a crashed process; deletes images past their URLs' life
     and idempotency records past theirs. Skipped while the database is down (that is
@@ -410,6 +411,7 @@ async def _housekeeping(
             continue
         try:
             released = await ledger.release_expired_holds()
+            metrics.expired_holds_released(released)
             removed = await images.delete_expired()
             purged = await idempotency.purge_expired()
             if released or removed or purged:

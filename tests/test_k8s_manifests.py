@@ -48,7 +48,10 @@ APP_UID = 10001
 MONITORING_NAMESPACE_LABELS = {"imagegen.io/scrape-metrics": "true"}
 
 # Custom resources: no schema in kubernetes-validate; test_custom_resources checks them.
-CUSTOM_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+CUSTOM_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+}
 
 # Environment variable -> (Secret key, optional). Required ones make a pod wait for the key.
 SERVICE_SECRET_ENV = {
@@ -231,8 +234,11 @@ def test_every_rendered_object_validates_against_the_kubernetes_schema(
 def test_the_expected_objects_and_nothing_else(kustomization: str) -> None:
     objects = rendered(kustomization)
     kinds = sorted((o["kind"], o["metadata"]["name"]) for o in objects)
-    # The ConfigMap's name carries kustomize's content hash.
+    # A ConfigMap's name carries kustomize's content hash.
     config_maps = [n for k, n in kinds if k == "ConfigMap"]
+    dashboards = [n for n in config_maps if n.startswith("imagegen-grafana-dashboard-")]
+    assert len(dashboards) == (1 if kustomization == "overlays/prod" else 0)
+    config_maps = [n for n in config_maps if n not in dashboards]
     assert len(config_maps) == 1 and config_maps[0].startswith("imagegen-config-")
     expected = {
         ("ServiceAccount", "imagegen"),
@@ -249,9 +255,13 @@ def test_the_expected_objects_and_nothing_else(kustomization: str) -> None:
         ("Job", JOB),
     }
     if kustomization == "overlays/prod":
-        expected |= {("ServiceMonitor", SERVICE), ("ServiceMonitor", GATEWAY)}
+        expected |= {
+            ("ServiceMonitor", SERVICE),
+            ("ServiceMonitor", GATEWAY),
+            ("PrometheusRule", "imagegen"),
+        }
     assert {(k, n) for k, n in kinds if k != "ConfigMap"} == expected
-    assert len(kinds) == len(expected) + 1, "an object is rendered twice"
+    assert len(kinds) == len(expected) + 1 + len(dashboards), "an object is rendered twice"
     namespace = OVERLAY_NAMESPACES.get(kustomization)
     if namespace:
         assert {o["metadata"].get("namespace") for o in objects} == {namespace}
@@ -261,7 +271,7 @@ def test_the_expected_objects_and_nothing_else(kustomization: str) -> None:
 
 def test_custom_resources_have_the_shape_the_operator_expects() -> None:
     objects = rendered("overlays/prod")
-    monitors = [o for o in objects if (o["apiVersion"], o["kind"]) in CUSTOM_KINDS]
+    monitors = of_kind(objects, "ServiceMonitor")
     assert {m["metadata"]["name"] for m in monitors} == {SERVICE, GATEWAY}
     services = of_kind(objects, "Service")
     scraped = set()

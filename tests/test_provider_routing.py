@@ -785,11 +785,26 @@ async def test_after_the_cooldown_the_first_deployment_is_tried_again(
         assert await _generate(stack, http, key) == 200
         assert time.monotonic() - opened < cooldown, "the check ran too late to mean anything"
         assert (primary.hits, backup.hits) == (2, 3)
+        # On-call sees the open circuit: one deployment, gauge 1.
+        [(deployment, value)] = _open_circuits(stack).items()
+        assert value == 1
         await _sleep_until(opened + cooldown + 0.1)
         # Cooled down: the primary gets a trial call, answers, and serves at its own price.
         assert [await _generate(stack, http, key) for _ in range(2)] == [200, 200]
         assert (primary.hits, backup.hits) == (4, 3)
+        assert _open_circuits(stack) == {deployment: 0}
         await stack.assert_balance(account_id, OPENING - 3 * SECOND_PRICE - 2 * FIRST_PRICE)
+
+
+def _open_circuits(stack: Stack) -> dict[tuple[str, str], float]:
+    """imagegen_circuit_breaker_open, by (provider, upstream model)."""
+    registry = stack.running.pipeline.metrics.registry
+    return {
+        (sample.labels["provider"], sample.labels["upstream_model"]): sample.value
+        for family in registry.collect()
+        if family.name == "imagegen_circuit_breaker_open"
+        for sample in family.samples
+    }
 
 
 async def _sleep_until(deadline: float) -> None:
