@@ -664,12 +664,18 @@ async def healthz(request: web.Request) -> web.Response:
     return _json({"status": "ok"})
 
 
+# Readiness asks for the image service itself, not the server as a whole: the service
+# reports it NOT_SERVING while its database is unreachable, and this pod should then leave
+# the load balancer (liveness asks for "" and stays up: a restart cannot bring a database back).
+IMAGES_SERVICE = "imagegen.v1.ImageGeneration"
+
+
 async def readyz(request: web.Request) -> web.Response:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     stub = health_pb2_grpc.HealthStub(request.app[CHANNEL])
     try:
-        answer = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0)
+        answer = await stub.Check(health_pb2.HealthCheckRequest(service=IMAGES_SERVICE), timeout=2.0)
     except grpc.aio.AioRpcError as exc:
         return _json({"status": "unavailable", "service": exc.code().name}, status=503)
     if answer.status != health_pb2.HealthCheckResponse.SERVING:

@@ -729,6 +729,11 @@ async def _outage(
     # Liveness: the process itself is fine, and restarting it would not bring PostgreSQL back.
     assert await health_of(channel) == "SERVING"
     assert await health_of(channel, "imagegen.v1.Admin") == "NOT_SERVING"
+    # The gateway's readiness follows the image service: the pod leaves the load balancer.
+    async with http.get(gateway_url + "/readyz") as resp:
+        assert resp.status == 503, await resp.text()
+    async with http.get(gateway_url + "/healthz") as resp:
+        assert resp.status == 200
     for _ in range(5):
         async with http.post(url, json=body, headers=headers) as resp:
             await assert_openai_error(resp, 503, "service_unavailable", should_retry=True)
@@ -745,6 +750,8 @@ async def _outage(
         return await health_of(channel, "imagegen.v1.ImageGeneration") == "SERVING"
 
     await eventually(ready, "the service to serve again", seconds=5)
+    async with http.get(gateway_url + "/readyz") as resp:
+        assert resp.status == 200, await resp.text()
     async with http.post(url, json=body, headers=headers) as resp:
         assert resp.status == 200, await resp.text()
     assert (await scrape(http, metrics_port))["imagegen_database_up"] == 1
