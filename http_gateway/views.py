@@ -675,7 +675,9 @@ async def readyz(request: web.Request) -> web.Response:
 
     stub = health_pb2_grpc.HealthStub(request.app[CHANNEL])
     try:
-        answer = await stub.Check(health_pb2.HealthCheckRequest(service=IMAGES_SERVICE), timeout=2.0)
+        answer = await stub.Check(
+            health_pb2.HealthCheckRequest(service=IMAGES_SERVICE), timeout=2.0
+        )
     except grpc.aio.AioRpcError as exc:
         return _json({"status": "unavailable", "service": exc.code().name}, status=503)
     if answer.status != health_pb2.HealthCheckResponse.SERVING:
