@@ -39,6 +39,7 @@ _BY_REASON: dict[str, HttpError] = {
     ),
     "RATE_LIMITED": HttpError(429, "rate_limit_error", "rate_limit_exceeded", True),
     "UPSTREAM_ERROR": HttpError(502, "api_error", "upstream_error", True),
+    "SERVICE_UNAVAILABLE": HttpError(503, "server_error", "service_unavailable", True),
 }
 _INTERNAL = HttpError(500, "server_error", "server_error", True)
 _INTERNAL_MESSAGE = "The server had an error processing your request."

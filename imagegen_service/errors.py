@@ -99,6 +99,15 @@ class UpstreamModelUnavailable(UpstreamError):
         self.provider = provider
 
 
+class ServiceUnavailable(ImagegenError):
+    """The service cannot do its part right now (its database is unreachable); retryable."""
+
+    reason = "SERVICE_UNAVAILABLE"
+
+    def metadata(self) -> dict[str, str]:
+        return {**super().metadata(), "retry_after_seconds": "1"}
+
+
 class IdempotencyConflict(ImagegenError):
     """The Idempotency-Key was used before with a different request."""
 

@@ -28,6 +28,7 @@ _CODES: dict[str, grpc.StatusCode] = {
     errors.InsufficientBalance.reason: grpc.StatusCode.FAILED_PRECONDITION,
     errors.RateLimited.reason: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.UpstreamError.reason: grpc.StatusCode.UNAVAILABLE,
+    errors.ServiceUnavailable.reason: grpc.StatusCode.UNAVAILABLE,
     errors.NotFound.reason: grpc.StatusCode.NOT_FOUND,
     errors.IdempotencyConflict.reason: grpc.StatusCode.ALREADY_EXISTS,
     errors.IdempotencyInProgress.reason: grpc.StatusCode.ABORTED,

@@ -35,6 +35,18 @@ class LogSettingError(ValueError):
     """IMAGEGEN_LOG_FORMAT or IMAGEGEN_LOG_LEVEL has a value no logger knows."""
 
 
+class _WithoutTraceback(logging.Filter):
+    """Keeps a library's record but not its traceback: one line, with the exception's type."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            record.msg = f"{record.getMessage()} ({type(record.exc_info[1]).__name__})"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 def configure_logging(
     json_logs: bool | None = None,
     level: str | None = None,
@@ -119,6 +131,11 @@ def configure_logging(
     logging.getLogger("alembic").setLevel(logging.WARNING)
     # At DEBUG it writes every SQL statement with its parameters: noise, and ledger data.
     logging.getLogger("aiosqlite").setLevel(logging.INFO)
+    # asyncpg's pool logs a traceback each time it fails to reconnect while the database is
+    # down; the service's own database.unavailable line already says so once.
+    pool_log = logging.getLogger("asyncpg.pool")
+    if not any(isinstance(f, _WithoutTraceback) for f in pool_log.filters):
+        pool_log.addFilter(_WithoutTraceback())
     if problems:
         raise LogSettingError("; ".join(problems))
 

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 
 from imagegen_service import errors
+from imagegen_service.stores.ledger_sql import is_database_unreachable
 
 if TYPE_CHECKING:
     from imagegen_service.pipeline import GenerationParams, Summary
@@ -328,6 +329,8 @@ class GenerationRecord:
             return exc.reason.lower()
         if isinstance(exc, asyncio.CancelledError | GeneratorExit):
             return "cancelled"
+        if is_database_unreachable(exc):
+            return errors.ServiceUnavailable.reason.lower()
         return "internal"
 
 

@@ -31,7 +31,12 @@ from imagegen_service.pipeline import (
     Summary,
 )
 from imagegen_service.providers.base import TokenUsage
-from imagegen_service.stores.ledger_sql import Account, ApiKey, LedgerStore
+from imagegen_service.stores.ledger_sql import (
+    Account,
+    ApiKey,
+    LedgerStore,
+    is_database_unreachable,
+)
 
 log = structlog.get_logger("imagegen.servicer")
 
@@ -54,6 +59,18 @@ def _status_of(
     if isinstance(exc, errors.ImagegenError):
         log.info("rpc.refused", method=method, request_id=request_id_of(context), reason=exc.reason)
         return to_status(exc)
+    if is_database_unreachable(exc):
+        # Until the health checks notice (and then every call is refused up front), a call
+        # that meets a database gone away is retryable, not a bug: one line, no traceback.
+        log.warning(
+            "rpc.database_unavailable",
+            method=method,
+            request_id=request_id_of(context),
+            error=type(exc).__name__,
+        )
+        return to_status(
+            errors.ServiceUnavailable("The image service cannot reach its database. Try again.")
+        )
     log.exception("rpc.failed", method=method, request_id=request_id_of(context))
     return internal_status()
 

@@ -765,3 +765,66 @@ async def _outage(
     )
     assert (account.available_micros, account.held_micros) == (1_000_000 - 2 * 1_000, 0)
     assert not events(log_path, "rpc.failed")
+
+
+async def test_a_database_gone_before_the_health_checks_notice_is_503_not_500(
+    tmp_path: Path,
+) -> None:
+    # Health checks an hour apart: the service learns of the outage only from the calls.
+    config = LOCAL_ONLY.replace("health_check_seconds = 0.2", "health_check_seconds = 3600")
+    async with scratch_postgres_database() as database_url, cuttable(database_url) as hop:
+        store = LedgerStore(database_url)
+        try:
+            await store.upgrade()
+        finally:
+            await store.close()
+        grpc_port = free_port()
+        env = _env(
+            tmp_path,
+            IMAGEGEN_CONFIG=str(write_config(tmp_path, config)),
+            IMAGEGEN_GRPC_PORT=str(grpc_port),
+            IMAGEGEN_DATABASE_URL=through(database_url, hop, password=PASSWORD),
+            IMAGEGEN_ADMIN_TOKEN=ADMIN_TOKEN,
+        )
+        address = f"127.0.0.1:{grpc_port}"
+        log_path = tmp_path / "service.log"
+        async with (
+            background("imagegen-service", env, log_path) as service,
+            grpc.aio.insecure_channel(address) as channel,
+            aiohttp.ClientSession() as http,
+        ):
+            await serving(channel, service, log_path)
+            account_id, key = await new_key(channel)
+            gateway = web.AppRunner(create_app(GatewayConfig(service_address=address)))
+            await gateway.setup()
+            try:
+                await web.TCPSite(gateway, "127.0.0.1", 0).start()
+                host, port = gateway.addresses[0][:2]
+                url = f"http://{host}:{port}/v1/images/generations"
+                body = {"model": "local-sketch", "prompt": "p", "size": "256x256"}
+                headers = {"Authorization": f"Bearer {key}"}
+                async with http.post(url, json=body, headers=headers) as resp:
+                    assert resp.status == 200
+                await hop.cut()
+                for _ in range(3):
+                    async with http.post(url, json=body, headers=headers) as resp:
+                        await assert_openai_error(
+                            resp, 503, "service_unavailable", should_retry=True
+                        )
+            finally:
+                await gateway.cleanup()
+            assert service.returncode is None
+        # One line per refused call, no traceback, no password.
+        text = log_path.read_text()
+        assert not events(log_path, "rpc.failed")
+        assert events(log_path, "rpc.database_unavailable")
+        assert "Traceback" not in text
+        assert PASSWORD not in text
+        await hop.mend()
+        store = LedgerStore(database_url)
+        try:
+            account = await store.get_account(account_id)
+        finally:
+            await store.close()
+        # The one image before the outage is the only charge.
+        assert (account.available_micros, account.held_micros) == (1_000_000 - 1_000, 0)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import socket
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -104,6 +105,36 @@ _PLAIN_SQL: dict[sa.TextClause, str] = {
 
 
 _TOO_LOW = "Your balance is too low for this request. Top up the account and retry."
+
+
+# Seconds to wait for a PostgreSQL connection before giving up.
+CONNECT_TIMEOUT_SECONDS = 10.0
+
+
+def is_database_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` is the database gone away or unreachable (a connection refused, reset
+    or timed out; SQLite's file unusable) rather than a bug in a statement."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(
+            current,
+            ConnectionError
+            | TimeoutError
+            | socket.gaierror
+            | asyncpg.PostgresConnectionError
+            | asyncpg.ConnectionDoesNotExistError
+            | asyncpg.CannotConnectNowError
+            | sa.exc.DisconnectionError,
+        ):
+            return True
+        if isinstance(current, sa.exc.DBAPIError) and current.connection_invalidated:
+            return True
+        if isinstance(current, sqlite3.OperationalError) and "unable to open" in str(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 class SchemaOutOfDate(RuntimeError):
@@ -550,7 +581,14 @@ class _PostgresRunner:
     dialect = "postgresql"
 
     def __init__(self, url: str) -> None:
-        self._engine = create_async_engine(url, pool_size=5, max_overflow=10)
+        # A host that drops packets answers nothing: fail after CONNECT_TIMEOUT_SECONDS, not
+        # asyncpg's 60 s, so startup errors and readiness say so promptly.
+        self._engine = create_async_engine(
+            url,
+            pool_size=5,
+            max_overflow=10,
+            connect_args={"timeout": CONNECT_TIMEOUT_SECONDS},
+        )
         # The per-request writes go straight to asyncpg, on a pool of their own: through
         # SQLAlchemy's asyncio layer (greenlets, execution contexts) they cost ~2 ms of CPU
         # per generation. Everything else uses the engine.
@@ -570,7 +608,11 @@ class _PostgresRunner:
             async with self._pool_lock:
                 if self._pool is None:
                     self._pool = await asyncpg.create_pool(
-                        self._dsn, min_size=1, max_size=10, reset=_keep_session
+                        self._dsn,
+                        min_size=1,
+                        max_size=10,
+                        reset=_keep_session,
+                        timeout=CONNECT_TIMEOUT_SECONDS,
                     )
         return self._pool
 
