@@ -699,6 +699,18 @@ def test_each_overlay_is_scraped_one_way_annotations_or_service_monitors(
 # -- the overlays ----------------------------------------------------------------------------
 
 
+def test_the_gateways_memory_limit_holds_the_uploads_it_may_read_at_once(
+    objects: list[dict[str, Any]],
+) -> None:
+    # An upload takes about three times its size while it is read and sent on; the process
+    # itself about 64 MiB more.
+    with (K8S / "base" / "imagegen.toml").open("rb") as f:
+        gateway = tomllib.load(f)["gateway"]
+    need = gateway["max_uploads_in_flight"] * 3 * gateway["max_upload_bytes"] + 64 * 2**20
+    limit = container(get(objects, "Deployment", GATEWAY))["resources"]["limits"]["memory"]
+    assert quantity(limit) >= need, (limit, need)
+
+
 def test_dev_runs_one_small_pod_of_each() -> None:
     dev, prod = rendered("overlays/dev"), rendered("overlays/prod")
     for name in (SERVICE, GATEWAY):
