@@ -10,6 +10,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 
+from imagegen_service.build_info import register_runtime_metrics
+
 # From /healthz to a batch of large images behind a slow upstream.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -20,6 +22,7 @@ UNMATCHED = "unmatched"
 class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        register_runtime_metrics(self.registry)
         self.requests = Counter(
             "http_requests",
             "HTTP requests answered, by route, method and status.",

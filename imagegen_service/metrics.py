@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 
 from imagegen_service import errors
+from imagegen_service.build_info import register_runtime_metrics
 from imagegen_service.stores.ledger_sql import is_database_unreachable
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ class ServiceMetrics:
     def __init__(self, *, log_prompt_chars: int = 0) -> None:
         self.log_prompt_chars = log_prompt_chars
         self.registry = CollectorRegistry()
+        register_runtime_metrics(self.registry)
         grpc_labels = ("grpc_type", "grpc_service", "grpc_method")
         self.grpc_started = Counter(
             "grpc_server_started",

@@ -179,3 +179,22 @@ async def test_both_processes_expositions_pass_promtool_check_metrics(
             check=False,
         )
         assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+async def test_both_processes_export_runtime_metrics_and_their_build(
+    stack: Stack, http: aiohttp.ClientSession
+) -> None:
+    for exposition in await _expositions(stack, http):
+        for name in (
+            "process_resident_memory_bytes",
+            "process_cpu_seconds_total",
+            "process_open_fds",
+            "python_gc_collections_total",
+            "python_info",
+        ):
+            assert re.search(rf"^{name}(\{{[^}}]*\}})? ", exposition, re.M), name
+        [build] = re.findall(r"^imagegen_build_info\{(.*)\} 1\.0$", exposition, re.M)
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', build))
+        assert labels["version"] == "0.1.0"
+        # A checkout knows its commit: 40 hex digits.
+        assert re.fullmatch(r"[0-9a-f]{40}", labels["git_commit"]), labels
