@@ -28,13 +28,15 @@ install: $(STAMP) ## Create .venv and install the project with its dev tools
 proto: $(STAMP) ## Regenerate the Python code and type stubs from proto/
 	rm -rf $(PROTO_OUT) $(VENV)/protoc-out
 	mkdir -p $(PROTO_OUT) $(VENV)/protoc-out
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -I proto \
-		-I $$($(BIN)/python -c 'import pathlib, google.api.annotations_pb2 as a; print(pathlib.Path(a.__file__).parents[2])') \
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -I proto -I proto/third_party \
 		--python_out=$(VENV)/protoc-out --grpc_python_out=$(VENV)/protoc-out \
 		--mypy_out=quiet:$(VENV)/protoc-out --mypy_grpc_out=quiet:$(VENV)/protoc-out \
 		proto/imagegen/v1/*.proto
 	mv $(VENV)/protoc-out/imagegen/v1/* $(PROTO_OUT)/
 	sed -i 's/^from imagegen\.v1 import/from imagegen_service.gen import/' $(PROTO_OUT)/*.py $(PROTO_OUT)/*.pyi
+	# The .proto files ship in the wheel beside the code made from them.
+	mkdir -p $(PROTO_OUT)/proto
+	cp -r proto/imagegen proto/third_party/google $(PROTO_OUT)/proto/
 	printf '"""Code generated from proto/ by `make proto`; do not edit."""\n' > $(PROTO_OUT)/__init__.py
 
 run: $(RUN_STAMP) ## Start the service and the gateway on 127.0.0.1 (Ctrl-C stops both)
