@@ -2,22 +2,71 @@
 
 A start that cannot succeed (a bad setting, a taken port) ends with status 1 and one line on
 stderr, in the log format (``logging_setup.exit_with_error``).
+
+SIGTERM or SIGINT: /readyz fails at once, the listener closes, and the requests in flight get
+up to ``app.drain_seconds`` (their gRPC deadline and a margin) to finish; then the gRPC
+channel closes and the process exits 0. A second signal cancels what is left and stops at
+once. The signals are handled here rather than by ``web.run_app``, whose handler raises in
+the middle of the drain when a second signal arrives.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
+import signal
 import socket
+import time
 
+import structlog
 from aiohttp import web
 
-from http_gateway.app import create_app
+from http_gateway.app import STOPPING, create_app, drain_seconds
 from http_gateway.config import GatewayConfig, load_gateway_config
 from imagegen_service.eventloop import freeze_startup_heap, loop_factory
 from imagegen_service.logging_setup import exit_with_error, start_logging
 
 PROGRAM = "imagegen-gateway"
 _PORT_SETTING = "IMAGEGEN_HTTP_PORT (or [gateway] http_port)"
+
+log = structlog.get_logger("imagegen.gateway")
+
+
+async def serve(config: GatewayConfig) -> None:
+    """Serves until a signal, then drains (see the module docstring)."""
+    app = create_app(config)
+    grace = drain_seconds(config)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=grace)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, config.http_host, config.http_port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    freeze_startup_heap()
+    signalled = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, signalled.set)
+    await signalled.wait()
+    signalled.clear()
+    app[STOPPING].set()
+    started = time.monotonic()
+    log.info("gateway.stopping", grace_seconds=grace)
+    draining = asyncio.create_task(runner.cleanup())
+    again = asyncio.create_task(signalled.wait())
+    await asyncio.wait((draining, again), return_when=asyncio.FIRST_COMPLETED)
+    again.cancel()
+    if not draining.done():
+        # The requests still in flight are cancelled as the event loop closes.
+        log.warning("gateway.stopping_now", drained_seconds=round(time.monotonic() - started, 1))
+        draining.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await draining
+        return
+    await draining
+    log.info("gateway.stopped", drained_seconds=round(time.monotonic() - started, 1))
 
 
 def main() -> None:
@@ -26,23 +75,9 @@ def main() -> None:
         config = load_gateway_config()
     except ValueError as exc:
         exit_with_error(PROGRAM, str(exc))
-    factory = loop_factory()
-    app = create_app(config)
-
-    async def freeze(_: web.Application) -> None:
-        freeze_startup_heap()
-
-    app.on_startup.append(freeze)
     try:
-        web.run_app(
-            app,
-            loop=factory() if factory else None,
-            host=config.http_host,
-            port=config.http_port,
-            print=None,
-            access_log=None,
-            shutdown_timeout=30.0,
-        )
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            runner.run(serve(config))
     except OSError as exc:
         # What binding the port raises; once serving, nothing lets an OSError out.
         if exc.errno in _LISTEN_ERRORS or isinstance(exc, socket.gaierror):

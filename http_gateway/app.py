@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -12,6 +13,25 @@ from http_gateway.config import GatewayConfig
 from http_gateway.metrics import METRICS, GatewayMetrics, scrape
 from http_gateway.middlewares import MAX_BODY, request_id_middleware
 from imagegen_service.gen import images_pb2_grpc
+
+# Set when the process starts to stop: /readyz fails from then on.
+STOPPING = web.AppKey("stopping", asyncio.Event)
+# Beyond a request's gRPC deadline: writing its answer out.
+RESPONSE_MARGIN_SECONDS = 5.0
+
+
+def drain_seconds(config: GatewayConfig) -> float:
+    """How long a stopping gateway lets its requests in flight finish: none outlives its
+    gRPC deadline (``request_timeout_seconds``), which is longer than the service's own
+    drain (tests/test_k8s_manifests.py checks the cluster configuration)."""
+    return config.request_timeout_seconds + RESPONSE_MARGIN_SECONDS
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Not ready once stopping, whatever the service says; else as the service says."""
+    if request.app[STOPPING].is_set():
+        return web.json_response({"status": "stopping"}, status=503)
+    return await views.readyz(request)
 
 
 def channel_options(config: GatewayConfig) -> list[tuple[str, object]]:
@@ -43,6 +63,7 @@ def bare_app(config: GatewayConfig) -> web.Application:
 
 def create_app(config: GatewayConfig) -> web.Application:
     app = bare_app(config)
+    app[STOPPING] = asyncio.Event()
 
     async def grpc_channel(app: web.Application) -> AsyncIterator[None]:
         channel = grpc.aio.insecure_channel(config.service_address, options=channel_options(config))
@@ -63,7 +84,7 @@ def create_app(config: GatewayConfig) -> web.Application:
     app.router.add_get("/v1/models/{model}", views.retrieve_model)
     app.router.add_get("/v1/files/images/{token}", views.download_image)
     app.router.add_get("/healthz", views.healthz)
-    app.router.add_get("/readyz", views.readyz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", scrape)
     app.router.add_get(openapi.OPENAPI_PATH, openapi.serve_openapi)
     return app

@@ -10,6 +10,13 @@ answer, the health service reports NOT_SERVING for the ImageGeneration and Admin
 (readiness; the overall ``""`` status stays SERVING, for liveness: restarting the process
 cannot bring a database back) and the calls that need the database are refused at once
 with UNAVAILABLE, which the gateway answers with 503. Both come back when it does.
+
+Stopping (SIGTERM or SIGINT): every health status turns NOT_SERVING at once, so readiness
+fails first; new calls are refused with UNAVAILABLE (the gateway's 503); the calls in flight
+get up to ``drain_seconds`` to finish: the slowest configured provider's ``timeout_seconds``
+plus a margin to store the images and settle the ledger, so that a rollout never cuts a
+generation the upstream is still working on. Then the process exits 0. A second signal
+cancels what is still running and stops at once.
 """
 
 from __future__ import annotations
@@ -66,6 +73,16 @@ NEEDS_DATABASE = frozenset(
 DATABASE_UNAVAILABLE = "The service cannot reach its database. Try again shortly."
 # A check that takes longer than this counts as failed.
 HEALTH_CHECK_TIMEOUT_SECONDS = 5.0
+# What a call may still do after its provider answered: store the images, settle the ledger.
+DRAIN_MARGIN_SECONDS = 15.0
+
+
+def drain_seconds(config: ServiceConfig) -> float:
+    """How long a stopping service lets its calls in flight finish: no provider call outlives
+    its ``timeout_seconds``, and the slowest configured one sets the bound. The Kubernetes
+    manifests' terminationGracePeriodSeconds are derived from it (docs/kubernetes.md)."""
+    slowest = max((p.timeout_seconds for p in config.providers.values()), default=0.0)
+    return slowest + DRAIN_MARGIN_SECONDS
 
 
 def grpc_options(config: ServiceConfig) -> list[tuple[str, int]]:
@@ -80,8 +97,9 @@ def grpc_options(config: ServiceConfig) -> list[tuple[str, int]]:
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
         # L4 load balancers only see new connections: recycle them so new replicas get load.
+        # A recycled connection's calls get as long to finish as a draining server's.
         ("grpc.max_connection_age_ms", 300_000),
-        ("grpc.max_connection_age_grace_ms", 60_000),
+        ("grpc.max_connection_age_grace_ms", int(drain_seconds(config) * 1000)),
     ]
 
 
@@ -102,6 +120,13 @@ class RunningService:
         """Turns not-serving, lets in-flight calls finish within ``grace``, then closes."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        await self._close()
+
+    async def stop_now(self) -> None:
+        """Cancels the calls still in flight (a ``stop`` under way then returns at once)."""
+        await self.server.stop(0)
+
+    async def _close(self) -> None:
         if self._metrics_endpoint is not None:
             await self._metrics_endpoint.stop()
         for task in (self._housekeeping, self._health_checks):
@@ -437,15 +462,26 @@ async def serving(
         await running.stop()
 
 
-async def serve_forever(config: ServiceConfig, grace: float = 10.0) -> None:
-    """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
+async def serve_forever(config: ServiceConfig, grace: float | None = None) -> None:
+    """Runs until SIGTERM or SIGINT, then drains: in-flight calls get ``grace`` seconds
+    (``drain_seconds(config)`` unless given) to finish. A second signal stops at once."""
+    grace = drain_seconds(config) if grace is None else grace
     running = await start_service(config)
     freeze_startup_heap()
-    stop = asyncio.Event()
+    signalled = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+        loop.add_signal_handler(sig, signalled.set)
+    await signalled.wait()
+    signalled.clear()
+    started = time.monotonic()
     log.info("service.stopping", grace_seconds=grace)
-    await running.stop(grace)
-    log.info("service.stopped")
+    draining = asyncio.create_task(running.stop(grace))
+    again = asyncio.create_task(signalled.wait())
+    await asyncio.wait((draining, again), return_when=asyncio.FIRST_COMPLETED)
+    if not draining.done():
+        log.warning("service.stopping_now", drained_seconds=round(time.monotonic() - started, 1))
+        await running.stop_now()
+    again.cancel()
+    await draining
+    log.info("service.stopped", drained_seconds=round(time.monotonic() - started, 1))

@@ -11,7 +11,6 @@ referenced and never inlined, the migration Job, autoscaling, disruption budgets
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import re
 import shutil
@@ -27,9 +26,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from http_gateway.app import drain_seconds as gateway_drain
 from http_gateway.config import load_gateway_config
 from imagegen_service.config import load_config
-from imagegen_service.server import serve_forever
+from imagegen_service.server import drain_seconds as service_drain
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
@@ -70,12 +70,8 @@ SECRET_STANDINS = {
     "redis-url": "redis://redis:6379/0",
 }
 
-# How long each process takes to stop after SIGTERM (its own grace), in seconds.
-APP_GRACE = {
-    SERVICE: float(inspect.signature(serve_forever).parameters["grace"].default),
-    # http_gateway/__main__.py: web.run_app(shutdown_timeout=30.0), then the channel's 5 s.
-    GATEWAY: 35.0,
-}
+# After its drain: the service closes its stores, the gateway its gRPC channel (5 s).
+CLOSE_SECONDS = {SERVICE: 5.0, GATEWAY: 5.0}
 
 
 # -- rendering -------------------------------------------------------------------------------
@@ -321,15 +317,40 @@ def test_the_gateway_has_http_probes(objects: list[dict[str, Any]]) -> None:
         assert container_port(c, c[probe]["httpGet"]["port"]) == HTTP_PORT, probe
 
 
-def test_pods_drain_before_sigterm_and_get_time_to_finish(objects: list[dict[str, Any]]) -> None:
-    for name, grace in APP_GRACE.items():
+def test_pods_drain_before_sigterm_and_get_time_to_finish(
+    objects: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    """A rollout cuts no generation: each pod's grace period holds its preStop sleep, then
+    the drain its process computes from the ConfigMap's configuration (the slowest
+    provider's timeout_seconds for the service; the requests' deadline for the gateway),
+    then closing."""
+    service = get(objects, "Deployment", SERVICE)
+    gateway = get(objects, "Deployment", GATEWAY)
+    _, text = _config_map_file(objects, service)
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(text)
+    service_config = load_config(environ=_environ(container(service), config_file))
+    gateway_config = load_gateway_config(environ=_environ(container(gateway), config_file))
+    providers = tomllib.loads(text)["providers"].values()
+    slowest = max(p.get("timeout_seconds", 0) for p in providers)
+    assert slowest >= 180, "the cluster configuration has lost its slow providers"
+    drains = {SERVICE: service_drain(service_config), GATEWAY: gateway_drain(gateway_config)}
+    assert drains[SERVICE] > slowest
+    # The gateway waits at least as long as the service it calls, or it would cut the
+    # generations the service still finishes.
+    assert drains[GATEWAY] >= drains[SERVICE]
+    for name, drain in drains.items():
         deployment = get(objects, "Deployment", name)
         pre_stop = container(deployment)["lifecycle"]["preStop"]
         # The sleep action needs no binary in the image (Kubernetes >= 1.30).
-        drain = pre_stop["sleep"]["seconds"]
-        assert 1 <= drain <= 15, name
+        sleep = pre_stop["sleep"]["seconds"]
+        assert 1 <= sleep <= 15, name
         period = pod_spec(deployment)["terminationGracePeriodSeconds"]
-        assert period > drain + grace, f"{name}: {period} s <= {drain} s drain + {grace} s grace"
+        needed = sleep + drain + CLOSE_SECONDS[name]
+        assert needed <= period <= needed + 30, (
+            f"{name}: {period} s for {sleep} s preStop + {drain} s drain + "
+            f"{CLOSE_SECONDS[name]} s closing"
+        )
 
 
 # -- hardening -------------------------------------------------------------------------------

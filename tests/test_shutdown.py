@@ -2,13 +2,17 @@
 ``python -m http_gateway`` get SIGTERM while a slow generation is in flight.
 
 Both must finish that generation (200), refuse new work while they drain, and exit 0.
-The slow part is the fake upstream, which runs in this test's event loop.
+The slow part is the fake upstream, which runs in this test's event loop. The service's
+drain follows its providers' ``timeout_seconds``: the generation here takes longer than the
+fixed 10 s the service used to allow, and is charged once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -32,8 +36,12 @@ from tests.fakes.loopback import free_port
 from tests.fakes.openai_upstream import FakeOpenAIUpstream, slow
 
 ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
 ADMIN_TOKEN = "shutdown-admin-token"
-UPSTREAM_DELAY = 1.5
+# Longer than the fixed grace the service once had (10 s), shorter than the provider's
+# timeout_seconds below, which sets the drain now.
+UPSTREAM_DELAY = 11.0
+PROVIDER_TIMEOUT_SECONDS = 20
 STARTUP_SECONDS = 20.0
 
 SERVICE_TOML = """
@@ -44,7 +52,7 @@ grpc_host = "127.0.0.1"
 type = "openai"
 base_url = "{upstream_url}"
 api_key_env = "IMAGEGEN_TEST_UPSTREAM_KEY"
-timeout_seconds = 10
+timeout_seconds = {timeout}
 max_retries = 0
 
 [models.slow-dalle]
@@ -99,12 +107,18 @@ async def eventually(
 async def _generate(http: aiohttp.ClientSession, url: str, key: str, model: str) -> int:
     async with http.post(
         url + "/v1/images/generations",
-        json={"model": model, "prompt": "a slow snail", "size": "256x256"},
+        json={
+            "model": model,
+            "prompt": "a slow snail",
+            "size": "256x256",
+            "response_format": "b64_json",
+        },
         headers=bearer(key),
     ) as resp:
         body = await resp.json()
         if resp.status == 200:
             assert len(body["data"]) == 1
+            assert base64.b64decode(body["data"][0]["b64_json"]).startswith(b"\x89PNG")
         return resp.status
 
 
@@ -115,7 +129,11 @@ async def test_service_drains_in_flight_generations_on_sigterm_and_exits_0(
     address = f"127.0.0.1:{grpc_port}"
     async with FakeOpenAIUpstream(api_key=UPSTREAM_KEY, default=slow(UPSTREAM_DELAY)) as fake:
         config_path = tmp_path / "imagegen.toml"
-        config_path.write_text(textwrap.dedent(SERVICE_TOML.format(upstream_url=fake.base_url)))
+        config_path.write_text(
+            textwrap.dedent(
+                SERVICE_TOML.format(upstream_url=fake.base_url, timeout=PROVIDER_TIMEOUT_SECONDS)
+            )
+        )
         environ = {
             "IMAGEGEN_CONFIG": str(config_path),
             "IMAGEGEN_DATA_DIR": str(tmp_path / "data"),
@@ -146,14 +164,33 @@ async def test_service_drains_in_flight_generations_on_sigterm_and_exits_0(
             try:
                 await web.TCPSite(gateway, "127.0.0.1", 0).start()
                 host, port = gateway.addresses[0][:2]
-                await _drain_service(service, channel, http, f"http://{host}:{port}", fake)
+                account_id = await _drain_service(
+                    service, channel, http, f"http://{host}:{port}", fake
+                )
             finally:
                 await gateway.cleanup()
 
             assert await asyncio.wait_for(service.wait(), 15) == 0
-    events = [line["event"] for line in log_lines(log_path)]
-    assert "service.stopping" in events
-    assert "service.stopped" in events
+    lines = {line["event"]: line for line in log_lines(log_path)}
+    # The drain bound comes from the configuration: the provider's timeout and a margin.
+    assert lines["service.stopping"]["grace_seconds"] == PROVIDER_TIMEOUT_SECONDS + 15
+    drained = lines["service.stopped"]["drained_seconds"]
+    assert isinstance(drained, float) and drained < PROVIDER_TIMEOUT_SECONDS
+    # Charged once for the generation that finished during the drain, nothing held.
+    admin = await asyncio.create_subprocess_exec(
+        str(BIN / "imagegen-admin"),
+        "--json",
+        "ledger",
+        account_id,
+        env={**os.environ, **environ},
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await asyncio.wait_for(admin.communicate(), 60)
+    assert admin.returncode == 0
+    ledger = json.loads(out)
+    kinds = [entry["kind"] for entry in ledger["entries"]]
+    assert kinds.count("capture") == 1, kinds
+    assert sum(e["available_delta_micros"] for e in ledger["entries"]) == 1_000_000 - 20_000
 
 
 async def _drain_service(
@@ -162,7 +199,8 @@ async def _drain_service(
     http: aiohttp.ClientSession,
     gateway_url: str,
     fake: FakeOpenAIUpstream,
-) -> None:
+) -> str:
+    """Stops the service in the middle of a generation; returns the paying account's id."""
     admin = admin_pb2_grpc.AdminStub(channel)
     admin_md = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
     account = await admin.CreateAccount(
@@ -207,6 +245,7 @@ async def _drain_service(
     assert fake.hits == 1
 
     assert await in_flight == 200
+    return str(account.id)
 
 
 async def test_gateway_finishes_in_flight_requests_on_sigterm_and_exits_0(
@@ -249,3 +288,7 @@ async def test_gateway_finishes_in_flight_requests_on_sigterm_and_exits_0(
         assert await asyncio.wait_for(gateway.wait(), 15) == 0
     requests = [line for line in log_lines(log_path) if line["event"] == "http.request"]
     assert [r["status"] for r in requests if r["route"] == "/v1/images/generations"] == [200]
+    events = {line["event"]: line for line in log_lines(log_path)}
+    # Its drain bound: the requests' gRPC deadline (request_timeout_seconds) and a margin.
+    assert events["gateway.stopping"]["grace_seconds"] == 300 + 5
+    assert "gateway.stopped" in events
