@@ -76,7 +76,20 @@ async def _accounts_show(store: LedgerStore, args: argparse.Namespace) -> dict[s
 
 
 async def _accounts_credit(store: LedgerStore, args: argparse.Namespace) -> dict[str, Any]:
-    return _account_json(await store.credit(args.account, args.amount, args.note))
+    return _account_json(await store.credit(args.account, args.amount, args.note, args.credit_id))
+
+
+async def _accounts_list(store: LedgerStore, args: argparse.Namespace) -> dict[str, Any]:
+    page = await store.list_accounts(args.page_size, args.page_token)
+    return {
+        "accounts": [_account_json(a) for a in page.items],
+        "next_page_token": page.next_token,
+    }
+
+
+async def _keys_list(store: LedgerStore, args: argparse.Namespace) -> dict[str, Any]:
+    page = await store.list_keys(args.account, args.page_size, args.page_token)
+    return {"keys": [_key_json(k) for k in page.items], "next_page_token": page.next_token}
 
 
 async def _keys_create(store: LedgerStore, args: argparse.Namespace) -> dict[str, Any]:
@@ -96,9 +109,11 @@ async def _keys_limits(store: LedgerStore, args: argparse.Namespace) -> dict[str
 
 
 async def _ledger(store: LedgerStore, args: argparse.Namespace) -> dict[str, Any]:
-    entries = await store.ledger(args.account, args.limit)
+    page = await store.ledger_page(args.account, args.limit, args.page_token)
+    entries = page.items
     return {
         "account_id": args.account,
+        "next_page_token": page.next_token,
         "entries": [
             {
                 "id": e.id,
@@ -109,6 +124,7 @@ async def _ledger(store: LedgerStore, args: argparse.Namespace) -> dict[str, Any
                 "request_id": e.request_id,
                 "note": e.note,
                 "created": e.created,
+                "credit_id": e.credit_id,
             }
             for e in entries
         ],
@@ -116,6 +132,12 @@ async def _ledger(store: LedgerStore, args: argparse.Namespace) -> dict[str, Any
 
 
 def _print_human(result: dict[str, Any]) -> None:
+    if "accounts" in result or "keys" in result:
+        for item in result.get("accounts", result.get("keys", [])):
+            print("  ".join(f"{name}={value}" for name, value in item.items()))
+        if result["next_page_token"]:
+            print(f"\nmore: --page-token {result['next_page_token']}")
+        return
     if "entries" in result:
         print(f"{'id':>8}  {'kind':<8} {'available':>14} {'held':>14}  request")
         for e in result["entries"]:
@@ -138,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     # parser from resetting a flag given before it.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+    paging = argparse.ArgumentParser(add_help=False)
+    paging.add_argument("--page-size", type=int, default=100)
+    paging.add_argument("--page-token", default="", help="the next_page_token of the page before")
     parser = argparse.ArgumentParser(
         prog="imagegen-admin",
         description="Manage accounts, API keys and balances. Uses IMAGEGEN_CONFIG and "
@@ -159,7 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("account")
     p.add_argument("amount", type=_usd)
     p.add_argument("--note", default="")
+    p.add_argument(
+        "--credit-id", default="", help="makes a retry safe: a credit with this id counts once"
+    )
     p.set_defaults(run=_accounts_credit)
+    p = acc.add_parser("list", parents=[common, paging], help="list accounts, oldest first")
+    p.set_defaults(run=_accounts_list)
 
     keys_parser = groups.add_parser("keys", help="create and revoke API keys")
     key_cmds = keys_parser.add_subparsers(dest="command", required=True)
@@ -169,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = key_cmds.add_parser("revoke", parents=[common], help="revoke a key at once")
     p.add_argument("key_id")
     p.set_defaults(run=_keys_revoke)
+    p = key_cmds.add_parser("list", parents=[common, paging], help="list an account's keys")
+    p.add_argument("account")
+    p.set_defaults(run=_keys_list)
 
     p = key_cmds.add_parser(
         "limits", parents=[common], help="set a key's own rate limits (0 = unlimited)"
@@ -181,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = groups.add_parser("ledger", parents=[common], help="list an account's ledger entries")
     p.add_argument("account")
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--limit", type=int, default=100, help="entries per page, newest first")
+    p.add_argument("--page-token", default="", help="the next_page_token of the page before")
     p.set_defaults(run=_ledger)
 
     db = groups.add_parser("db", help="database schema")

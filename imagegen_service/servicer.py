@@ -32,6 +32,7 @@ from imagegen_service.pipeline import (
 )
 from imagegen_service.providers.base import TokenUsage
 from imagegen_service.stores.ledger_sql import (
+    MAX_PAGE_SIZE,
     Account,
     ApiKey,
     LedgerStore,
@@ -474,7 +475,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         async def work() -> admin_pb2.Account:
             self._authorize(context)
             account = await self.ledger.credit(
-                request.account_id, request.amount_micros, request.note
+                request.account_id, request.amount_micros, request.note, request.credit_id
             )
             return _account(account)
 
@@ -511,10 +512,13 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     ) -> admin_pb2.ListLedgerResponse:
         async def work() -> admin_pb2.ListLedgerResponse:
             self._authorize(context)
-            limit = request.limit or 100
-            if not 1 <= limit <= 1000:
-                raise errors.InvalidParameter("limit must be between 1 and 1000.", param="limit")
-            entries = await self.ledger.ledger(request.account_id, limit)
+            if not request.page_size and not 0 <= request.limit <= MAX_PAGE_SIZE:
+                raise errors.InvalidParameter(
+                    f"limit must be between 1 and {MAX_PAGE_SIZE}.", param="limit"
+                )
+            page = await self.ledger.ledger_page(
+                request.account_id, request.page_size or request.limit, request.page_token
+            )
             return admin_pb2.ListLedgerResponse(
                 entries=[
                     admin_pb2.LedgerEntry(
@@ -527,12 +531,66 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                         request_id=e.request_id,
                         created=e.created,
                         note=e.note,
+                        credit_id=e.credit_id,
                     )
-                    for e in entries
-                ]
+                    for e in page.items
+                ],
+                next_page_token=page.next_token,
             )
 
         return await _handle(context, "ListLedger", work)
+
+    async def ListAccounts(
+        self,
+        request: admin_pb2.ListAccountsRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> admin_pb2.ListAccountsResponse:
+        async def work() -> admin_pb2.ListAccountsResponse:
+            self._authorize(context)
+            page = await self.ledger.list_accounts(request.page_size, request.page_token)
+            return admin_pb2.ListAccountsResponse(
+                accounts=[_account(a) for a in page.items], next_page_token=page.next_token
+            )
+
+        return await _handle(context, "ListAccounts", work)
+
+    async def ListKeys(
+        self,
+        request: admin_pb2.ListKeysRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> admin_pb2.ListKeysResponse:
+        async def work() -> admin_pb2.ListKeysResponse:
+            self._authorize(context)
+            page = await self.ledger.list_keys(
+                request.account_id, request.page_size, request.page_token
+            )
+            return admin_pb2.ListKeysResponse(
+                keys=[_key(k) for k in page.items], next_page_token=page.next_token
+            )
+
+        return await _handle(context, "ListKeys", work)
+
+    async def SetKeyLimits(
+        self,
+        request: admin_pb2.SetKeyLimitsRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> admin_pb2.ApiKey:
+        async def work() -> admin_pb2.ApiKey:
+            self._authorize(context)
+            limits: dict[str, int | None] = {}
+            for name in ("requests_per_minute", "images_per_minute"):
+                value = getattr(request, name) if request.HasField(name) else None
+                if value is not None and value < 0:
+                    raise errors.InvalidParameter(
+                        f"{name} must be 0 (unlimited) or more.", param=name
+                    )
+                limits[name] = value
+            key = await self.ledger.set_key_limits(
+                request.key_id, limits["requests_per_minute"], limits["images_per_minute"]
+            )
+            return _key(key)
+
+        return await _handle(context, "SetKeyLimits", work)
 
 
 def _account(account: Account) -> admin_pb2.Account:
@@ -547,5 +605,10 @@ def _account(account: Account) -> admin_pb2.Account:
 
 def _key(key: ApiKey) -> admin_pb2.ApiKey:
     return admin_pb2.ApiKey(
-        id=key.id, account_id=key.account_id, created=key.created, revoked=key.revoked or 0
+        id=key.id,
+        account_id=key.account_id,
+        created=key.created,
+        revoked=key.revoked or 0,
+        requests_per_minute=key.requests_per_minute,
+        images_per_minute=key.images_per_minute,
     )

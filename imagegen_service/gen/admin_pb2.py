@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17imagegen/v1/admin.proto\x12\x0bimagegen.v1\"c\n\x07\x41\x63\x63ount\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x18\n\x10\x61vailable_micros\x18\x03 \x01(\x03\x12\x13\n\x0bheld_micros\x18\x04 \x01(\x03\x12\x0f\n\x07\x63reated\x18\x05 \x01(\x03\"D\n\x14\x43reateAccountRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1e\n\x16initial_balance_micros\x18\x02 \x01(\x03\"\'\n\x11GetAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"O\n\x14\x43reditAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x15\n\ramount_micros\x18\x02 \x01(\x03\x12\x0c\n\x04note\x18\x03 \x01(\t\"J\n\x06\x41piKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12\x0f\n\x07revoked\x18\x04 \x01(\x03\">\n\nCreatedKey\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.imagegen.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"&\n\x10\x43reateKeyRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"\"\n\x10RevokeKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"\xba\x01\n\x0bLedgerEntry\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x1e\n\x16\x61vailable_delta_micros\x18\x04 \x01(\x03\x12\x19\n\x11held_delta_micros\x18\x05 \x01(\x03\x12\x0f\n\x07hold_id\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x0f\n\x07\x63reated\x18\x08 \x01(\x03\x12\x0c\n\x04note\x18\t \x01(\t\"6\n\x11ListLedgerRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"?\n\x12ListLedgerResponse\x12)\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x18.imagegen.v1.LedgerEntry2\xb4\x03\n\x05\x41\x64min\x12H\n\rCreateAccount\x12!.imagegen.v1.CreateAccountRequest\x1a\x14.imagegen.v1.Account\x12\x42\n\nGetAccount\x12\x1e.imagegen.v1.GetAccountRequest\x1a\x14.imagegen.v1.Account\x12H\n\rCreditAccount\x12!.imagegen.v1.CreditAccountRequest\x1a\x14.imagegen.v1.Account\x12\x43\n\tCreateKey\x12\x1d.imagegen.v1.CreateKeyRequest\x1a\x17.imagegen.v1.CreatedKey\x12?\n\tRevokeKey\x12\x1d.imagegen.v1.RevokeKeyRequest\x1a\x13.imagegen.v1.ApiKey\x12M\n\nListLedger\x12\x1e.imagegen.v1.ListLedgerRequest\x1a\x1f.imagegen.v1.ListLedgerResponseBi\n\x0f\x63om.imagegen.v1B\nAdminProtoP\x01Z:github.com/imagegen/imagegen/gen/go/imagegen/v1;imagegenv1\xaa\x02\x0bImagegen.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17imagegen/v1/admin.proto\x12\x0bimagegen.v1\"c\n\x07\x41\x63\x63ount\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x18\n\x10\x61vailable_micros\x18\x03 \x01(\x03\x12\x13\n\x0bheld_micros\x18\x04 \x01(\x03\x12\x0f\n\x07\x63reated\x18\x05 \x01(\x03\"D\n\x14\x43reateAccountRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1e\n\x16initial_balance_micros\x18\x02 \x01(\x03\"\'\n\x11GetAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"b\n\x14\x43reditAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x15\n\ramount_micros\x18\x02 \x01(\x03\x12\x0c\n\x04note\x18\x03 \x01(\t\x12\x11\n\tcredit_id\x18\x04 \x01(\t\"\xba\x01\n\x06\x41piKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12\x0f\n\x07revoked\x18\x04 \x01(\x03\x12 \n\x13requests_per_minute\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x1e\n\x11images_per_minute\x18\x06 \x01(\x05H\x01\x88\x01\x01\x42\x16\n\x14_requests_per_minuteB\x14\n\x12_images_per_minute\">\n\nCreatedKey\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.imagegen.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"&\n\x10\x43reateKeyRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"\"\n\x10RevokeKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"\xcd\x01\n\x0bLedgerEntry\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x1e\n\x16\x61vailable_delta_micros\x18\x04 \x01(\x03\x12\x19\n\x11held_delta_micros\x18\x05 \x01(\x03\x12\x0f\n\x07hold_id\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x0f\n\x07\x63reated\x18\x08 \x01(\x03\x12\x0c\n\x04note\x18\t \x01(\t\x12\x11\n\tcredit_id\x18\n \x01(\t\"]\n\x11ListLedgerRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"X\n\x12ListLedgerResponse\x12)\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x18.imagegen.v1.LedgerEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"<\n\x13ListAccountsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"W\n\x14ListAccountsResponse\x12&\n\x08\x61\x63\x63ounts\x18\x01 \x03(\x0b\x32\x14.imagegen.v1.Account\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"L\n\x0fListKeysRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"N\n\x10ListKeysResponse\x12!\n\x04keys\x18\x01 \x03(\x0b\x32\x13.imagegen.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x95\x01\n\x13SetKeyLimitsRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12 \n\x13requests_per_minute\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x1e\n\x11images_per_minute\x18\x03 \x01(\x05H\x01\x88\x01\x01\x42\x16\n\x14_requests_per_minuteB\x14\n\x12_images_per_minute2\x99\x05\n\x05\x41\x64min\x12H\n\rCreateAccount\x12!.imagegen.v1.CreateAccountRequest\x1a\x14.imagegen.v1.Account\x12\x42\n\nGetAccount\x12\x1e.imagegen.v1.GetAccountRequest\x1a\x14.imagegen.v1.Account\x12H\n\rCreditAccount\x12!.imagegen.v1.CreditAccountRequest\x1a\x14.imagegen.v1.Account\x12\x43\n\tCreateKey\x12\x1d.imagegen.v1.CreateKeyRequest\x1a\x17.imagegen.v1.CreatedKey\x12?\n\tRevokeKey\x12\x1d.imagegen.v1.RevokeKeyRequest\x1a\x13.imagegen.v1.ApiKey\x12M\n\nListLedger\x12\x1e.imagegen.v1.ListLedgerRequest\x1a\x1f.imagegen.v1.ListLedgerResponse\x12S\n\x0cListAccounts\x12 .imagegen.v1.ListAccountsRequest\x1a!.imagegen.v1.ListAccountsResponse\x12G\n\x08ListKeys\x12\x1c.imagegen.v1.ListKeysRequest\x1a\x1d.imagegen.v1.ListKeysResponse\x12\x45\n\x0cSetKeyLimits\x12 .imagegen.v1.SetKeyLimitsRequest\x1a\x13.imagegen.v1.ApiKeyBi\n\x0f\x63om.imagegen.v1B\nAdminProtoP\x01Z:github.com/imagegen/imagegen/gen/go/imagegen/v1;imagegenv1\xaa\x02\x0bImagegen.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,21 +39,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETACCOUNTREQUEST']._serialized_start=211
   _globals['_GETACCOUNTREQUEST']._serialized_end=250
   _globals['_CREDITACCOUNTREQUEST']._serialized_start=252
-  _globals['_CREDITACCOUNTREQUEST']._serialized_end=331
-  _globals['_APIKEY']._serialized_start=333
-  _globals['_APIKEY']._serialized_end=407
-  _globals['_CREATEDKEY']._serialized_start=409
-  _globals['_CREATEDKEY']._serialized_end=471
-  _globals['_CREATEKEYREQUEST']._serialized_start=473
-  _globals['_CREATEKEYREQUEST']._serialized_end=511
-  _globals['_REVOKEKEYREQUEST']._serialized_start=513
-  _globals['_REVOKEKEYREQUEST']._serialized_end=547
-  _globals['_LEDGERENTRY']._serialized_start=550
-  _globals['_LEDGERENTRY']._serialized_end=736
-  _globals['_LISTLEDGERREQUEST']._serialized_start=738
-  _globals['_LISTLEDGERREQUEST']._serialized_end=792
-  _globals['_LISTLEDGERRESPONSE']._serialized_start=794
-  _globals['_LISTLEDGERRESPONSE']._serialized_end=857
-  _globals['_ADMIN']._serialized_start=860
-  _globals['_ADMIN']._serialized_end=1296
+  _globals['_CREDITACCOUNTREQUEST']._serialized_end=350
+  _globals['_APIKEY']._serialized_start=353
+  _globals['_APIKEY']._serialized_end=539
+  _globals['_CREATEDKEY']._serialized_start=541
+  _globals['_CREATEDKEY']._serialized_end=603
+  _globals['_CREATEKEYREQUEST']._serialized_start=605
+  _globals['_CREATEKEYREQUEST']._serialized_end=643
+  _globals['_REVOKEKEYREQUEST']._serialized_start=645
+  _globals['_REVOKEKEYREQUEST']._serialized_end=679
+  _globals['_LEDGERENTRY']._serialized_start=682
+  _globals['_LEDGERENTRY']._serialized_end=887
+  _globals['_LISTLEDGERREQUEST']._serialized_start=889
+  _globals['_LISTLEDGERREQUEST']._serialized_end=982
+  _globals['_LISTLEDGERRESPONSE']._serialized_start=984
+  _globals['_LISTLEDGERRESPONSE']._serialized_end=1072
+  _globals['_LISTACCOUNTSREQUEST']._serialized_start=1074
+  _globals['_LISTACCOUNTSREQUEST']._serialized_end=1134
+  _globals['_LISTACCOUNTSRESPONSE']._serialized_start=1136
+  _globals['_LISTACCOUNTSRESPONSE']._serialized_end=1223
+  _globals['_LISTKEYSREQUEST']._serialized_start=1225
+  _globals['_LISTKEYSREQUEST']._serialized_end=1301
+  _globals['_LISTKEYSRESPONSE']._serialized_start=1303
+  _globals['_LISTKEYSRESPONSE']._serialized_end=1381
+  _globals['_SETKEYLIMITSREQUEST']._serialized_start=1384
+  _globals['_SETKEYLIMITSREQUEST']._serialized_end=1533
+  _globals['_ADMIN']._serialized_start=1536
+  _globals['_ADMIN']._serialized_end=2201
 # @@protoc_insertion_point(module_scope)

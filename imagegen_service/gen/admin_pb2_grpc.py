@@ -64,6 +64,21 @@ class AdminStub:
                 request_serializer=imagegen_dot_v1_dot_admin__pb2.ListLedgerRequest.SerializeToString,
                 response_deserializer=imagegen_dot_v1_dot_admin__pb2.ListLedgerResponse.FromString,
                 _registered_method=True)
+        self.ListAccounts = channel.unary_unary(
+                '/imagegen.v1.Admin/ListAccounts',
+                request_serializer=imagegen_dot_v1_dot_admin__pb2.ListAccountsRequest.SerializeToString,
+                response_deserializer=imagegen_dot_v1_dot_admin__pb2.ListAccountsResponse.FromString,
+                _registered_method=True)
+        self.ListKeys = channel.unary_unary(
+                '/imagegen.v1.Admin/ListKeys',
+                request_serializer=imagegen_dot_v1_dot_admin__pb2.ListKeysRequest.SerializeToString,
+                response_deserializer=imagegen_dot_v1_dot_admin__pb2.ListKeysResponse.FromString,
+                _registered_method=True)
+        self.SetKeyLimits = channel.unary_unary(
+                '/imagegen.v1.Admin/SetKeyLimits',
+                request_serializer=imagegen_dot_v1_dot_admin__pb2.SetKeyLimitsRequest.SerializeToString,
+                response_deserializer=imagegen_dot_v1_dot_admin__pb2.ApiKey.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -101,7 +116,30 @@ class AdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListLedger(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """An account's ledger, newest entry first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAccounts(self, request, context):
+        """Every account, oldest first (by creation second, then id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListKeys(self, request, context):
+        """An account's keys, revoked ones included, oldest first (by creation second, then id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetKeyLimits(self, request, context):
+        """Sets a key's own rate limits, replacing both: a limit left unset falls back to the
+        service's configured default, 0 means unlimited. Takes effect on the key's next call.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -138,6 +176,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListLedger,
                     request_deserializer=imagegen_dot_v1_dot_admin__pb2.ListLedgerRequest.FromString,
                     response_serializer=imagegen_dot_v1_dot_admin__pb2.ListLedgerResponse.SerializeToString,
+            ),
+            'ListAccounts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAccounts,
+                    request_deserializer=imagegen_dot_v1_dot_admin__pb2.ListAccountsRequest.FromString,
+                    response_serializer=imagegen_dot_v1_dot_admin__pb2.ListAccountsResponse.SerializeToString,
+            ),
+            'ListKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListKeys,
+                    request_deserializer=imagegen_dot_v1_dot_admin__pb2.ListKeysRequest.FromString,
+                    response_serializer=imagegen_dot_v1_dot_admin__pb2.ListKeysResponse.SerializeToString,
+            ),
+            'SetKeyLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetKeyLimits,
+                    request_deserializer=imagegen_dot_v1_dot_admin__pb2.SetKeyLimitsRequest.FromString,
+                    response_serializer=imagegen_dot_v1_dot_admin__pb2.ApiKey.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -302,6 +355,87 @@ class Admin:
             '/imagegen.v1.Admin/ListLedger',
             imagegen_dot_v1_dot_admin__pb2.ListLedgerRequest.SerializeToString,
             imagegen_dot_v1_dot_admin__pb2.ListLedgerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAccounts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegen.v1.Admin/ListAccounts',
+            imagegen_dot_v1_dot_admin__pb2.ListAccountsRequest.SerializeToString,
+            imagegen_dot_v1_dot_admin__pb2.ListAccountsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegen.v1.Admin/ListKeys',
+            imagegen_dot_v1_dot_admin__pb2.ListKeysRequest.SerializeToString,
+            imagegen_dot_v1_dot_admin__pb2.ListKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetKeyLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegen.v1.Admin/SetKeyLimits',
+            imagegen_dot_v1_dot_admin__pb2.SetKeyLimitsRequest.SerializeToString,
+            imagegen_dot_v1_dot_admin__pb2.ApiKey.FromString,
             options,
             channel_credentials,
             insecure,

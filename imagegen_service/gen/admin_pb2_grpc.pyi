@@ -43,6 +43,15 @@ class AdminStub:
     """The only response that ever carries a key's secret."""
     RevokeKey: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeKeyRequest, _admin_pb2.ApiKey]
     ListLedger: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListLedgerRequest, _admin_pb2.ListLedgerResponse]
+    """An account's ledger, newest entry first."""
+    ListAccounts: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAccountsRequest, _admin_pb2.ListAccountsResponse]
+    """Every account, oldest first (by creation second, then id)."""
+    ListKeys: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListKeysRequest, _admin_pb2.ListKeysResponse]
+    """An account's keys, revoked ones included, oldest first (by creation second, then id)."""
+    SetKeyLimits: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetKeyLimitsRequest, _admin_pb2.ApiKey]
+    """Sets a key's own rate limits, replacing both: a limit left unset falls back to the
+    service's configured default, 0 means unlimited. Takes effect on the key's next call.
+    """
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -54,6 +63,15 @@ class AdminAsyncStub(AdminStub):
     """The only response that ever carries a key's secret."""
     RevokeKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeKeyRequest, _admin_pb2.ApiKey]  # type: ignore[assignment]
     ListLedger: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListLedgerRequest, _admin_pb2.ListLedgerResponse]  # type: ignore[assignment]
+    """An account's ledger, newest entry first."""
+    ListAccounts: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAccountsRequest, _admin_pb2.ListAccountsResponse]  # type: ignore[assignment]
+    """Every account, oldest first (by creation second, then id)."""
+    ListKeys: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListKeysRequest, _admin_pb2.ListKeysResponse]  # type: ignore[assignment]
+    """An account's keys, revoked ones included, oldest first (by creation second, then id)."""
+    SetKeyLimits: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetKeyLimitsRequest, _admin_pb2.ApiKey]  # type: ignore[assignment]
+    """Sets a key's own rate limits, replacing both: a limit left unset falls back to the
+    service's configured default, 0 means unlimited. Takes effect on the key's next call.
+    """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -97,6 +115,33 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _admin_pb2.ListLedgerRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_admin_pb2.ListLedgerResponse, _abc.Awaitable[_admin_pb2.ListLedgerResponse]]: ...
+    ) -> _typing.Union[_admin_pb2.ListLedgerResponse, _abc.Awaitable[_admin_pb2.ListLedgerResponse]]:
+        """An account's ledger, newest entry first."""
+
+    @_abc_1.abstractmethod
+    def ListAccounts(
+        self,
+        request: _admin_pb2.ListAccountsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListAccountsResponse, _abc.Awaitable[_admin_pb2.ListAccountsResponse]]:
+        """Every account, oldest first (by creation second, then id)."""
+
+    @_abc_1.abstractmethod
+    def ListKeys(
+        self,
+        request: _admin_pb2.ListKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListKeysResponse, _abc.Awaitable[_admin_pb2.ListKeysResponse]]:
+        """An account's keys, revoked ones included, oldest first (by creation second, then id)."""
+
+    @_abc_1.abstractmethod
+    def SetKeyLimits(
+        self,
+        request: _admin_pb2.SetKeyLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ApiKey, _abc.Awaitable[_admin_pb2.ApiKey]]:
+        """Sets a key's own rate limits, replacing both: a limit left unset falls back to the
+        service's configured default, 0 means unlimited. Takes effect on the key's next call.
+        """
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

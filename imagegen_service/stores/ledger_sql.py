@@ -19,6 +19,8 @@ operation runs on SQLAlchemy's asyncpg pool through ``run_sync``.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import secrets
 import socket
 import sqlite3
@@ -27,9 +29,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import asyncpg
+import orjson
 import sqlalchemy as sa
 import structlog
 from alembic import command
@@ -47,6 +50,19 @@ from imagegen_service.stores.schema import (
     idempotency_records,
     ledger_entries,
 )
+
+# Caller-supplied credit ids (migration 0003): a credit made with one is applied once.
+credits = sa.Table(
+    "credits",
+    sa.MetaData(),
+    sa.Column("id", sa.String(100), primary_key=True),
+    sa.Column("account_id", sa.String(40), nullable=False),
+    sa.Column("amount_micros", sa.BigInteger, nullable=False),
+    sa.Column("entry_id", sa.BigInteger, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+)
+MAX_CREDIT_ID_CHARS = 100
+MAX_PAGE_SIZE = 1000
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 T = TypeVar("T")
@@ -181,6 +197,48 @@ class LedgerEntry:
     request_id: str
     note: str
     created: int
+    credit_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    """One page of a listing; ``next_token`` is empty on the last page."""
+
+    items: list[T]
+    next_token: str
+
+
+def _page_token(kind: str, *position: Any) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps([kind, *position])).decode().rstrip("=")
+
+
+def _page_position(kind: str, token: str, types: tuple[type, ...]) -> list[Any] | None:
+    """Where a page token says the previous page ended; None for the first page."""
+    if not token:
+        return None
+    try:
+        decoded = orjson.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    except (binascii.Error, ValueError):
+        decoded = None
+    if (
+        not isinstance(decoded, list)
+        or len(decoded) != len(types) + 1
+        or decoded[0] != kind
+        or not all(type(v) is t for v, t in zip(decoded[1:], types, strict=True))
+    ):
+        raise errors.InvalidParameter(
+            "The page_token is not one this listing gave.", param="page_token"
+        )
+    return decoded[1:]
+
+
+def _page_size(page_size: int) -> int:
+    size = page_size or 100
+    if not 1 <= size <= MAX_PAGE_SIZE:
+        raise errors.InvalidParameter(
+            f"page_size must be between 1 and {MAX_PAGE_SIZE}.", param="page_size"
+        )
+    return size
 
 
 @dataclass(frozen=True, slots=True)
@@ -726,11 +784,22 @@ class LedgerStore:
     async def get_account(self, account_id: str) -> Account:
         return await self._db.read(_get_account, account_id)
 
-    async def credit(self, account_id: str, amount_micros: int, note: str = "") -> Account:
+    async def credit(
+        self, account_id: str, amount_micros: int, note: str = "", credit_id: str = ""
+    ) -> Account:
+        """Adds funds. With a ``credit_id``, a repeat of the same credit (same account and
+        amount) changes nothing and answers the account as it is; the same id with another
+        account or amount raises IdempotencyConflict."""
         if amount_micros <= 0:
             raise errors.InvalidParameter("A credit must be positive.", param="amount")
+        if len(credit_id) > MAX_CREDIT_ID_CHARS:
+            raise errors.InvalidParameter(
+                f"A credit_id has at most {MAX_CREDIT_ID_CHARS} characters.", param="credit_id"
+            )
 
         def tx(conn: sa.Connection) -> Account:
+            if credit_id and _credited_before(conn, credit_id, account_id, amount_micros):
+                return _get_account(conn, account_id)
             result = conn.execute(
                 accounts.update()
                 .where(accounts.c.id == account_id)
@@ -738,10 +807,67 @@ class LedgerStore:
             )
             if result.rowcount != 1:
                 raise errors.NotFound(f"No account '{account_id}'.")
-            _entry(conn, account_id, "credit", amount_micros, 0, note=note)
+            if not credit_id:
+                _entry(conn, account_id, "credit", amount_micros, 0, note=note)
+                return _get_account(conn, account_id)
+            now = int(time.time())
+            entry_id = conn.execute(
+                ledger_entries.insert()
+                .values(
+                    account_id=account_id,
+                    kind="credit",
+                    available_delta_micros=amount_micros,
+                    held_delta_micros=0,
+                    request_id="",
+                    note=note[:500],
+                    created_at=now,
+                )
+                .returning(ledger_entries.c.id)
+            ).scalar_one()
+            conn.execute(
+                credits.insert().values(
+                    id=credit_id,
+                    account_id=account_id,
+                    amount_micros=amount_micros,
+                    entry_id=entry_id,
+                    created_at=now,
+                )
+            )
             return _get_account(conn, account_id)
 
-        return await self._db.write(tx)
+        try:
+            return await self._db.write(tx)
+        except sa.exc.IntegrityError:
+            if not credit_id:
+                raise
+            # The same credit_id arrived twice at once and the other one won: this one is
+            # now a repeat (or a conflict), which the second run says.
+            return await self._db.write(tx)
+
+    async def list_accounts(self, page_size: int = 0, page_token: str = "") -> Page[Account]:
+        """Every account, oldest first (creation time, then id)."""
+        size = _page_size(page_size)
+        after = _page_position("accounts", page_token, (int, str))
+
+        def read(conn: sa.Connection) -> Page[Account]:
+            query = accounts.select().order_by(accounts.c.created_at, accounts.c.id)
+            if after is not None:
+                query = query.where(
+                    sa.or_(
+                        accounts.c.created_at > after[0],
+                        sa.and_(accounts.c.created_at == after[0], accounts.c.id > after[1]),
+                    )
+                )
+            rows = conn.execute(query.limit(size + 1)).all()
+            items = [
+                Account(r.id, r.name, r.available_micros, r.held_micros, r.created_at)
+                for r in rows[:size]
+            ]
+            more = len(rows) > size
+            token = _page_token("accounts", items[-1].created, items[-1].id) if more else ""
+            return Page(items, token)
+
+        return await self._db.read(read)
 
     # -- keys ---------------------------------------------------------------------------
 
@@ -788,6 +914,35 @@ class LedgerStore:
             return _get_key(conn, key_id)
 
         return await self._db.write(tx)
+
+    async def list_keys(
+        self, account_id: str, page_size: int = 0, page_token: str = ""
+    ) -> Page[ApiKey]:
+        """An account's keys, revoked ones included, oldest first."""
+        size = _page_size(page_size)
+        after = _page_position("keys", page_token, (int, str))
+
+        def read(conn: sa.Connection) -> Page[ApiKey]:
+            _get_account(conn, account_id)
+            query = (
+                api_keys.select()
+                .where(api_keys.c.account_id == account_id)
+                .order_by(api_keys.c.created_at, api_keys.c.id)
+            )
+            if after is not None:
+                query = query.where(
+                    sa.or_(
+                        api_keys.c.created_at > after[0],
+                        sa.and_(api_keys.c.created_at == after[0], api_keys.c.id > after[1]),
+                    )
+                )
+            rows = conn.execute(query.limit(size + 1)).all()
+            items = [_key(r) for r in rows[:size]]
+            more = len(rows) > size
+            token = _page_token("keys", items[-1].created, items[-1].id) if more else ""
+            return Page(items, token)
+
+        return await self._db.read(read)
 
     async def find_active_key(self, key_hash: str) -> ApiKey | None:
         def read(conn: sa.Connection) -> ApiKey | None:
@@ -968,15 +1123,30 @@ class LedgerStore:
     # -- ledger -------------------------------------------------------------------------
 
     async def ledger(self, account_id: str, limit: int = 100) -> Sequence[LedgerEntry]:
-        def read(conn: sa.Connection) -> list[LedgerEntry]:
+        """The account's newest ``limit`` entries, newest first."""
+        return (await self.ledger_page(account_id, limit)).items
+
+    async def ledger_page(
+        self, account_id: str, page_size: int = 0, page_token: str = ""
+    ) -> Page[LedgerEntry]:
+        """The account's entries, newest first (entry ids only grow)."""
+        size = _page_size(page_size)
+        after = _page_position("ledger", page_token, (int,))
+
+        def read(conn: sa.Connection) -> Page[LedgerEntry]:
             _get_account(conn, account_id)
-            rows = conn.execute(
-                ledger_entries.select()
+            query = (
+                sa.select(ledger_entries, credits.c.id.label("credit_id"))
+                .select_from(
+                    ledger_entries.outerjoin(credits, credits.c.entry_id == ledger_entries.c.id)
+                )
                 .where(ledger_entries.c.account_id == account_id)
                 .order_by(ledger_entries.c.id.desc())
-                .limit(limit)
-            ).all()
-            return [
+            )
+            if after is not None:
+                query = query.where(ledger_entries.c.id < after[0])
+            rows = conn.execute(query.limit(size + 1)).all()
+            items = [
                 LedgerEntry(
                     r.id,
                     r.account_id,
@@ -987,9 +1157,12 @@ class LedgerStore:
                     r.request_id,
                     r.note,
                     r.created_at,
+                    r.credit_id or "",
                 )
-                for r in rows
+                for r in rows[:size]
             ]
+            more = len(rows) > size
+            return Page(items, _page_token("ledger", items[-1].id) if more else "")
 
         return await self._db.read(read)
 
@@ -1049,6 +1222,22 @@ def _entry(
             "now": int(time.time()),
         },
     )
+
+
+def _credited_before(
+    conn: sa.Connection, credit_id: str, account_id: str, amount_micros: int
+) -> bool:
+    """Whether the credit ``credit_id`` was made already; a different one under the same
+    id raises IdempotencyConflict."""
+    row = conn.execute(credits.select().where(credits.c.id == credit_id)).first()
+    if row is None:
+        return False
+    if row.account_id != account_id or row.amount_micros != amount_micros:
+        raise errors.IdempotencyConflict(
+            f"The credit_id '{errors.excerpt(credit_id)}' was used for another credit.",
+            param="credit_id",
+        )
+    return True
 
 
 def _get_account(conn: sa.Connection, account_id: str) -> Account:
