@@ -1,7 +1,14 @@
 """``imagegen-run`` (``make run``): the service and the gateway together, in the foreground.
 
 On the first start it creates a development account with a balance and prints its key
-once, with a ready-to-paste curl. Ctrl-C (or SIGTERM) stops both processes cleanly.
+once, with a ready-to-paste curl. A key is recorded as shown only once the banner is out: a
+first start that fails (a taken port, say) leaves the next start to make a new key and show
+that one (the unseen key is revoked).
+
+Ctrl-C (or SIGTERM) stops both processes cleanly: the terminal sends SIGINT to its whole
+foreground process group, so the children run in a process group of their own and get one
+SIGTERM from here; each finishes the requests it holds (the service within the slowest
+provider's timeout) and exits. A second Ctrl-C kills them at once, quietly.
 
 It announces "imagegen is up" only when the two processes it started are the ones listening
 on the ports: a port another process holds (an earlier ``make run``, say) stops it before it
@@ -19,19 +26,25 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from imagegen_service import keys
 from imagegen_service.config import ServiceConfig, StartupError, database_error, load_config
 from imagegen_service.logging_setup import exit_with_error, start_logging
 from imagegen_service.money import format_usd
-from imagegen_service.server import check_port_free
+from imagegen_service.server import check_port_free, drain_seconds
 from imagegen_service.stores.ledger_sql import LedgerStore, SchemaOutOfDate, open_store
 
 PROGRAM = "imagegen-run"
 DEV_ACCOUNT_MARKER = "dev-account"
+# The id of the development key made at a start whose banner was not printed (yet).
+DEV_KEY_PENDING = "dev-key-pending"
 READY_TIMEOUT_SECONDS = 30.0
+# Beyond the children's own drain: their start-up and closing.
+STOP_MARGIN_SECONDS = 15.0
+# A stack that never became ready holds no requests worth waiting for.
+READY_STOP_SECONDS = 5.0
 
 
 async def _open_store(database_url: str) -> LedgerStore:
@@ -45,20 +58,33 @@ async def _open_store(database_url: str) -> LedgerStore:
 
 
 async def _ensure_dev_account(config: ServiceConfig) -> tuple[str, str | None]:
-    """Returns the dev account id, and its key if it was created just now."""
+    """Returns the dev account id, and a new key for it until one has been shown
+    (``_key_shown`` records that, once the banner is printed)."""
     marker = config.data_dir / DEV_ACCOUNT_MARKER
+    pending = config.data_dir / DEV_KEY_PENDING
     store = await _open_store(config.database_url)
     try:
         if marker.exists():
-            return marker.read_text().strip(), None
-        account = await store.create_account("development", config.dev_account_balance_micros)
+            account_id = marker.read_text().strip()
+            if not pending.exists():
+                return account_id, None
+            # Made at a start that failed before its banner: nobody has seen it.
+            await store.revoke_key(pending.read_text().strip())
+        else:
+            account = await store.create_account("development", config.dev_account_balance_micros)
+            account_id = account.id
         secret = keys.new_secret()
-        await store.create_key(account.id, keys.hash_secret(secret))
-        # Only the account id is kept: the key exists nowhere but in this terminal.
-        marker.write_text(account.id + "\n")
-        return account.id, secret
+        key = await store.create_key(account_id, keys.hash_secret(secret))
+        # Only the ids are kept: the key exists nowhere but in this terminal.
+        pending.write_text(key.id + "\n")
+        marker.write_text(account_id + "\n")
+        return account_id, secret
     finally:
         await store.close()
+
+
+def _key_shown(config: ServiceConfig) -> None:
+    (config.data_dir / DEV_KEY_PENDING).unlink(missing_ok=True)
 
 
 def _listening_sockets(port: int) -> set[int] | None:
@@ -116,11 +142,14 @@ def _wait_ready(
     url: str,
     children: Mapping[str, subprocess.Popen[bytes]],
     owners: Mapping[int, subprocess.Popen[bytes]],
+    interrupted: Callable[[], bool] = lambda: False,
 ) -> str | None:
     """None once the stack answers ready from the processes started here; else why not."""
     deadline = time.monotonic() + READY_TIMEOUT_SECONDS
     foreign: int | None = None
     while time.monotonic() < deadline:
+        if interrupted():
+            return "stopped before the stack was ready"
         for name, child in children.items():
             if child.poll() is not None:
                 return (
@@ -174,17 +203,26 @@ def _banner(config: ServiceConfig, http: str, account_id: str, secret: str | Non
     return "\n".join(lines)
 
 
-def _stop(children: list[subprocess.Popen[bytes]], grace: float = 15.0) -> int:
+def _stop(
+    children: list[subprocess.Popen[bytes]],
+    grace: float,
+    at_once: Callable[[], bool] = lambda: False,
+) -> int:
+    """Sends each child one SIGTERM and waits for them to drain, up to ``grace``; kills
+    them when that runs out or as soon as ``at_once()`` says so (a second Ctrl-C)."""
     for child in children:
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + grace
-    for child in children:
-        try:
-            child.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+    while any(child.poll() is None for child in children):
+        if at_once() or time.monotonic() > deadline:
+            for child in children:
+                if child.poll() is None:
+                    child.kill()
+            for child in children:
+                child.wait()
+            break
+        time.sleep(0.05)
     return max((abs(c.returncode or 0) for c in children), default=0)
 
 
@@ -217,29 +255,51 @@ def main() -> None:
     env = dict(os.environ)
     # The children must see the same data directory even if it was relative.
     env["IMAGEGEN_DATA_DIR"] = str(config.data_dir.resolve())
-    service = subprocess.Popen([sys.executable, "-m", "imagegen_service"], env=env)
-    gateway_process = subprocess.Popen([sys.executable, "-m", "http_gateway"], env=env)
+    # Their own process group: the terminal's Ctrl-C reaches this process alone, which
+    # passes it on once, as SIGTERM.
+    service = subprocess.Popen(
+        [sys.executable, "-m", "imagegen_service"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        process_group=0,
+    )
+    gateway_process = subprocess.Popen(
+        [sys.executable, "-m", "http_gateway"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        process_group=0,
+    )
     children = {"imagegen-service": service, "imagegen-gateway": gateway_process}
     owners = {config.grpc_port: service, gateway.http_port: gateway_process}
     if config.metrics_port:
         owners[config.metrics_port] = service
-    stopping = False
+    signals = 0
 
     def on_signal(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+        nonlocal signals
+        signals += 1
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    problem = _wait_ready(f"{http}/readyz", children, owners)
+    grace = drain_seconds(config) + STOP_MARGIN_SECONDS
+    problem = _wait_ready(f"{http}/readyz", children, owners, lambda: signals > 0)
     if problem is not None:
-        _stop(list(children.values()))
+        _stop(list(children.values()), READY_STOP_SECONDS, lambda: signals > 1)
         exit_with_error(PROGRAM, problem)
     print(_banner(config, http, account_id, secret), flush=True)
-    while not stopping and all(child.poll() is None for child in children.values()):
+    _key_shown(config)
+    while not signals and all(child.poll() is None for child in children.values()):
         time.sleep(0.2)
-    code = _stop(list(children.values()))
-    sys.exit(0 if stopping else (code or 1))
+    if signals:
+        print(
+            "Stopping: finishing the requests in flight. Ctrl-C again stops at once.",
+            file=sys.stderr,
+            flush=True,
+        )
+    code = _stop(list(children.values()), grace, lambda: signals > 1)
+    if signals > 1:
+        sys.exit(130)
+    sys.exit(0 if signals else (code or 1))
 
 
 if __name__ == "__main__":
