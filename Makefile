@@ -8,7 +8,7 @@ RUN_STAMP := $(VENV)/.installed-run
 PROTO_OUT := imagegen_service/gen
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto run test lint clean bench
+.PHONY: help install proto run test lint clean bench image
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-9s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -52,6 +52,9 @@ lint: $(STAMP) ## ruff and mypy
 
 bench: $(STAMP) ## Benchmark the stack with wrk against a bare-aiohttp floor and the design's ceiling (BENCH_DURATION=10)
 	$(BIN)/python -m tests.bench
+
+image: $(STAMP) ## Build the Dockerfile with buildah (root; a debootstrapped base if no registry) and print the image
+	$(BIN)/python -m tests.test_container_image
 
 clean: ## Remove .venv and the local data directory
 	rm -rf $(VENV) var
