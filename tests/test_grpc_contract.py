@@ -10,6 +10,7 @@ into ``.venv/buf``. Without ``npm`` the buf tests skip on a laptop and fail in C
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -22,7 +23,7 @@ from grpc_status import rpc_status
 
 from imagegen_service import errors, grpc_errors
 from imagegen_service.gen import errors_pb2, images_pb2, images_pb2_grpc
-from tests.conftest import Stack
+from tests.conftest import ADMIN_TOKEN, Stack
 from tests.services import IN_CI
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -221,3 +222,47 @@ def test_the_protos_in_the_package_are_those_of_proto() -> None:
     for vendored in (PROTO / "third_party").glob("google/**/*.proto"):
         relative = vendored.relative_to(PROTO / "third_party")
         assert (shipped / relative).read_bytes() == vendored.read_bytes()
+
+
+# -- docs/grpc.md ---------------------------------------------------------------------------
+
+DOC = ROOT / "docs" / "grpc.md"
+
+
+def _doc_commands() -> list[str]:
+    blocks = DOC.read_text().split("```sh\n")[1:]
+    return [block.split("```", 1)[0] for block in blocks]
+
+
+def test_the_doc_shows_a_public_and_an_admin_call() -> None:
+    commands = "".join(_doc_commands())
+    assert "imagegen.v1.ImageGeneration/ListModels" in commands
+    assert "imagegen.v1.Admin/ListAccounts" in commands
+
+
+async def test_the_docs_buf_curl_commands_work_against_a_real_server(stack: Stack) -> None:
+    account_id, key, _ = await stack.new_account(1_000_000)
+    env = {
+        **os.environ,
+        "PATH": f"{buf().parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "GRPC": stack.grpc_address,
+        "API_KEY": key,
+        "ADMIN_TOKEN": ADMIN_TOKEN,
+        "ACCOUNT_ID": account_id,
+    }
+    # Twice: the doc's retry-safe credit must be applied once.
+    for block in _doc_commands() * 2:
+        ran = await asyncio.to_thread(
+            subprocess.run,
+            ["bash", "-euo", "pipefail", "-c", block],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=BUF_TIMEOUT,
+            check=False,
+        )
+        assert ran.returncode == 0, f"{block}\n{ran.stdout}\n{ran.stderr}"
+    credits = [e for e in await stack.ledger(account_id) if e.credit_id]
+    assert [(e.credit_id, e.available_delta_micros) for e in credits] == [
+        ("invoice-2026-117", 5_000_000)
+    ]
