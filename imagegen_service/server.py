@@ -35,7 +35,8 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha._async import ReflectionServicer
 
 from imagegen_service.config import ServiceConfig, StartupError, database_error, redact_url
 from imagegen_service.eventloop import freeze_startup_heap
@@ -339,10 +340,15 @@ async def start_service(config: ServiceConfig, *, port: int | None = None) -> Ru
         )
         health_servicer = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, measured_server)
-        reflection.enable_server_reflection(
-            (IMAGES_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
-            measured_server,
+        reflected = (
+            IMAGES_SERVICE,
+            ADMIN_SERVICE,
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+            REFLECTION_V1,
         )
+        reflection.enable_server_reflection(reflected, measured_server)
+        measured_server.add_generic_rpc_handlers((_reflection_v1(reflected),))
         await server.start()
         for name in ("", IMAGES_SERVICE, ADMIN_SERVICE):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -485,3 +491,22 @@ async def serve_forever(config: ServiceConfig, grace: float | None = None) -> No
     again.cancel()
     await draining
     log.info("service.stopped", drained_seconds=round(time.monotonic() - started, 1))
+
+
+# Reflection v1, which grpcio-reflection does not offer yet (grpc/grpc#38576): its messages
+# are v1alpha's field for field under another package, so v1alpha's servicer answers both.
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _reflection_v1(service_names: tuple[str, ...]) -> grpc.GenericRpcHandler[Any, Any]:
+    servicer = ReflectionServicer(service_names)
+    return grpc.method_handlers_generic_handler(
+        REFLECTION_V1,
+        {
+            "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+                servicer.ServerReflectionInfo,
+                request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+                response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+            )
+        },
+    )

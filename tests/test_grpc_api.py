@@ -522,3 +522,38 @@ async def test_admin_credit_adds_a_ledger_entry_with_its_note(stack: Stack) -> N
         ("credit", 2_500, "promo"),
     ]
     await stack.assert_balance(account_id, 3_500)
+
+
+# -- reflection ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+async def test_reflection_answers_on_v1_and_v1alpha(stack: Stack, version: str) -> None:
+    from google.protobuf import descriptor_pb2
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    # v1 and v1alpha are the same messages under two package names: one set of classes
+    # speaks both on the wire.
+    call = stack.channel.stream_stream(
+        f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    requests = [
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="imagegen.v1.ImageGeneration"
+        ),
+    ]
+    answers = [answer async for answer in call(iter(requests))]
+    listed = {s.name for s in answers[0].list_services_response.service}
+    assert {
+        "imagegen.v1.ImageGeneration",
+        "imagegen.v1.Admin",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    } <= listed
+    files = answers[1].file_descriptor_response.file_descriptor_proto
+    names = {descriptor_pb2.FileDescriptorProto.FromString(f).name for f in files}
+    assert "imagegen/v1/images.proto" in names
