@@ -56,6 +56,7 @@ _PROVIDER_KEYS = frozenset(
         "max_concurrency",
         "max_retries",
         "retry_ambiguous",
+        "max_queue_seconds",
         "precomputed",
     }
 )
@@ -174,6 +175,8 @@ class ProviderConfig:
     # Whether a paid submission whose outcome is unknown (a timeout or 5xx after the body
     # was sent) may be repeated on this provider; off, it fails over instead.
     retry_ambiguous: bool = False
+    # How long a call waits for a max_concurrency slot before the deployment counts as busy.
+    max_queue_seconds: float = 10.0
     # Local renderer only: serve one precomputed image per size (benchmarks).
     precomputed: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
@@ -416,6 +419,7 @@ def _provider(path: Path, name: str, raw: Any) -> ProviderConfig:
         max_concurrency=table.integer("max_concurrency", 24 if kind == "bfl" else 16),
         max_retries=table.integer("max_retries", 2),
         retry_ambiguous=table.flag("retry_ambiguous", False),
+        max_queue_seconds=table.number("max_queue_seconds", 10.0, positive=True),
         precomputed=table.flag("precomputed", False),
         options={k: v for k, v in raw.items() if k in options},
     )

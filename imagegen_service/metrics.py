@@ -121,6 +121,20 @@ class ServiceMetrics:
             ("provider", "upstream_model"),
             registry=self.registry,
         )
+        self.provider_queue_seconds = Histogram(
+            "imagegen_provider_queue_seconds",
+            "Time a call waited for one of its provider's max_concurrency slots.",
+            ("provider",),
+            buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry,
+        )
+        self.provider_queue_full = Counter(
+            "imagegen_provider_queue_full",
+            "Calls that found every slot of a provider taken for max_queue_seconds (the next "
+            "deployment was tried; with none left the caller got 503).",
+            ("provider",),
+            registry=self.registry,
+        )
         self.circuit_breaker_open = Gauge(
             "imagegen_circuit_breaker_open",
             "1 while a deployment's circuit is open and it is skipped, else 0 (per replica).",
@@ -191,6 +205,12 @@ class ServiceMetrics:
 
     def ambiguous(self, provider: str, action: str) -> None:
         self.upstream_ambiguous.labels(provider, action).inc()
+
+    def queue_wait(self, provider: str, seconds: float) -> None:
+        self.provider_queue_seconds.labels(provider).observe(seconds)
+
+    def queue_full(self, provider: str) -> None:
+        self.provider_queue_full.labels(provider).inc()
 
     def circuit(self, provider: str, upstream_model: str, *, open_: bool) -> None:
         self.circuit_breaker_open.labels(provider, upstream_model).set(1 if open_ else 0)

@@ -58,6 +58,48 @@ class ProviderLimits:
     max_retries: int = 2
     max_concurrency: int = 16
     retry_ambiguous: bool = False
+    # How long a call may wait for one of max_concurrency slots before the deployment is
+    # given up as busy (the next one is tried; with none left, 503 + Retry-After).
+    max_queue_seconds: float = 10.0
+
+
+class ProviderBusy(Exception):
+    """Every slot of a provider stayed taken for its max_queue_seconds."""
+
+    def __init__(self, provider: str, waited: float) -> None:
+        super().__init__(provider)
+        self.provider = provider
+        self.waited = waited
+
+
+@dataclass(slots=True)
+class _Slot:
+    """One of a provider's max_concurrency slots, waited for at most max_queue_seconds; the
+    wait is measured either way."""
+
+    semaphore: asyncio.Semaphore
+    provider: str
+    max_wait: float
+    metrics: ServiceMetrics
+
+    async def __aenter__(self) -> None:
+        if not self.semaphore.locked():
+            await self.semaphore.acquire()
+            self.metrics.queue_wait(self.provider, 0.0)
+            return
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.max_wait):
+                await self.semaphore.acquire()
+        except TimeoutError:
+            waited = time.monotonic() - started
+            self.metrics.queue_wait(self.provider, waited)
+            self.metrics.queue_full(self.provider)
+            raise ProviderBusy(self.provider, waited) from None
+        self.metrics.queue_wait(self.provider, time.monotonic() - started)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.semaphore.release()
 
 
 @dataclass(slots=True)
@@ -121,6 +163,7 @@ class Router:
         operation: Operation = "generate",
     ) -> Routed:
         last_error: errors.UpstreamError | None = None
+        busy: ProviderBusy | None = None
         tried = 0
         for deployment in deployments:
             key = (deployment.provider, deployment.upstream_model)
@@ -139,8 +182,12 @@ class Router:
                 tried += 1
                 self._gave_up(deployment, request, exc)
                 continue
+            except ProviderBusy as exc:
+                busy = exc
+                _log_busy(request, exc)
+                continue
             return Routed(result, deployment, deployment.provider, tried)
-        raise _exhausted(last_error)
+        raise _exhausted(last_error, busy)
 
     async def stream(
         self,
@@ -152,6 +199,7 @@ class Router:
         failover work as for ``generate`` until the first event; after that the stream is
         committed to its deployment and a failure ends it (the caller has partial output)."""
         last_error: errors.UpstreamError | None = None
+        busy: ProviderBusy | None = None
         for deployment in deployments:
             key = (deployment.provider, deployment.upstream_model)
             if not self._admit(key):
@@ -171,6 +219,11 @@ class Router:
                         async for event in events:
                             started = True
                             yield deployment, event
+                except ProviderBusy as exc:
+                    self._release_trial(key)
+                    busy = exc
+                    _log_busy(request, exc)
+                    break
                 except errors.UpstreamError as exc:
                     self._failed(key)
                     if started:
@@ -188,7 +241,7 @@ class Router:
                     raise
                 self._succeeded(key)
                 return
-        raise _exhausted(last_error)
+        raise _exhausted(last_error, busy)
 
     async def _with_retries(
         self,
@@ -227,7 +280,8 @@ class Router:
         if getattr(self.providers[provider], "limits_own_concurrency", False):
             return contextlib.nullcontext()
         limits = self.limits.get(provider, ProviderLimits())
-        return self._semaphores.setdefault(provider, asyncio.Semaphore(limits.max_concurrency))
+        semaphore = self._semaphores.setdefault(provider, asyncio.Semaphore(limits.max_concurrency))
+        return _Slot(semaphore, provider, limits.max_queue_seconds, self.metrics)
 
     def _retry(
         self,
@@ -343,8 +397,26 @@ class Router:
             breaker.trial_in_flight = False
 
 
-def _exhausted(last_error: errors.UpstreamError | None) -> errors.UpstreamError:
-    """The caller's error once every deployment was given up on."""
+def _log_busy(request: ProviderRequest, busy: ProviderBusy) -> None:
+    log.warning(
+        "routing.provider_busy",
+        request_id=request.request_id,
+        provider=busy.provider,
+        waited_seconds=round(busy.waited, 3),
+    )
+
+
+def _exhausted(
+    last_error: errors.UpstreamError | None, busy: ProviderBusy | None = None
+) -> errors.ImagegenError:
+    """The caller's error once every deployment was given up on: 503 with Retry-After when
+    a deployment was only too busy (waiting longer would outlive the caller's patience, and
+    a retry soon may find a slot), else 502."""
+    if busy is not None:
+        return errors.ServiceUnavailable(
+            f"The provider for this model is at its concurrency limit (max_concurrency of "
+            f"'{busy.provider}'); retry shortly."
+        )
     if last_error is None:
         return errors.UpstreamError(
             "Every provider for this model is failing and temporarily skipped; retry in a minute."

@@ -314,6 +314,7 @@ async def start_service(config: ServiceConfig, *, port: int | None = None) -> Ru
                     max_retries=c.max_retries,
                     max_concurrency=c.max_concurrency,
                     retry_ambiguous=c.retry_ambiguous,
+                    max_queue_seconds=c.max_queue_seconds,
                 )
                 for name, c in config.providers.items()
             },
