@@ -5,7 +5,8 @@ Settings come from options or, so that ``make bench VAR=...`` works, from enviro
 
     BENCH_DURATION  seconds per measured run (default 10; e.g. 3 for a quick check)
     BENCH_WARMUP    seconds of warm-up before each measured run (default 2)
-    BENCH_CASES     which cases, e.g. "1,3" (default: all four)
+    BENCH_CASES     which cases, e.g. "1,3" (default: all seven; 5-7 call an `openai`
+                    provider on loopback, tests/bench/upstream.py)
     BENCH_THREADS   wrk threads (default 1, capped at the connections)
     BENCH_JSON      also write the figures as JSON to this file
     BENCH_DATABASE_URL  keep the ledger in this PostgreSQL (postgresql://...) instead of

@@ -13,6 +13,16 @@ reference follows: the same work without the gRPC hop (``tests/bench/inprocess.p
 real gateway's code calling the real service's pipeline in one process), on a data
 directory and TOML of its own, with the same wrk settings and the same billing check.
 
+Cases 5-7 take the path production runs: the model is served by an ``openai`` provider
+whose base_url is a loopback upstream (``tests/bench/upstream.py``: OpenAI's Images API
+answering the floor's PNG). Cases 5 and 6 (1 and 32 connections) also drive the upstream
+alone with the same wrk settings, and skip the ceiling and the in-process server (neither
+calls a provider). Case 7 holds 2,000 connections against an upstream that answers after
+2 s (the provider's max_concurrency and max_connections 2,000, the price one micro-dollar)
+for at least 10 s, and reports throughput against the ideal, latency, errors and peak RSS
+above idle per request in flight; it raises the open-file limit when it must. In these
+cases billing is checked against the generations charged (see ``Billing``).
+
 A fresh stack per case keeps each process's peak RSS (VmHWM) specific to that case.
 After each case the account must show exactly price x images delivered spent and nothing
 held. Targets are reported, not enforced: the exit status is non-zero only when the harness
@@ -23,6 +33,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -94,20 +105,43 @@ class Case:
     n: int
     response_format: str
     connections: int
+    # The model asked for: "local-sketch" (the local provider, precomputed) or
+    # UPSTREAM_MODEL (an `openai` provider whose base_url is tests/bench/upstream.py).
+    model: str = "local-sketch"
+    # Seconds the loopback upstream waits before answering; None: no upstream (local).
+    upstream_delay: float | None = None
+    # The catalog price of one image for this case's model; None: PRICE_MICROS by size.
+    price_micros: int | None = None
+    name: str = ""
 
     @property
     def title(self) -> str:
         conns = "conn" if self.connections == 1 else "conns"
-        return f"{self.n}x{self.size} {self.response_format}, {self.connections} {conns}"
+        if self.upstream_delay is not None and self.upstream_delay >= 1:
+            return f"{self.name}, {self.connections:,} in flight"
+        prefix = f"{self.name} " if self.name else ""
+        return f"{prefix}{self.n}x{self.size} {self.response_format}, {self.connections} {conns}"
+
+    @property
+    def uses_upstream(self) -> bool:
+        return self.upstream_delay is not None
+
+    @property
+    def holds_in_flight(self) -> bool:
+        """A slow-upstream case: many connections held open, measured against the ideal
+        (connections / delay) rather than against the floor."""
+        return self.upstream_delay is not None and self.upstream_delay >= 1
 
     @property
     def unit_price_micros(self) -> int:
+        if self.price_micros is not None:
+            return self.price_micros
         return PRICE_MICROS.get(self.size, DEFAULT_PRICE_MICROS)
 
     def request_body(self) -> str:
         return json.dumps(
             {
-                "model": "local-sketch",
+                "model": self.model,
                 "prompt": PROMPT,
                 "n": self.n,
                 "size": self.size,
@@ -116,11 +150,44 @@ class Case:
         )
 
 
+# The model of the upstream cases, served by an `openai` provider whose base_url is the
+# loopback upstream (tests/bench/upstream.py); its id belongs to no OpenAI family, so it is
+# priced per image and the request takes the compatible-server path (response_format sent).
+UPSTREAM_MODEL = "bench-upstream"
+UPSTREAM_KEY_ENV = "BENCH_UPSTREAM_KEY"
+# The provider's max_concurrency and max_connections: at least this, and at least the
+# case's connections, so that the provider's own bound is not what is measured.
+UPSTREAM_MIN_CONCURRENCY = 64
+# The slow-upstream case: how long the upstream waits, and how many connections wrk holds.
+SLOW_UPSTREAM_SECONDS = 2.0
+SLOW_UPSTREAM_CONNECTIONS = 2_000
+# Its measured run lasts at least this many delays (10 s), whatever BENCH_DURATION says.
+SLOW_UPSTREAM_ROUNDS = 5
+# Its catalog price: one micro-dollar per image (the smallest the catalog takes).
+SLOW_UPSTREAM_PRICE_MICROS = 1
+# Connections its warm-up uses (code paths, not the 2,000 connections' buffers).
+SLOW_UPSTREAM_WARMUP_CONNECTIONS = 32
+# File descriptors each process needs beyond one per connection (logs, SQLite, gRPC, ...).
+NOFILE_SLACK = 1_024
+
 CASES: tuple[Case, ...] = (
     Case(1, "256x256", 1, "b64_json", 1),
     Case(2, "256x256", 1, "b64_json", 32),
     Case(3, "1024x1024", 4, "b64_json", 8),
     Case(4, "256x256", 1, "url", 32),
+    Case(5, "256x256", 1, "b64_json", 1, UPSTREAM_MODEL, 0.0, name="HTTP provider"),
+    Case(6, "256x256", 1, "b64_json", 32, UPSTREAM_MODEL, 0.0, name="HTTP provider"),
+    Case(
+        7,
+        "256x256",
+        1,
+        "b64_json",
+        SLOW_UPSTREAM_CONNECTIONS,
+        UPSTREAM_MODEL,
+        SLOW_UPSTREAM_SECONDS,
+        SLOW_UPSTREAM_PRICE_MICROS,
+        name="2 s upstream",
+    ),
 )
 
 
@@ -391,7 +458,39 @@ def run_wrk(
 # -- the stack --------------------------------------------------------------------------
 
 
-def benchmark_config(data_dir: Path, grpc_port: int, http_port: int, metrics_port: int) -> str:
+def upstream_config(url: str, case: Case) -> str:
+    """The TOML of the upstream cases: an `openai` provider whose base_url is the loopback
+    upstream, and the model it serves at the case's price. max_concurrency and
+    max_connections are at least the case's connections (2,000 in the slow case)."""
+    bound = max(UPSTREAM_MIN_CONCURRENCY, case.connections)
+    return f"""
+[providers.upstream]
+type = "openai"
+# tests/bench/upstream.py on loopback: OpenAI's Images API answering one fixed PNG.
+base_url = "{url}/v1"
+api_key_env = "{UPSTREAM_KEY_ENV}"
+timeout_seconds = 60
+max_connections = {bound}
+max_concurrency = {bound}
+
+[models.{UPSTREAM_MODEL}]
+provider = "upstream"
+# No OpenAI family: priced per image, asked with response_format (a compatible server).
+family = ""
+owned_by = "imagegen"
+sizes = ["256x256"]
+default_size = "256x256"
+max_images = 10
+max_prompt_chars = 4000
+
+[models.{UPSTREAM_MODEL}.price_usd]
+default = "{case.unit_price_micros / 1e6:.6f}"
+"""
+
+
+def benchmark_config(
+    data_dir: Path, grpc_port: int, http_port: int, metrics_port: int, extra: str = ""
+) -> str:
     prices = "\n".join(f'"{size}" = "{micros / 1e6:.6f}"' for size, micros in PRICE_MICROS.items())
     return f"""\
 # Written by tests/bench for one benchmark case; not for production.
@@ -432,7 +531,7 @@ max_prompt_chars = 4000
 [models.local-sketch.price_usd]
 default = "{DEFAULT_PRICE_MICROS / 1e6:.6f}"
 {prices}
-"""
+{extra}"""
 
 
 @dataclass(frozen=True)
@@ -492,7 +591,7 @@ class Stack(_ProcessPair):
     # "the {label} did not ..." in error messages.
     label = "stack"
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, extra_config: str = "") -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.data_dir = root / "data"
@@ -501,7 +600,9 @@ class Stack(_ProcessPair):
         self.http_port = free_port()
         self.metrics_port = free_port()
         self.config_path.write_text(
-            benchmark_config(self.data_dir, self.grpc_port, self.http_port, self.metrics_port)
+            benchmark_config(
+                self.data_dir, self.grpc_port, self.http_port, self.metrics_port, extra_config
+            )
         )
         env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEGEN_")}
         env.update(
@@ -511,6 +612,8 @@ class Stack(_ProcessPair):
             IMAGEGEN_LOG_FORMAT="json",
             PYTHONPATH=str(REPO),
         )
+        # The loopback upstream takes any key; the provider is disabled without one.
+        env[UPSTREAM_KEY_ENV] = "sk-bench-loopback"
         # BENCH_DATABASE_URL: the ledger on that PostgreSQL instead of the SQLite file.
         self.database_url = os.environ.get("BENCH_DATABASE_URL", "")
         if self.database_url:
@@ -674,6 +777,67 @@ class Floor:
                 self.proc.wait()
 
 
+class Upstream:
+    """tests/bench/upstream.py: OpenAI's Images API on loopback, answering one fixed PNG
+    after ``delay`` seconds."""
+
+    def __init__(self, root: Path, delay: float) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.delay = delay
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = root / "upstream.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise BenchError("the upstream is not running")
+        return self.proc.pid
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [
+                    *(sys.executable, "-m", "tests.bench.upstream"),
+                    *("--port", str(self.port), "--delay", str(self.delay)),
+                ],
+                cwd=REPO,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            self.assert_alive()
+            if http_get_ok(self.url + "/healthz"):
+                return
+            time.sleep(0.1)
+        raise BenchError("the upstream did not start")
+
+    def assert_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise BenchError(f"the upstream exited: {self.log_path.read_text()[-2000:]}")
+
+    def images(self) -> int:
+        """Images the upstream has answered so far."""
+        try:
+            with urllib.request.urlopen(self.url + "/stats", timeout=10) as answer:
+                return int(json.loads(answer.read())["images"])
+        except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
+            raise BenchError(f"cannot read the upstream's counts: {exc}") from None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
 class Ceiling(_ProcessPair):
     """tests/bench/ceiling.py: its no-op service and minimal gateway, two processes on free
     loopback ports, answering the image of one case."""
@@ -792,6 +956,24 @@ class Billing:
     opening_micros: int
     wrk_ok: int
     wrk_cut: int
+    # The upstream cases: images the loopback upstream answered during the run, which the
+    # images charged may not exceed.
+    upstream_images: int | None = None
+    # The charge is counted against the images generated: the service's charge lines, each
+    # of which must be an answer the gateway sent (200) or one whose client had left (499:
+    # wrk closing its connections at the deadline; the service charges, then answers).
+    by_generated: bool = True
+
+    @property
+    def client_gone(self) -> int:
+        """Answers the gateway logged as 499: the client left before its answer was sent."""
+        return self.after.served.get(499, 0) - self.before.served.get(499, 0)
+
+    @property
+    def images_basis(self) -> int:
+        """The requests the expected charge is counted from: 200s served, or (upstream
+        cases) generations the service logged as charged."""
+        return self.charged if self.by_generated else self.served_200
 
     @property
     def spent_micros(self) -> int:
@@ -811,7 +993,7 @@ class Billing:
 
     @property
     def expected_micros(self) -> int:
-        return self.unit_price_micros * self.images_per_request * self.served_200
+        return self.unit_price_micros * self.images_per_request * self.images_basis
 
     @property
     def total_spent_micros(self) -> int:
@@ -819,7 +1001,8 @@ class Billing:
 
     @property
     def total_expected_micros(self) -> int:
-        return self.unit_price_micros * self.images_per_request * self.after.served_200
+        total = self.after.charged if self.by_generated else self.after.served_200
+        return self.unit_price_micros * self.images_per_request * total
 
     def problems(self) -> list[str]:
         found = []
@@ -828,7 +1011,7 @@ class Billing:
         if self.spent_micros != self.expected_micros:
             found.append(
                 f"spent {self.spent_micros} during the run, expected {self.expected_micros} "
-                f"(= {self.unit_price_micros} x {self.images_per_request} x {self.served_200})"
+                f"(= {self.unit_price_micros} x {self.images_per_request} x {self.images_basis})"
             )
         if self.total_spent_micros != self.total_expected_micros:
             found.append(
@@ -837,12 +1020,26 @@ class Billing:
             )
         # The service's per-generation log line is a cross-check when it is recognised.
         if self.after.charged and (
-            self.charged != self.served_200 or self.charged_micros != self.spent_micros
+            (self.charged != self.served_200 and not self.by_generated)
+            or self.charged_micros != self.spent_micros
         ):
             found.append(
                 f"the service logged {self.charged} charges of {self.charged_micros} in all, "
                 f"but {self.served_200} answered 200 and {self.spent_micros} were spent"
             )
+        if self.by_generated:
+            images = self.charged * self.images_per_request
+            if self.after.charged == 0:
+                found.append("no charge line in the service's log (has its format changed?)")
+            if not self.served_200 <= self.charged <= self.served_200 + self.client_gone:
+                found.append(
+                    f"the service charged {self.charged} generations, the gateway answered "
+                    f"{self.served_200} x 200 and {self.client_gone} x 499 (client gone)"
+                )
+            if self.upstream_images is not None and images > self.upstream_images:
+                found.append(
+                    f"{images} images charged but the upstream answered only {self.upstream_images}"
+                )
         if self.served_200 == 0:
             found.append("no 200 in the gateway's access log (has its format changed?)")
         if not self.wrk_ok <= self.served_200 <= self.wrk_ok + self.wrk_cut:
@@ -893,6 +1090,15 @@ class InProcessResult:
 
 
 @dataclass
+class UpstreamAlone:
+    """The loopback upstream driven directly with the case's wrk settings."""
+
+    wrk: WrkResult
+    process: ProcessFigures
+    load: MachineLoad
+
+
+@dataclass
 class CaseResult:
     case: Case
     response_bytes: int
@@ -906,6 +1112,10 @@ class CaseResult:
     floor_load: MachineLoad = field(default_factory=MachineLoad)
     ceiling: CeilingResult | None = None
     inprocess: InProcessResult | None = None
+    # The upstream cases: the loopback upstream's CPU while the stack ran, and the upstream
+    # alone driven with the same wrk settings.
+    upstream_process: ProcessFigures | None = None
+    upstream: UpstreamAlone | None = None
 
     def floor_share(self, rps: float) -> float:
         """``rps`` as a share of the floor's."""
@@ -1081,6 +1291,25 @@ def measure_inprocess(
     )
 
 
+def measure_upstream_alone(
+    case: Case, wrk: str, upstream: Upstream, seconds: float, warmup: float, threads: int
+) -> UpstreamAlone:
+    """Drives the loopback upstream itself with the case's wrk settings: what the stack's
+    figures are read against in the upstream cases."""
+    figures = ProcessFigures()
+    log(f"case {case.number}: the upstream alone, warm-up {warmup:.0f} s then {seconds:.0f} s")
+    run_wrk(wrk, upstream.url, case, "", warmup, threads)
+    user0, system0 = proc_cpu_times(upstream.pid)
+    with LoadMeter([upstream.pid]) as meter:
+        result = run_wrk(wrk, upstream.url, case, "", seconds, threads)
+    upstream.assert_alive()
+    user, system = proc_cpu_times(upstream.pid)
+    figures.user_seconds = user - user0
+    figures.cpu_seconds = user + system - user0 - system0
+    figures.peak_kib = proc_status_kib(upstream.pid, "VmHWM")
+    return UpstreamAlone(result, figures, meter.load)
+
+
 def run_case(
     case: Case,
     wrk: str,
@@ -1092,7 +1321,53 @@ def run_case(
     with_ceiling: bool = True,
     with_inprocess: bool = False,
 ) -> CaseResult:
-    stack = Stack(root)
+    """One case on a fresh stack; an upstream case starts its loopback upstream first and
+    skips the ceiling and the in-process server (neither calls a provider over HTTP)."""
+    if not case.uses_upstream:
+        return _run_case(
+            case,
+            wrk,
+            root,
+            seconds,
+            warmup,
+            threads,
+            with_ceiling=with_ceiling,
+            with_inprocess=with_inprocess,
+            upstream=None,
+        )
+    upstream = Upstream(root, case.upstream_delay or 0.0)
+    try:
+        upstream.start()
+        return _run_case(
+            case,
+            wrk,
+            root,
+            seconds,
+            warmup,
+            threads,
+            with_ceiling=False,
+            with_inprocess=False,
+            upstream=upstream,
+        )
+    finally:
+        upstream.stop()
+
+
+def _run_case(
+    case: Case,
+    wrk: str,
+    root: Path,
+    seconds: float,
+    warmup: float,
+    threads: int,
+    *,
+    with_ceiling: bool,
+    with_inprocess: bool,
+    upstream: Upstream | None,
+) -> CaseResult:
+    stack = Stack(root, upstream_config(upstream.url, case) if upstream else "")
+    upstream_figures = ProcessFigures() if upstream else None
+    others = [upstream.pid] if upstream else []
     figures = {"service": ProcessFigures(), "gateway": ProcessFigures()}
     image, url_path = b"", ""
     try:
@@ -1109,9 +1384,16 @@ def run_case(
         before = stack.quiesce()
         cpu_before = {name: proc_cpu_times(pid) for name, pid in stack.pids.items()}
         cs_before = {name: proc_context_switches(pid) for name, pid in stack.pids.items()}
+        upstream_before = [proc_cpu_times(pid) for pid in others]
+        images_before = upstream.images() if upstream else 0
         log(f"case {case.number}: {case.title} for {seconds:.0f} s")
-        with RssSampler(stack.pids) as sampler, LoadMeter(list(stack.pids.values())) as meter:
+        measured = [*stack.pids.values(), *others]
+        with RssSampler(stack.pids) as sampler, LoadMeter(measured) as meter:
             result = run_wrk(wrk, stack.url, case, stack.authorization, seconds, threads)
+        if upstream is not None and upstream_figures is not None:
+            user, system = proc_cpu_times(upstream.pid)
+            upstream_figures.user_seconds = user - upstream_before[0][0]
+            upstream_figures.cpu_seconds = user + system - sum(upstream_before[0])
         for name, pid in stack.pids.items():
             user, system = proc_cpu_times(pid)
             figures[name].user_seconds = user - cpu_before[name][0]
@@ -1119,6 +1401,7 @@ def run_case(
             figures[name].context_switches = proc_context_switches(pid) - cs_before[name]
             figures[name].sampled_peak_kib = sampler.peak_kib[name]
         after = stack.quiesce()
+        upstream_images = upstream.images() - images_before if upstream else None
         for name, pid in stack.pids.items():
             figures[name].peak_kib = proc_status_kib(pid, "VmHWM")
         stack.assert_alive()
@@ -1132,8 +1415,13 @@ def run_case(
         opening_micros=stack.opening_micros,
         wrk_ok=result.ok,
         wrk_cut=result.cut,
+        upstream_images=upstream_images,
     )
     served = after.served - before.served
+
+    upstream_alone = None
+    if upstream is not None:
+        upstream_alone = measure_upstream_alone(case, wrk, upstream, seconds, warmup, threads)
 
     floor = Floor(root, body)
     floor_figures = ProcessFigures()
@@ -1176,7 +1464,257 @@ def run_case(
         floor_load=floor_meter.load,
         ceiling=ceiling_result,
         inprocess=inprocess_result,
+        upstream_process=upstream_figures,
+        upstream=upstream_alone,
     )
+
+
+# -- the slow upstream: many requests in flight ------------------------------------------
+
+
+def ensure_nofile(needed: int) -> str:
+    """Raises this process's soft RLIMIT_NOFILE to at least ``needed`` (the children, wrk
+    and the servers, inherit it); a note of what was done."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            raise BenchError(
+                f"{needed} open files are needed per process but the hard limit is {hard}: "
+                "raise it (`ulimit -Hn`, limits.conf) or leave this case out (BENCH_CASES)"
+            )
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+        return f"raised the open-file limit from {soft} to {needed}"
+    return f"open-file limit {soft} (hard {hard}), enough"
+
+
+@dataclass
+class InFlightResult:
+    """The slow-upstream case: ``case.connections`` requests held in flight for a bounded
+    time against an upstream that answers after ``case.upstream_delay`` seconds."""
+
+    case: Case
+    response_bytes: int
+    stack: WrkResult
+    processes: dict[str, ProcessFigures]
+    upstream_process: ProcessFigures
+    billing: Billing
+    served_statuses: dict[int, int]
+    load: MachineLoad
+    nofile: str
+
+    @property
+    def delay(self) -> float:
+        return self.case.upstream_delay or 0.0
+
+    @property
+    def ideal_requests(self) -> int:
+        """What wrk could count at best: each connection completes one request per delay,
+        and the answers due after the deadline are cut (so a 5 s run of a 2 s upstream
+        counts 2 per connection, not 2.5)."""
+        return self.case.connections * int(self.stack.seconds // self.delay)
+
+    @property
+    def ideal_rps(self) -> float:
+        return self.ideal_requests / self.stack.seconds if self.stack.seconds else 0.0
+
+    @property
+    def steady_rps(self) -> float:
+        """connections / delay: the ideal once every connection is in its rhythm."""
+        return self.case.connections / self.delay
+
+    @property
+    def share_of_ideal(self) -> float:
+        return self.stack.requests / self.ideal_requests if self.ideal_requests else 0.0
+
+    def growth_per_request(self, name: str) -> float:
+        """Bytes of peak RSS (VmHWM) above idle per request in flight."""
+        return self.processes[name].growth_kib * 1024 / self.case.connections
+
+    @property
+    def billing_exact(self) -> bool:
+        return self.billing.exact
+
+
+def run_inflight_case(
+    case: Case, wrk: str, root: Path, seconds: float, warmup: float, threads: int
+) -> InFlightResult:
+    """Holds ``case.connections`` connections on a fresh stack whose provider answers after
+    ``case.upstream_delay`` seconds, for at least two rounds of that delay; measures
+    throughput, latency, errors, peak RSS per request in flight and billing."""
+    delay = case.upstream_delay or 0.0
+    nofile = ensure_nofile(case.connections + NOFILE_SLACK)
+    # At least SLOW_UPSTREAM_ROUNDS delays: with fewer, the ramp (2,000 connects, the first
+    # round's queueing) is most of the run.
+    seconds = max(seconds, SLOW_UPSTREAM_ROUNDS * delay)
+    warm_case = dataclasses.replace(case, connections=SLOW_UPSTREAM_WARMUP_CONNECTIONS)
+    warm_seconds = max(warmup, delay + 1)
+    upstream = Upstream(root, delay)
+    stack = Stack(root, upstream_config(upstream.url, case))
+    figures = {"service": ProcessFigures(), "gateway": ProcessFigures()}
+    upstream_figures = ProcessFigures()
+    try:
+        upstream.start()
+        stack.create_account()
+        stack.start()
+        body = stack.capture(case)
+        stack.quiesce()
+        for name, pid in stack.pids.items():
+            figures[name].idle_kib = proc_status_kib(pid, "VmRSS")
+        upstream_figures.idle_kib = proc_status_kib(upstream.pid, "VmRSS")
+        log(
+            f"case {case.number}: warm-up {warm_seconds:.0f} s at "
+            f"{warm_case.connections} connections ({nofile})"
+        )
+        run_wrk(wrk, stack.url, warm_case, stack.authorization, warm_seconds, threads)
+        before = stack.quiesce()
+        images_before = upstream.images()
+        pids = {**stack.pids, "upstream": upstream.pid}
+        cpu_before = {name: proc_cpu_times(pid) for name, pid in pids.items()}
+        log(f"case {case.number}: {case.title} for {seconds:.0f} s")
+        with RssSampler(pids) as sampler, LoadMeter(list(pids.values())) as meter:
+            result = run_wrk(wrk, stack.url, case, stack.authorization, seconds, threads)
+        every = {**figures, "upstream": upstream_figures}
+        for name, pid in pids.items():
+            user, system = proc_cpu_times(pid)
+            every[name].user_seconds = user - cpu_before[name][0]
+            every[name].cpu_seconds = user + system - sum(cpu_before[name])
+            every[name].sampled_peak_kib = sampler.peak_kib[name]
+        # The requests wrk cut at its deadline are still in flight: the settle waits for them.
+        after = stack.quiesce()
+        upstream_images = upstream.images() - images_before
+        for name, pid in pids.items():
+            every[name].peak_kib = proc_status_kib(pid, "VmHWM")
+        stack.assert_alive()
+        upstream.assert_alive()
+    finally:
+        stack.stop()
+        upstream.stop()
+    billing = Billing(
+        unit_price_micros=case.unit_price_micros,
+        images_per_request=case.n,
+        before=before,
+        after=after,
+        opening_micros=stack.opening_micros,
+        wrk_ok=result.ok,
+        wrk_cut=result.cut,
+        upstream_images=upstream_images,
+    )
+    served = after.served - before.served
+    return InFlightResult(
+        case=case,
+        response_bytes=len(body),
+        stack=result,
+        processes=figures,
+        upstream_process=upstream_figures,
+        billing=billing,
+        served_statuses=dict(sorted(served.items())),
+        load=meter.load,
+        nofile=nofile,
+    )
+
+
+def inflight_lines(results: Sequence[InFlightResult]) -> list[str]:
+    if not results:
+        return []
+    lines = [
+        "",
+        "Requests in flight (the provider an `openai` upstream on loopback answering after a "
+        "delay; max_concurrency and max_connections = the connections; ideal = connections x "
+        "whole delays in the run / run time, i.e. answers due after wrk's deadline are not "
+        "counted; growth = peak RSS (VmHWM) above idle / connections)",
+    ]
+    lines += table(
+        [
+            "case",
+            "run s",
+            "requests",
+            "rps",
+            "ideal rps",
+            "of ideal",
+            "conns/delay",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            "non-200",
+            "connect/read/write/timeout err",
+            "svc idle->peak MiB",
+            "gw idle->peak MiB",
+            "svc growth/req",
+            "gw growth/req",
+            "cores svc/gw/upstream/wrk/others",
+            "billing",
+        ],
+        [
+            [
+                f"{r.case.number}. {r.case.title}",
+                f"{r.stack.seconds:.1f}",
+                str(r.stack.requests),
+                f"{r.stack.rps:.1f}",
+                f"{r.ideal_rps:.1f}",
+                f"{r.share_of_ideal:.1%}",
+                f"{r.steady_rps:.0f}",
+                f"{r.stack.latency_ms('p50'):.0f}",
+                f"{r.stack.latency_ms('p99'):.0f}",
+                f"{r.stack.latency_ms('max'):.0f}",
+                str(r.stack.non200),
+                "/".join(
+                    str(r.stack.raw["errors"][k]) for k in ("connect", "read", "write", "timeout")
+                ),
+                f"{mib(r.processes['service'].idle_kib):.1f} -> "
+                f"{mib(r.processes['service'].peak_kib):.1f}",
+                f"{mib(r.processes['gateway'].idle_kib):.1f} -> "
+                f"{mib(r.processes['gateway'].peak_kib):.1f}",
+                size_text(r.growth_per_request("service")),
+                size_text(r.growth_per_request("gateway")),
+                "/".join(
+                    f"{p.cpu_seconds / r.stack.seconds:.2f}"
+                    for p in (r.processes["service"], r.processes["gateway"], r.upstream_process)
+                )
+                + f"/{r.load.wrk_cores:.2f}/{r.load.other_cores:.2f}",
+                "exact" if r.billing.exact else "NOT exact",
+            ]
+            for r in results
+        ],
+    )
+    for r in results:
+        b = r.billing
+        lines.append(
+            f"  case {r.case.number}: {r.nofile}; billing: spent {b.spent_micros} = "
+            f"{r.case.unit_price_micros} x {r.case.n} x {b.charged} generations charged "
+            f"({b.served_200} answered 200, {b.wrk_ok} seen by wrk, {b.client_gone} clients "
+            f"gone before their answer; the upstream answered {b.upstream_images} images), "
+            f"held {b.after.held_micros}; statuses "
+            + " ".join(f"{s}:{n}" for s, n in r.served_statuses.items())
+        )
+        problems = b.problems()
+        if problems:
+            lines.append(f"NOTE case {r.case.number}: billing is NOT exact: " + "; ".join(problems))
+        if r.load.other_cores > NOISY_OTHER_CORES:
+            lines.append(
+                f"NOTE case {r.case.number}: other processes used {r.load.other_cores:.2f} "
+                "cores during its run; its figures are noisy"
+            )
+    return lines
+
+
+def inflight_json(r: InFlightResult) -> dict[str, Any]:
+    return {
+        "case": r.case.number,
+        "title": r.case.title,
+        "response_bytes": r.response_bytes,
+        "stack": r.stack.raw,
+        "ideal_requests": r.ideal_requests,
+        "ideal_rps": r.ideal_rps,
+        "share_of_ideal": r.share_of_ideal,
+        "steady_rps": r.steady_rps,
+        "growth_per_request_bytes": {n: r.growth_per_request(n) for n in r.processes},
+        "processes": {n: vars(p) for n, p in r.processes.items()},
+        "upstream_process": vars(r.upstream_process),
+        "billing": billing_json(r.billing),
+        "served_statuses": r.served_statuses,
+        "load": vars(r.load),
+        "nofile": r.nofile,
+    }
 
 
 # -- the report -------------------------------------------------------------------------
@@ -1212,7 +1750,8 @@ def machine_lines(wrk: str, threads: int, seconds: float, warmup: float) -> list
         f"python:   {platform.python_implementation()} {platform.python_version()}",
         f"packages: {', '.join(versions)}",
         f"load:     {wrk_version(wrk)}, {threads} thread(s), {seconds:.0f} s per run after "
-        f"{warmup:.0f} s warm-up, loopback; a fresh stack per case; local provider precomputed",
+        f"{warmup:.0f} s warm-up, loopback; a fresh stack per case; local provider precomputed; "
+        "cases 5-7: an openai provider to tests/bench/upstream.py on loopback",
         f"ledger:   {ledger_description()}",
     ]
 
@@ -1255,7 +1794,17 @@ def verdicts(results: Sequence[CaseResult]) -> list[Verdict]:
     out = []
     for r in results:
         c = r.case
-        if c.connections >= 32:
+        if c.uses_upstream:
+            # The upstream cases are measured, not judged: only the answers and billing.
+            out.append(
+                Verdict(
+                    c.number,
+                    "all answers 200",
+                    r.stack.non200 == 0 and r.stack.socket_errors == 0,
+                    f"{r.stack.non200} non-200, {r.stack.socket_errors} socket errors",
+                )
+            )
+        elif c.connections >= 32:
             out.append(
                 Verdict(
                     c.number,
@@ -1284,7 +1833,7 @@ def verdicts(results: Sequence[CaseResult]) -> list[Verdict]:
                     ),
                 )
             )
-        if c.connections == 1:
+        if c.connections == 1 and not c.uses_upstream:
             out.append(
                 Verdict(
                     c.number,
@@ -1327,7 +1876,9 @@ def verdicts(results: Sequence[CaseResult]) -> list[Verdict]:
                 not problems,
                 "; ".join(problems)
                 or f"spent {r.billing.spent_micros} = {c.unit_price_micros} x {c.n} x "
-                f"{r.billing.served_200}, held 0",
+                f"{r.billing.images_basis}"
+                + (" generations charged" if r.billing.by_generated else "")
+                + ", held 0",
             )
         )
     return out
@@ -1401,6 +1952,7 @@ def report(results: Sequence[CaseResult]) -> list[str]:
             for r in results
         ],
     )
+    lines += upstream_lines(results)
     lines += ceiling_lines(results)
     lines += inprocess_lines(results)
     lines += [
@@ -1433,8 +1985,9 @@ def report(results: Sequence[CaseResult]) -> list[str]:
     )
     lines += [
         "",
-        "Billing (200s by the gateway's access log; wrk may cut the last request of each "
-        "connection when time is up, which the service still completes and charges)",
+        "Billing (expected = price x n x the generations the service charged, each answered "
+        "200 or to a client gone (499: wrk closes its connections at the deadline, and the "
+        "service charges, then answers), and, with an upstream, none beyond its images)",
     ]
     lines += table(
         [
@@ -1443,6 +1996,8 @@ def report(results: Sequence[CaseResult]) -> list[str]:
             "200s served",
             "200s seen by wrk",
             "cut at stop",
+            "charged (svc log)",
+            "upstream images",
             "spent micros",
             "expected",
             "held",
@@ -1455,6 +2010,8 @@ def report(results: Sequence[CaseResult]) -> list[str]:
                 str(r.billing.served_200),
                 str(r.billing.wrk_ok),
                 str(r.billing.wrk_cut),
+                str(r.billing.charged),
+                "-" if r.billing.upstream_images is None else str(r.billing.upstream_images),
                 str(r.billing.spent_micros),
                 str(r.billing.expected_micros),
                 str(r.billing.after.held_micros),
@@ -1536,6 +2093,57 @@ def report(results: Sequence[CaseResult]) -> list[str]:
     lines += ["", "Targets (reported, not enforced; billing exactness is enforced)"]
     for v in verdicts(results):
         lines.append(f"  {'PASS' if v.passed else 'FAIL'}  case {v.case}: {v.target}: {v.detail}")
+    return lines
+
+
+def upstream_cores(r: CaseResult) -> float:
+    """The loopback upstream's CPU while the stack ran, in cores."""
+    busy = r.upstream_process.cpu_seconds if r.upstream_process else 0.0
+    return busy / r.stack.seconds if r.stack.seconds else 0.0
+
+
+def upstream_lines(results: Sequence[CaseResult]) -> list[str]:
+    """The upstream cases against the loopback upstream alone (same wrk settings)."""
+    measured = [(r, u) for r in results if (u := r.upstream) is not None]
+    if not measured:
+        return []
+    lines = [
+        "",
+        "Against the upstream alone (tests/bench/upstream.py, the `openai` provider's base_url, "
+        "driven directly with the same wrk settings; 'upstream cores' = its CPU while the stack "
+        "ran)",
+    ]
+    lines += table(
+        [
+            "case",
+            "upstream rps",
+            "upstream p50 ms",
+            "upstream p99 ms",
+            "non-200",
+            "stack p50 added over upstream ms",
+            "stack p99 added ms",
+            "stack rps / upstream",
+            "stack rps / floor",
+            "upstream cores (stack run)",
+            "upstream CPU ms/req",
+        ],
+        [
+            [
+                f"{r.case.number}",
+                f"{u.wrk.rps:.1f}",
+                f"{u.wrk.latency_ms('p50'):.2f}",
+                f"{u.wrk.latency_ms('p99'):.2f}",
+                str(u.wrk.non200 + u.wrk.socket_errors),
+                f"{r.stack.latency_ms('p50') - u.wrk.latency_ms('p50'):+.2f}",
+                f"{r.stack.latency_ms('p99') - u.wrk.latency_ms('p99'):+.2f}",
+                f"{r.stack.rps / u.wrk.rps if u.wrk.rps else 0.0:.1%}",
+                f"{r.rps_ratio:.1%}",
+                f"{upstream_cores(r):.2f}",
+                f"{u.process.cpu_seconds * 1000 / max(1, u.wrk.requests):.3f}",
+            ]
+            for r, u in measured
+        ],
+    )
     return lines
 
 
@@ -1664,6 +2272,9 @@ def billing_json(billing: Billing) -> dict[str, Any]:
         "served_200": billing.served_200,
         "wrk_ok": billing.wrk_ok,
         "wrk_cut": billing.wrk_cut,
+        "charged": billing.charged,
+        "client_gone": billing.client_gone,
+        "upstream_images": billing.upstream_images,
         "held_micros": billing.after.held_micros,
         "problems": billing.problems(),
     }
@@ -1698,6 +2309,17 @@ def results_json(results: Sequence[CaseResult], header: Sequence[str]) -> dict[s
                     "stack_rps_share": r.ceiling_share,
                     "processes": {n: vars(p) for n, p in r.ceiling.processes.items()},
                     "load": vars(r.ceiling.load),
+                },
+                "upstream": None
+                if r.upstream is None
+                else {
+                    "wrk": r.upstream.wrk.raw,
+                    "p50_added_ms": r.stack.latency_ms("p50") - r.upstream.wrk.latency_ms("p50"),
+                    "process": vars(r.upstream.process),
+                    "process_during_stack_run": None
+                    if r.upstream_process is None
+                    else vars(r.upstream_process),
+                    "load": vars(r.upstream.load),
                 },
                 "inprocess": None
                 if r.inprocess is None
@@ -1943,9 +2565,17 @@ def run(
     print(flush=True)
     root = Path(tempfile.mkdtemp(prefix="imagegen-bench-"))
     results: list[CaseResult] = []
+    inflight: list[InFlightResult] = []
     failed = True
     try:
         for case in cases:
+            if case.holds_in_flight:
+                inflight.append(
+                    run_inflight_case(
+                        case, wrk, root / f"case{case.number}", seconds, warmup, threads
+                    )
+                )
+                continue
             results.append(
                 run_case(
                     case,
@@ -1958,10 +2588,15 @@ def run(
                     with_inprocess=inprocess,
                 )
             )
-        print("\n".join(report(results)), flush=True)
+        if results:
+            print("\n".join(report(results)), flush=True)
+        if inflight:
+            print("\n".join(inflight_lines(inflight)), flush=True)
         print("\n" + "\n".join(image_checks.measure()), flush=True)
         if json_path is not None:
-            json_path.write_text(json.dumps(results_json(results, header), indent=2) + "\n")
+            figures = results_json(results, header)
+            figures["in_flight"] = [inflight_json(r) for r in inflight]
+            json_path.write_text(json.dumps(figures, indent=2) + "\n")
         if profile_dir is not None:
             case = selected_cases(os.environ.get("BENCH_PROFILE_CASE") or "2")[0]
             lines = profile_case(case, wrk, root / "profile", seconds, warmup, threads, profile_dir)
@@ -1972,7 +2607,8 @@ def run(
             log(f"kept the working directory (configs, logs): {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
-    if not all(r.billing_exact for r in results):
+    exact = [r.billing_exact for r in results] + [r.billing_exact for r in inflight]
+    if not all(exact):
         print("\nbench: billing was NOT exact; see above", file=sys.stderr)
         return 1
     return 0
