@@ -734,74 +734,26 @@ class Stack(_ProcessPair):
         return f"Bearer {self.secret}"
 
 
-class Floor:
-    """tests/bench/floor.py serving one captured body."""
+class _LoopbackServer:
+    """A bench helper server: one ``python -m MODULE`` child on a free loopback port,
+    ready once its /healthz answers."""
 
-    def __init__(self, root: Path, body: bytes) -> None:
-        self.body_path = root / "floor-body.json"
-        self.body_path.write_bytes(body)
+    name = "server"
+    module = ""
+
+    def __init__(self, log_path: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = root / "floor.log"
+        self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def args(self) -> list[str]:
+        return ["--port", str(self.port)]
 
     def start(self) -> None:
         with self.log_path.open("ab") as out:
             self.proc = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "tests.bench.floor"),
-                    *("--port", str(self.port), "--body", str(self.body_path)),
-                ],
-                cwd=REPO,
-                env={**os.environ, "PYTHONPATH": str(REPO)},
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise BenchError(f"the floor server exited: {self.log_path.read_text()[-2000:]}")
-            if http_get_ok(self.url + "/healthz"):
-                return
-            time.sleep(0.1)
-        raise BenchError("the floor server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-class Upstream:
-    """tests/bench/upstream.py: OpenAI's Images API on loopback, answering one fixed PNG
-    after ``delay`` seconds."""
-
-    def __init__(self, root: Path, delay: float) -> None:
-        root.mkdir(parents=True, exist_ok=True)
-        self.delay = delay
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = root / "upstream.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        if self.proc is None:
-            raise BenchError("the upstream is not running")
-        return self.proc.pid
-
-    def start(self) -> None:
-        with self.log_path.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "tests.bench.upstream"),
-                    *("--port", str(self.port), "--delay", str(self.delay)),
-                ],
+                [sys.executable, "-m", self.module, *self.args()],
                 cwd=REPO,
                 env={**os.environ, "PYTHONPATH": str(REPO)},
                 stdin=subprocess.DEVNULL,
@@ -814,19 +766,11 @@ class Upstream:
             if http_get_ok(self.url + "/healthz"):
                 return
             time.sleep(0.1)
-        raise BenchError("the upstream did not start")
+        raise BenchError(f"the {self.name} did not start")
 
     def assert_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
-            raise BenchError(f"the upstream exited: {self.log_path.read_text()[-2000:]}")
-
-    def images(self) -> int:
-        """Images the upstream has answered so far."""
-        try:
-            with urllib.request.urlopen(self.url + "/stats", timeout=10) as answer:
-                return int(json.loads(answer.read())["images"])
-        except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
-            raise BenchError(f"cannot read the upstream's counts: {exc}") from None
+            raise BenchError(f"the {self.name} exited: {self.log_path.read_text()[-2000:]}")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -836,6 +780,51 @@ class Upstream:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class Floor(_LoopbackServer):
+    """tests/bench/floor.py serving one captured body."""
+
+    name = "floor server"
+    module = "tests.bench.floor"
+
+    def __init__(self, root: Path, body: bytes) -> None:
+        super().__init__(root / "floor.log")
+        self.body_path = root / "floor-body.json"
+        self.body_path.write_bytes(body)
+
+    def args(self) -> list[str]:
+        return [*super().args(), "--body", str(self.body_path)]
+
+
+class Upstream(_LoopbackServer):
+    """tests/bench/upstream.py: OpenAI's Images API on loopback, answering one fixed PNG
+    after ``delay`` seconds."""
+
+    name = "upstream"
+    module = "tests.bench.upstream"
+
+    def __init__(self, root: Path, delay: float) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        super().__init__(root / "upstream.log")
+        self.delay = delay
+
+    def args(self) -> list[str]:
+        return [*super().args(), "--delay", str(self.delay)]
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise BenchError("the upstream is not running")
+        return self.proc.pid
+
+    def images(self) -> int:
+        """Images the upstream has answered so far."""
+        try:
+            with urllib.request.urlopen(self.url + "/stats", timeout=10) as answer:
+                return int(json.loads(answer.read())["images"])
+        except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
+            raise BenchError(f"cannot read the upstream's counts: {exc}") from None
 
 
 class Ceiling(_ProcessPair):
