@@ -32,6 +32,11 @@ _PORT_SETTING = "IMAGEGEN_HTTP_PORT (or [gateway] http_port)"
 
 log = structlog.get_logger("imagegen.gateway")
 
+# Connections the kernel may hold before the gateway accepts them (capped by the kernel's
+# net.core.somaxconn). aiohttp's 128 drops a burst of new clients' handshakes, each then
+# retried a second or more later.
+LISTEN_BACKLOG = 4096
+
 
 async def serve(config: GatewayConfig) -> None:
     """Serves until a signal, then drains (see the module docstring)."""
@@ -40,7 +45,9 @@ async def serve(config: GatewayConfig) -> None:
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=grace)
     await runner.setup()
     try:
-        await web.TCPSite(runner, config.http_host, config.http_port).start()
+        await web.TCPSite(
+            runner, config.http_host, config.http_port, backlog=LISTEN_BACKLOG
+        ).start()
     except BaseException:
         await runner.cleanup()
         raise

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import orjson
+import pybase64
 import structlog
 from aiohttp import HttpVersion11, web
 from google.protobuf.message import Message
@@ -469,7 +469,7 @@ async def _write_images_response(
         for before, data, after in parts:
             body += before
             if data is not None:
-                body += base64.b64encode(data)
+                body += pybase64.b64encode(data)
             body += after
         body += tail
         return web.Response(body=body, headers=headers)
@@ -484,7 +484,7 @@ async def _write_images_response(
             await response.write(before)
             if data is not None:
                 for start in range(0, len(data), _B64_PIECE):
-                    await response.write(base64.b64encode(data[start : start + _B64_PIECE]))
+                    await response.write(pybase64.b64encode(data[start : start + _B64_PIECE]))
                 parts[i] = (b"", None, b"")
             await response.write(after)
         await response.write(tail)
@@ -565,7 +565,7 @@ def _stream_event(message: images_pb2.GenerateImagesResponse, prefix: str) -> di
     image = message.partial if message.HasField("partial") else message.image
     event: dict[str, Any] = {
         "type": f"{prefix}.partial_image" if message.HasField("partial") else f"{prefix}.completed",
-        "b64_json": base64.b64encode(image.data).decode("ascii"),
+        "b64_json": pybase64.b64encode(image.data).decode("ascii"),
         "created_at": int(time.time()),
         "size": f"{image.width}x{image.height}",
         "quality": image.quality,

@@ -78,6 +78,10 @@ HEALTH_CHECK_TIMEOUT_SECONDS = 5.0
 DRAIN_MARGIN_SECONDS = 15.0
 
 
+# Calls accepted by gRPC and not yet by the servicer (see grpc_options).
+MAX_PENDING_CALLS = 20_000
+
+
 def drain_seconds(config: ServiceConfig) -> float:
     """How long a stopping service lets its calls in flight finish: no provider call outlives
     its ``timeout_seconds``, and the slowest configured one sets the bound. The Kubernetes
@@ -101,6 +105,12 @@ def grpc_options(config: ServiceConfig) -> list[tuple[str, int]]:
         # A recycled connection's calls get as long to finish as a draining server's.
         ("grpc.max_connection_age_ms", 300_000),
         ("grpc.max_connection_age_grace_ms", int(drain_seconds(config) * 1000)),
+        # Calls the application has not picked up yet: gRPC sheds them at random past 1,000
+        # (all past 3,000) with CANCELLED, which no log or metric of ours sees. A busy loop
+        # or a reconnecting gateway's backlog is a burst to serve, not to drop; deadlines,
+        # rate limits and the providers' queue bounds are what refuse work.
+        ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * MAX_PENDING_CALLS),
     ]
 
 

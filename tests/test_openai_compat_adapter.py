@@ -248,6 +248,20 @@ async def test_unreadable_answers_are_upstream_errors(
         await provider.generate(make_request())
 
 
+async def test_base64_wrapped_in_lines_is_read_whole(
+    fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider
+) -> None:
+    png = image_bytes(64, 48)
+    # MIME-style encoders break the text every 76 characters.
+    wrapped = base64.encodebytes(png).decode()
+    assert "\n" in wrapped
+    fake.script(raw(200, orjson.dumps({"created": 1, "data": [{"b64_json": wrapped}]})))
+
+    result = await provider.generate(make_request())
+
+    assert [image.data for image in result.images] == [png]
+
+
 @pytest.mark.parametrize(
     "answer",
     [
@@ -255,11 +269,21 @@ async def test_unreadable_answers_are_upstream_errors(
         {"created": 1},
         {"created": 1, "data": [{"revised_prompt": "no image here"}]},
         {"created": 1, "data": [{"b64_json": "***not base64***"}]},
+        {"created": 1, "data": [{"b64_json": "iVBORw0KGgo"}]},
         {"created": 1, "data": [{"b64_json": base64.b64encode(b"hello, not a png").decode()}]},
         {"created": 1, "data": [{"b64_json": base64.b64encode(b"\x89PNG\r\n\x1a\nxx").decode()}]},
         ["not", "an", "object"],
     ],
-    ids=["empty", "no-data", "no-image", "bad-base64", "not-image", "broken-png", "list"],
+    ids=[
+        "empty",
+        "no-data",
+        "no-image",
+        "bad-base64",
+        "unpadded-base64",
+        "not-image",
+        "broken-png",
+        "list",
+    ],
 )
 async def test_answers_without_usable_images_are_upstream_errors(
     fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider, answer: object

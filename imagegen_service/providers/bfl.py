@@ -70,7 +70,6 @@ polls are retried, submissions never):
 from __future__ import annotations
 
 import asyncio
-import base64
 import io
 import math
 import urllib.parse
@@ -80,6 +79,7 @@ from typing import Any, Literal, NoReturn
 
 import aiohttp
 import orjson
+import pybase64
 import structlog
 from PIL import Image
 
@@ -221,7 +221,7 @@ def fill_mask(mask: InputImage) -> bytes:
 
 
 def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+    return pybase64.b64encode(data).decode("ascii")
 
 
 def pixel_size_for(width: int, height: int) -> tuple[int, int]:

@@ -57,7 +57,6 @@ see ``_api_client._build_request``). Both return the ids without the prefix.
 from __future__ import annotations
 
 import asyncio
-import base64
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -67,6 +66,7 @@ from urllib.parse import quote
 
 import aiohttp
 import orjson
+import pybase64
 
 from imagegen_service.config import ConfigError, ProviderConfig
 from imagegen_service.errors import ContentPolicy, InvalidParameter, UpstreamError
@@ -325,7 +325,7 @@ class GeminiImageProvider(HttpUpstream):
             {
                 "inlineData": {
                     "mimeType": image.mime_type,
-                    "data": base64.b64encode(image.data).decode("ascii"),
+                    "data": pybase64.b64encode(image.data).decode("ascii"),
                 }
             }
             for image in request.images

@@ -44,7 +44,6 @@ was blocked → ContentPolicy.
 from __future__ import annotations
 
 import asyncio
-import base64
 import io
 import math
 import os
@@ -57,6 +56,7 @@ from urllib.parse import quote
 
 import aiohttp
 import orjson
+import pybase64
 from PIL import Image
 
 from imagegen_service.config import ConfigError, ProviderConfig
@@ -499,8 +499,8 @@ def _edit_inputs(image: InputImage, mask: InputImage | None) -> tuple[str, str]:
     buffer = io.BytesIO()
     black_white.save(buffer, format="PNG")
     return (
-        base64.b64encode(raw).decode("ascii"),
-        base64.b64encode(buffer.getvalue()).decode("ascii"),
+        pybase64.b64encode(raw).decode("ascii"),
+        pybase64.b64encode(buffer.getvalue()).decode("ascii"),
     )
 
 

@@ -548,6 +548,55 @@ class Snapshot:
         return self.served.get(200, 0)
 
 
+@dataclass
+class ServiceMetrics:
+    """The service's own account of a run, from its /metrics: calls by gRPC status (a call
+    refused before the servicer saw it is in none), and the providers' queues."""
+
+    calls_ok: int = 0
+    calls_failed: dict[str, int] = field(default_factory=dict)
+    queue_waits: int = 0
+    queue_waits_over_10ms: int = 0
+    # The upper bound of the slowest bucket any wait fell in ("-" with no waits).
+    queue_longest_bucket: str = "-"
+    queue_full: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> ServiceMetrics:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        seen = cls()
+        buckets: dict[float, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels, value = sample.labels, int(sample.value)
+                if (
+                    sample.name == "grpc_server_handled_total"
+                    and labels.get("grpc_service") == "imagegen.v1.ImageGeneration"
+                ):
+                    if labels["grpc_code"] == "OK":
+                        seen.calls_ok += value
+                    elif value:
+                        code = labels["grpc_code"]
+                        seen.calls_failed[code] = seen.calls_failed.get(code, 0) + value
+                elif sample.name == "imagegen_provider_queue_seconds_bucket":
+                    bound = float(labels["le"])
+                    buckets[bound] = buckets.get(bound, 0) + sample.value
+                elif sample.name == "imagegen_provider_queue_seconds_count":
+                    seen.queue_waits += value
+                elif sample.name == "imagegen_provider_queue_full_total":
+                    seen.queue_full += value
+        at_10ms = buckets.get(0.01)
+        if at_10ms is not None:
+            seen.queue_waits_over_10ms = seen.queue_waits - int(at_10ms)
+        # The first bucket holding every wait bounds the longest one.
+        for bound in sorted(buckets):
+            if seen.queue_waits and buckets[bound] >= seen.queue_waits:
+                seen.queue_longest_bucket = f"<= {bound:g} s"
+                break
+        return seen
+
+
 class _ProcessPair:
     """A service and a gateway process, each logging to a file of its own."""
 
@@ -712,6 +761,14 @@ class Stack(_ProcessPair):
 
     def capture(self, case: Case) -> bytes:
         return generate(self.url, case, self.authorization)
+
+    def service_metrics(self) -> ServiceMetrics:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=30) as answer:
+                return ServiceMetrics.parse(answer.read().decode())
+        except urllib.error.URLError as exc:
+            raise BenchError(f"cannot read the service's metrics at {url}: {exc}") from None
 
     def first_image(self, case: Case, body: bytes) -> tuple[bytes, str]:
         """The bytes of the first image of a captured answer, and its URL's path and query
@@ -1490,6 +1547,8 @@ class InFlightResult:
     served_statuses: dict[int, int]
     load: MachineLoad
     nofile: str
+    # What the service's own /metrics say about the whole case (warm-up included).
+    service_seen: ServiceMetrics
 
     @property
     def delay(self) -> float:
@@ -1570,6 +1629,7 @@ def run_inflight_case(
             every[name].sampled_peak_kib = sampler.peak_kib[name]
         # The requests wrk cut at its deadline are still in flight: the settle waits for them.
         after = stack.quiesce()
+        service_seen = stack.service_metrics()
         upstream_images = upstream.images() - images_before
         for name, pid in pids.items():
             every[name].peak_kib = proc_status_kib(pid, "VmHWM")
@@ -1599,6 +1659,7 @@ def run_inflight_case(
         served_statuses=dict(sorted(served.items())),
         load=meter.load,
         nofile=nofile,
+        service_seen=service_seen,
     )
 
 
@@ -1675,6 +1736,14 @@ def inflight_lines(results: Sequence[InFlightResult]) -> list[str]:
             f"held {b.after.held_micros}; statuses "
             + " ".join(f"{s}:{n}" for s, n in r.served_statuses.items())
         )
+        seen = r.service_seen
+        lines.append(
+            f"  case {r.case.number}, the service's /metrics (warm-up included): "
+            f"{seen.calls_ok} calls OK, other statuses {seen.calls_failed or 'none'}; "
+            f"provider queue waits: {seen.queue_waits}, {seen.queue_waits_over_10ms} over "
+            f"10 ms, longest bucket {seen.queue_longest_bucket}; "
+            f"{seen.queue_full} gave up on a full queue"
+        )
         problems = b.problems()
         if problems:
             lines.append(f"NOTE case {r.case.number}: billing is NOT exact: " + "; ".join(problems))
@@ -1703,6 +1772,7 @@ def inflight_json(r: InFlightResult) -> dict[str, Any]:
         "served_statuses": r.served_statuses,
         "load": vars(r.load),
         "nofile": r.nofile,
+        "service_metrics": dataclasses.asdict(r.service_seen),
     }
 
 
@@ -2437,7 +2507,12 @@ def profile_case(
 
     py_spy = find_py_spy()
     out_dir.mkdir(parents=True, exist_ok=True)
-    stack = Stack(root)
+    ensure_nofile(case.connections + NOFILE_SLACK)
+    # An upstream case profiles the production path: the loopback upstream answers it.
+    upstream = Upstream(root, case.upstream_delay) if case.upstream_delay is not None else None
+    if upstream is not None:
+        upstream.start()
+    stack = Stack(root, "" if upstream is None else upstream_config(upstream.url, case))
     raw_files = {name: out_dir / f"case{case.number}-{name}.txt" for name in ("service", "gateway")}
     rate = 200
     spy_seconds = max(1, round(seconds) - 1)
@@ -2446,7 +2521,14 @@ def profile_case(
         stack.create_account()
         stack.start()
         stack.capture(case)
-        run_wrk(wrk, stack.url, case, stack.authorization, warmup, threads)
+        if case.holds_in_flight:
+            # As when measured: warmed at a few connections for a whole delay and more.
+            delay = case.upstream_delay or 0.0
+            warm = dataclasses.replace(case, connections=SLOW_UPSTREAM_WARMUP_CONNECTIONS)
+            run_wrk(wrk, stack.url, warm, stack.authorization, max(warmup, delay + 1), threads)
+            seconds = max(seconds, SLOW_UPSTREAM_ROUNDS * delay)
+        else:
+            run_wrk(wrk, stack.url, case, stack.authorization, warmup, threads)
         stack.quiesce()
         log(f"profiling case {case.number} for {seconds:.0f} s with py-spy")
         load = _in_background(run_wrk, wrk, stack.url, case, stack.authorization, seconds, threads)
@@ -2497,6 +2579,8 @@ def profile_case(
         stack.quiesce()
     finally:
         stack.stop()
+        if upstream is not None:
+            upstream.stop()
     lines = [
         f"Profile of case {case.number} ({case.title}): py-spy at {rate} Hz for "
         f"{spy_seconds} s, {result.rps:.0f} rps while profiled; raw stacks in {out_dir}",
