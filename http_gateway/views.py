@@ -132,12 +132,36 @@ async def create_images(request: web.Request) -> web.StreamResponse:
     except BodyError as exc:
         return errors.error_response(errors.BAD_REQUEST, exc.message, param=exc.param)
     config = request.app[CONFIG]
-    call = request.app[STUB].GenerateImages(
-        message, metadata=metadata, timeout=config.request_timeout_seconds
-    )
+    stub = request.app[STUB]
+    if answer_fits_one_message(message):
+        unary = stub.GenerateImagesUnary(
+            message, metadata=metadata, timeout=config.request_timeout_seconds
+        )
+        try:
+            answer = await unary
+            headers = _passed_headers(
+                (*await unary.initial_metadata(), *await unary.trailing_metadata())
+            )
+        except grpc.aio.AioRpcError as exc:
+            # A service older than this gateway (during a rollout) has only the stream.
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                return errors.from_grpc_error(exc)
+        else:
+            return await _images_answer(request, list(answer.images), answer.summary, headers)
+    call = stub.GenerateImages(message, metadata=metadata, timeout=config.request_timeout_seconds)
     if message.stream:
         return await _stream_answer(request, call, "image_generation")
     return await _json_answer(request, call)
+
+
+def answer_fits_one_message(message: images_pb2.GenerateImagesRequest) -> bool:
+    """Whether the answer comes in one unary message (cheaper than a stream: one message
+    and no stream bookkeeping on either side): one image, or URLs only. A batch of images
+    as bytes keeps one message per image, far below the message size limit."""
+    if message.stream:
+        return False
+    one_image = not message.HasField("n") or message.n <= 1
+    return one_image or message.response_format == "url"
 
 
 async def create_edits(request: web.Request) -> web.StreamResponse:
@@ -393,7 +417,6 @@ _INCOMPLETE = errors.HttpError(502, "api_error", "upstream_error", True)
 
 async def _json_answer(request: web.Request, call: ImagesCall) -> web.StreamResponse:
     """The whole stream gathered into OpenAI's ImagesResponse."""
-    config = request.app[CONFIG]
     images: list[images_pb2.GeneratedImage] = []
     summary: images_pb2.GenerationSummary | None = None
     try:
@@ -408,6 +431,17 @@ async def _json_answer(request: web.Request, call: ImagesCall) -> web.StreamResp
         return errors.from_grpc_error(exc)
     if summary is None:
         return errors.error_response(_INCOMPLETE, "The generation did not complete.")
+    return await _images_answer(request, images, summary, headers)
+
+
+async def _images_answer(
+    request: web.Request,
+    images: list[images_pb2.GeneratedImage],
+    summary: images_pb2.GenerationSummary,
+    headers: dict[str, str],
+) -> web.StreamResponse:
+    """OpenAI's ImagesResponse for the images and summary of a finished generation."""
+    config = request.app[CONFIG]
     images.sort(key=lambda i: i.index)
     base_url = config.public_base_url or str(request.url.origin())
     rest: dict[str, Any] = {}

@@ -125,6 +125,36 @@ class ImageGenerationServicer(images_pb2_grpc.ImageGenerationServicer):
             async for message in messages:
                 yield message
 
+    async def GenerateImagesUnary(
+        self,
+        request: images_pb2.GenerateImagesRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> images_pb2.GenerateImagesUnaryResponse:
+        """GenerateImages in one answer: the same pipeline and idempotency records (a
+        retry may come through either RPC), the stream's messages gathered."""
+
+        def canonical() -> bytes:
+            return request.SerializeToString(deterministic=True)
+
+        def params() -> GenerationParams:
+            if request.stream:
+                raise errors.InvalidParameter(
+                    "stream is answered by GenerateImages, not GenerateImagesUnary",
+                    param="stream",
+                )
+            return _generation_params(request)
+
+        answer = images_pb2.GenerateImagesUnaryResponse()
+        async with contextlib.aclosing(
+            self._serve(context, "GenerateImagesUnary", canonical, params)
+        ) as messages:
+            async for message in messages:
+                if message.HasField("image"):
+                    answer.images.append(message.image)
+                elif message.HasField("summary"):
+                    answer.summary.CopyFrom(message.summary)
+        return answer
+
     async def EditImages(
         self,
         request: images_pb2.EditImagesRequest,

@@ -135,6 +135,74 @@ async def test_generate_with_url_streams_signed_paths_fetchable_with_get_image(
     assert image_size(data) == (256, 256)
 
 
+# -- GenerateImagesUnary -----------------------------------------------------------------
+
+
+async def test_generate_unary_answers_the_images_and_summary_in_one_message(
+    stack: Stack, images: ImageGenerationAsyncStub
+) -> None:
+    account_id, key, _ = await stack.new_account(100_000)
+    call = images.GenerateImagesUnary(
+        images_pb2.GenerateImagesRequest(
+            model="local-sketch",
+            prompt="one message",
+            n=2,
+            size="512x512",
+            response_format="b64_json",
+        ),
+        metadata=_auth(key),
+        timeout=30,
+    )
+    answer = await call
+    assert [image.index for image in answer.images] == [0, 1]
+    for image in answer.images:
+        assert image.data.startswith(PNG_MAGIC)
+        assert image_size(image.data) == (512, 512)
+        assert image.revised_prompt == "one message"
+    assert answer.summary.images == 2
+    assert answer.summary.cost_micros == 2 * LOCAL_DEFAULT
+    assert answer.summary.model == "local-sketch"
+    # The request id and rate-limit headers come as with GenerateImages.
+    trailing = dict(await call.trailing_metadata() or ())
+    assert str(trailing["x-request-id"]).startswith("req_")
+    await stack.assert_balance(account_id, 100_000 - 2 * LOCAL_DEFAULT)
+    assert [e.kind for e in await stack.ledger(account_id)] == ["credit", "hold", "capture"]
+
+
+async def test_generate_unary_refuses_stream_and_charges_nothing(
+    stack: Stack, images: ImageGenerationAsyncStub
+) -> None:
+    account_id, key, _ = await stack.new_account(100_000)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await images.GenerateImagesUnary(
+            images_pb2.GenerateImagesRequest(
+                model="local-sketch", prompt="streamed?", size="256x256", stream=True
+            ),
+            metadata=_auth(key),
+            timeout=30,
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info = _error_info(caught.value)
+    assert (info.reason, info.metadata["param"]) == ("INVALID_PARAMETER", "stream")
+    await stack.assert_untouched(account_id, 100_000)
+
+
+async def test_an_idempotency_key_is_shared_by_the_unary_and_the_streamed_call(
+    stack: Stack, images: ImageGenerationAsyncStub
+) -> None:
+    account_id, key, _ = await stack.new_account(100_000)
+    request = images_pb2.GenerateImagesRequest(
+        model="local-sketch", prompt="once only", size="256x256", response_format="b64_json"
+    )
+    metadata = (*_auth(key), ("idempotency-key", "unary-then-stream"))
+    first = await images.GenerateImagesUnary(request, metadata=metadata, timeout=30)
+    replayed = await _collect(images.GenerateImages(request, metadata=metadata, timeout=30))
+    assert [m.WhichOneof("event") for m in replayed] == ["image", "summary"]
+    assert replayed[0].image.data == first.images[0].data
+    assert replayed[1].summary == first.summary
+    await stack.assert_balance(account_id, 100_000 - LOCAL_256)
+
+
 async def test_get_image_with_a_bad_token_is_not_found(
     images: ImageGenerationAsyncStub,
 ) -> None:

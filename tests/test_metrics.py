@@ -140,14 +140,27 @@ class MeteredStack(Stack):
         return secret
 
     async def generate(
-        self, http: aiohttp.ClientSession, key: str, model: str, *, n: int = 1
+        self,
+        http: aiohttp.ClientSession,
+        key: str,
+        model: str,
+        *,
+        n: int = 1,
+        response_format: str = "url",
     ) -> aiohttp.ClientResponse:
         request_id = f"req-metrics-{len(self.unbounded)}"
         prompt = f"a unique prompt number {len(self.unbounded)}"
         self.unbounded.update({request_id, prompt})
+        body = {
+            "model": model,
+            "prompt": prompt,
+            "n": n,
+            "size": "256x256",
+            "response_format": response_format,
+        }
         async with http.post(
             self.http_url + "/v1/images/generations",
-            json={"model": model, "prompt": prompt, "n": n, "size": "256x256"},
+            json=body,
             headers={**bearer(key), "x-request-id": request_id},
         ) as resp:
             await resp.read()
@@ -211,7 +224,8 @@ async def test_a_generation_moves_http_grpc_and_domain_metrics(
         await metered.scrape_service(http),
     )
 
-    resp = await metered.generate(http, key, "local-sketch", n=2)
+    # Two images as bytes: streamed, one message each.
+    resp = await metered.generate(http, key, "local-sketch", n=2, response_format="b64_json")
     assert resp.status == 200
 
     gateway, service = await metered.scrape_gateway(http), await metered.scrape_service(http)
@@ -249,6 +263,35 @@ async def test_a_generation_moves_http_grpc_and_domain_metrics(
     assert service.value("imagegen_open_holds") == 0
 
 
+@pytest.mark.parametrize(
+    ("n", "response_format", "method", "grpc_type"),
+    [
+        (1, "b64_json", "GenerateImagesUnary", "unary"),
+        (3, "url", "GenerateImagesUnary", "unary"),
+        (2, "b64_json", "GenerateImages", "server_stream"),
+    ],
+)
+async def test_the_gateway_streams_only_answers_of_several_images_as_bytes(
+    metered: MeteredStack,
+    http: aiohttp.ClientSession,
+    n: int,
+    response_format: str,
+    method: str,
+    grpc_type: str,
+) -> None:
+    key = await metered.funded_key()
+    before = await metered.scrape_service(http)
+
+    resp = await metered.generate(http, key, "local-sketch", n=n, response_format=response_format)
+    assert resp.status == 200
+    assert len((await resp.json())["data"]) == n
+
+    after = await metered.scrape_service(http)
+    rpc = {"grpc_service": IMAGES, "grpc_method": method, "grpc_type": grpc_type}
+    assert moved(before, after, "grpc_server_handled_total", **rpc, grpc_code="OK") == 1
+    assert moved(before, after, "imagegen_captured_microdollars_total") == n * LOCAL_256
+
+
 async def test_refusals_are_counted_by_grpc_code_and_402s_on_their_own(
     metered: MeteredStack, http: aiohttp.ClientSession
 ) -> None:
@@ -262,7 +305,8 @@ async def test_refusals_are_counted_by_grpc_code_and_402s_on_their_own(
     assert (await metered.generate(http, "sk-ig-not-a-real-key", "local-sketch")).status == 401
 
     service, gateway = await metered.scrape_service(http), await metered.scrape_gateway(http)
-    rpc = {"grpc_service": IMAGES, "grpc_method": "GenerateImages"}
+    # One image: the gateway asks for it in one unary call.
+    rpc = {"grpc_service": IMAGES, "grpc_method": "GenerateImagesUnary"}
     assert moved(service_before, service, "imagegen_insufficient_balance_total") == 1
     assert (
         moved(service_before, service, "imagegen_generations_total", status="insufficient_balance")

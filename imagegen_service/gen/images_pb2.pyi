@@ -283,6 +283,32 @@ class GenerateImagesResponse(_message.Message):
 Global___GenerateImagesResponse: _TypeAlias = GenerateImagesResponse  # noqa: Y015
 
 @_typing.final
+class GenerateImagesUnaryResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGES_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___GeneratedImage]:
+        """In index order."""
+
+    @_builtins.property
+    def summary(self) -> Global___GenerationSummary: ...
+    def __init__(
+        self,
+        *,
+        images: _abc.Iterable[Global___GeneratedImage] | None = ...,
+        summary: Global___GenerationSummary | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images", "summary", b"summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateImagesUnaryResponse: _TypeAlias = GenerateImagesUnaryResponse  # noqa: Y015
+
+@_typing.final
 class PartialImage(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

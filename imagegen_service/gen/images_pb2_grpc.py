@@ -39,6 +39,11 @@ class ImageGenerationStub:
                 request_serializer=imagegen_dot_v1_dot_images__pb2.GenerateImagesRequest.SerializeToString,
                 response_deserializer=imagegen_dot_v1_dot_images__pb2.GenerateImagesResponse.FromString,
                 _registered_method=True)
+        self.GenerateImagesUnary = channel.unary_unary(
+                '/imagegen.v1.ImageGeneration/GenerateImagesUnary',
+                request_serializer=imagegen_dot_v1_dot_images__pb2.GenerateImagesRequest.SerializeToString,
+                response_deserializer=imagegen_dot_v1_dot_images__pb2.GenerateImagesUnaryResponse.FromString,
+                _registered_method=True)
         self.EditImages = channel.unary_stream(
                 '/imagegen.v1.ImageGeneration/EditImages',
                 request_serializer=imagegen_dot_v1_dot_images__pb2.EditImagesRequest.SerializeToString,
@@ -75,6 +80,20 @@ class ImageGenerationServicer:
         ends without a summary did not complete and was not charged, unless the request
         set `stream`: then PartialImage messages come before each image, and the images
         delivered before a failure are charged (the status's ErrorInfo says how many).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateImagesUnary(self, request, context):
+        """GenerateImages answered in one message: the images, then the summary that
+        GenerateImages would stream, together. For answers that fit one message (the HTTP
+        gateway uses it for one image, or for URLs); a large batch of b64 images belongs on
+        GenerateImages, one image per message. Refuses `stream` (INVALID_PARAMETER, param
+        "stream"). Authentication, Idempotency-Key (shared with GenerateImages), validation,
+        errors and billing are those of GenerateImages: an answer is charged once it is made.
+        It takes GenerateImages's request as it is, so that the two are interchangeable.
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -130,6 +149,11 @@ def add_ImageGenerationServicer_to_server(servicer, server):
                     request_deserializer=imagegen_dot_v1_dot_images__pb2.GenerateImagesRequest.FromString,
                     response_serializer=imagegen_dot_v1_dot_images__pb2.GenerateImagesResponse.SerializeToString,
             ),
+            'GenerateImagesUnary': grpc.unary_unary_rpc_method_handler(
+                    servicer.GenerateImagesUnary,
+                    request_deserializer=imagegen_dot_v1_dot_images__pb2.GenerateImagesRequest.FromString,
+                    response_serializer=imagegen_dot_v1_dot_images__pb2.GenerateImagesUnaryResponse.SerializeToString,
+            ),
             'EditImages': grpc.unary_stream_rpc_method_handler(
                     servicer.EditImages,
                     request_deserializer=imagegen_dot_v1_dot_images__pb2.EditImagesRequest.FromString,
@@ -183,6 +207,33 @@ class ImageGeneration:
             '/imagegen.v1.ImageGeneration/GenerateImages',
             imagegen_dot_v1_dot_images__pb2.GenerateImagesRequest.SerializeToString,
             imagegen_dot_v1_dot_images__pb2.GenerateImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateImagesUnary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegen.v1.ImageGeneration/GenerateImagesUnary',
+            imagegen_dot_v1_dot_images__pb2.GenerateImagesRequest.SerializeToString,
+            imagegen_dot_v1_dot_images__pb2.GenerateImagesUnaryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,16 @@ class ImageGenerationStub:
     set `stream`: then PartialImage messages come before each image, and the images
     delivered before a failure are charged (the status's ErrorInfo says how many).
     """
+    GenerateImagesUnary: _grpc.UnaryUnaryMultiCallable[_images_pb2.GenerateImagesRequest, _images_pb2.GenerateImagesUnaryResponse]
+    """GenerateImages answered in one message: the images, then the summary that
+    GenerateImages would stream, together. For answers that fit one message (the HTTP
+    gateway uses it for one image, or for URLs); a large batch of b64 images belongs on
+    GenerateImages, one image per message. Refuses `stream` (INVALID_PARAMETER, param
+    "stream"). Authentication, Idempotency-Key (shared with GenerateImages), validation,
+    errors and billing are those of GenerateImages: an answer is charged once it is made.
+    It takes GenerateImages's request as it is, so that the two are interchangeable.
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    """
     EditImages: _grpc.UnaryStreamMultiCallable[_images_pb2.EditImagesRequest, _images_pb2.GenerateImagesResponse]
     """Edits images: the prompt's picture painted into the first image where the mask
     is transparent (alpha 0), or over the whole image without a mask. Input images
@@ -74,6 +84,16 @@ class ImageGenerationAsyncStub(ImageGenerationStub):
     ends without a summary did not complete and was not charged, unless the request
     set `stream`: then PartialImage messages come before each image, and the images
     delivered before a failure are charged (the status's ErrorInfo says how many).
+    """
+    GenerateImagesUnary: _aio.UnaryUnaryMultiCallable[_images_pb2.GenerateImagesRequest, _images_pb2.GenerateImagesUnaryResponse]  # type: ignore[assignment]
+    """GenerateImages answered in one message: the images, then the summary that
+    GenerateImages would stream, together. For answers that fit one message (the HTTP
+    gateway uses it for one image, or for URLs); a large batch of b64 images belongs on
+    GenerateImages, one image per message. Refuses `stream` (INVALID_PARAMETER, param
+    "stream"). Authentication, Idempotency-Key (shared with GenerateImages), validation,
+    errors and billing are those of GenerateImages: an answer is charged once it is made.
+    It takes GenerateImages's request as it is, so that the two are interchangeable.
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
     """
     EditImages: _aio.UnaryStreamMultiCallable[_images_pb2.EditImagesRequest, _images_pb2.GenerateImagesResponse]  # type: ignore[assignment]
     """Edits images: the prompt's picture painted into the first image where the mask
@@ -108,6 +128,22 @@ class ImageGenerationServicer(metaclass=_abc_1.ABCMeta):
         ends without a summary did not complete and was not charged, unless the request
         set `stream`: then PartialImage messages come before each image, and the images
         delivered before a failure are charged (the status's ErrorInfo says how many).
+        """
+
+    @_abc_1.abstractmethod
+    def GenerateImagesUnary(
+        self,
+        request: _images_pb2.GenerateImagesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_images_pb2.GenerateImagesUnaryResponse, _abc.Awaitable[_images_pb2.GenerateImagesUnaryResponse]]:
+        """GenerateImages answered in one message: the images, then the summary that
+        GenerateImages would stream, together. For answers that fit one message (the HTTP
+        gateway uses it for one image, or for URLs); a large batch of b64 images belongs on
+        GenerateImages, one image per message. Refuses `stream` (INVALID_PARAMETER, param
+        "stream"). Authentication, Idempotency-Key (shared with GenerateImages), validation,
+        errors and billing are those of GenerateImages: an answer is charged once it is made.
+        It takes GenerateImages's request as it is, so that the two are interchangeable.
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
         """
 
     @_abc_1.abstractmethod

@@ -168,12 +168,15 @@ class HttpUpstream:
             raise self.unreadable(f"item {index} is not a PNG, JPEG or WEBP image")
         if not is_complete(data, mime_type):
             raise self.unreadable(f"item {index} is cut short (an incomplete {mime_type} image)")
-        try:
-            # Image.open only parses the header, which is all .size needs.
-            with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size
-        except Exception as exc:  # Pillow raises many types for bad input.
-            raise self.unreadable(f"item {index} is not an image") from exc
+        size = header_size(data, mime_type)
+        if size is None:
+            try:
+                # Image.open only parses the header, which is all .size needs.
+                with Image.open(io.BytesIO(data)) as img:
+                    size = img.size
+            except Exception as exc:  # Pillow raises many types for bad input.
+                raise self.unreadable(f"item {index} is not an image") from exc
+        width, height = size
         return ProviderImage(
             data=data,
             mime_type=mime_type,
@@ -245,6 +248,39 @@ def is_complete(data: bytes, mime_type: str) -> bool:
         declared = int.from_bytes(data[4:8], "little") + 8
         return len(data) >= declared
     return False
+
+
+def header_size(data: bytes, mime_type: str) -> tuple[int, int] | None:
+    """Width and height read straight from a PNG's IHDR chunk or a WEBP's first chunk
+    (VP8, VP8L or VP8X), or None for anything else, left to Pillow. Pillow's WEBP open costs
+    0.2-1.8 ms (it sets up libwebp's decoder); these few bytes cost microseconds.
+    Layouts: the PNG specification, section 11.2.2; RFC 9649 (WebP), sections 2.5-2.7."""
+    if mime_type == "image/png":
+        # Signature, then the first chunk: length 13, type IHDR, width and height.
+        if len(data) >= 24 and data[8:16] == b"\x00\x00\x00\x0dIHDR":
+            width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+            return (width, height) if width and height else None
+        return None
+    if mime_type != "image/webp" or len(data) < 30:
+        return None
+    chunk = data[12:16]
+    if chunk == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":
+        # A key frame's start code, then 14 bits of width and of height (2 bits of scale).
+        return (
+            int.from_bytes(data[26:28], "little") & 0x3FFF,
+            int.from_bytes(data[28:30], "little") & 0x3FFF,
+        )
+    if chunk == b"VP8L" and data[20] == 0x2F:
+        # The signature byte, then 14 bits of width - 1 and 14 bits of height - 1.
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8X":
+        # Flags (4 bytes), then the canvas's width - 1 and height - 1, 24 bits each.
+        return (
+            int.from_bytes(data[24:27], "little") + 1,
+            int.from_bytes(data[27:30], "little") + 1,
+        )
+    return None
 
 
 def retry_after_seconds(headers: Mapping[str, str]) -> float | None:

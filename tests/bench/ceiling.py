@@ -2,27 +2,32 @@
 
 The floor (``tests/bench/floor.py``) shows what aiohttp alone can do on this machine. The
 design asks for more than that on every request: a gateway process that parses the JSON,
-makes one server-streaming gRPC call to a second process, gathers the stream and
-base64-encodes the images into OpenAI's JSON. This module runs only that, as two processes
+makes one gRPC call to a second process (unary for one image or URLs, else
+server-streaming, as the real gateway chooses), gathers the answer and base64-encodes the
+images into OpenAI's JSON. This module runs only that, as two processes
 like the real stack, so that ``make bench`` can show how much of the gap between the stack
 and the floor is the design's own price and how much is ours:
 
 ``service``
     a grpc.aio server implementing the real ``imagegen.v1.ImageGeneration`` service (only
-    ``GenerateImages`` works; the other RPCs answer UNIMPLEMENTED) with the real service's
+    ``GenerateImages`` and ``GenerateImagesUnary`` work; the other RPCs answer
+    UNIMPLEMENTED) with the real service's
     server options and no interceptors, no logging, no ledger, no validation. Each call
     is answered with the messages the real service sends: one ``GeneratedImage`` per image
     (the bytes of ``--image`` when ``response_format`` is ``b64_json``, else the path
     ``--url``), with the request's prompt as ``revised_prompt``, then one
-    ``GenerationSummary`` (``cost_micros`` 0: nothing is charged). ``n`` and the format
+    ``GenerationSummary`` (``cost_micros`` 0: nothing is charged), streamed or in one
+    message. ``n`` and the format
     come from the request; nothing is drawn, stored or signed per request.
+    ``--delay`` makes each call wait that long before it answers: a slow upstream's wait,
+    without the HTTP call (the bench's requests-in-flight case).
 
 ``gateway``
     aiohttp with the access log off and ``POST /v1/images/generations`` doing only what
     the design forces on any gateway: read the body, parse it with orjson (as the real
     gateway does), build a ``GenerateImagesRequest``, call the stub with ``authorization``
     and ``x-request-id`` metadata and a timeout (the real gateway's channel options and
-    timeout), read the whole stream, base64-encode the images and answer the real
+    timeout), read the whole answer, base64-encode the images and answer the real
     gateway's JSON (``created``, ``data`` of ``b64_json`` or absolute ``url`` with
     ``revised_prompt``, ``usage``), byte for byte the same size. No validation, auth,
     logging, metrics or error mapping: a failed call is aiohttp's bare 500.
@@ -40,20 +45,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import io
 import secrets
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
 import orjson
+import pybase64
 from aiohttp import web
 
+from http_gateway.views import answer_fits_one_message
 from imagegen_service.eventloop import loop_factory
 from imagegen_service.gen import images_pb2, images_pb2_grpc
 
@@ -75,9 +81,10 @@ class NoOpImageGeneration(images_pb2_grpc.ImageGenerationServicer):
     """Answers every GenerateImages call with fixed images; the generated base class
     answers UNIMPLEMENTED for the other RPCs."""
 
-    def __init__(self, image: bytes, url: str) -> None:
+    def __init__(self, image: bytes, url: str, delay: float = 0.0) -> None:
         from PIL import Image
 
+        self.delay = delay
         with Image.open(io.BytesIO(image)) as picture:
             self.mime_type = Image.MIME.get(picture.format or "", "application/octet-stream")
             self.width, self.height = picture.size
@@ -89,6 +96,29 @@ class NoOpImageGeneration(images_pb2_grpc.ImageGenerationServicer):
         request: images_pb2.GenerateImagesRequest,
         context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     ) -> AsyncIterator[images_pb2.GenerateImagesResponse]:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        for message in self._answer(request):
+            yield message
+
+    async def GenerateImagesUnary(
+        self,
+        request: images_pb2.GenerateImagesRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> images_pb2.GenerateImagesUnaryResponse:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        answer = images_pb2.GenerateImagesUnaryResponse()
+        for message in self._answer(request):
+            if message.HasField("image"):
+                answer.images.append(message.image)
+            else:
+                answer.summary.CopyFrom(message.summary)
+        return answer
+
+    def _answer(
+        self, request: images_pb2.GenerateImagesRequest
+    ) -> Iterator[images_pb2.GenerateImagesResponse]:
         n = request.n if request.HasField("n") else 1
         as_data = request.response_format == "b64_json"
         for index in range(n):
@@ -117,7 +147,7 @@ class NoOpImageGeneration(images_pb2_grpc.ImageGenerationServicer):
         )
 
 
-async def serve_service(host: str, port: int, image: bytes, url: str) -> None:
+async def serve_service(host: str, port: int, image: bytes, url: str, delay: float) -> None:
     """Serves until SIGTERM or SIGINT."""
     from imagegen_service.config import ConfigError, load_config
     from imagegen_service.server import grpc_options
@@ -129,7 +159,7 @@ async def serve_service(host: str, port: int, image: bytes, url: str) -> None:
     server = grpc.aio.server(options=options)
     # The stubs mark every RPC abstract; at run time the generated base class answers
     # UNIMPLEMENTED for those the ceiling does not serve.
-    servicer = NoOpImageGeneration(image, url)  # type: ignore[abstract]
+    servicer = NoOpImageGeneration(image, url, delay)  # type: ignore[abstract]
     images_pb2_grpc.add_ImageGenerationServicer_to_server(servicer, server)
     if server.add_insecure_port(f"{host}:{port}") == 0:
         sys.exit(f"ceiling service: cannot listen on {host}:{port}")
@@ -167,16 +197,22 @@ async def generations(request: web.Request) -> web.Response:
     authorization = request.headers.get("Authorization")
     if authorization:
         metadata.append(("authorization", authorization))
-    call = request.app[STUB].GenerateImages(
-        message, metadata=tuple(metadata), timeout=request.app[TIMEOUT]
-    )
+    stub = request.app[STUB]
     images: list[images_pb2.GeneratedImage] = []
     summary = images_pb2.GenerationSummary()
-    async for event in call:
-        if event.HasField("image"):
-            images.append(event.image)
-        elif event.HasField("summary"):
-            summary = event.summary
+    # The real gateway's choice: one unary message for one image or URLs, else the stream.
+    if answer_fits_one_message(message):
+        answer = await stub.GenerateImagesUnary(
+            message, metadata=tuple(metadata), timeout=request.app[TIMEOUT]
+        )
+        images, summary = list(answer.images), answer.summary
+    else:
+        call = stub.GenerateImages(message, metadata=tuple(metadata), timeout=request.app[TIMEOUT])
+        async for event in call:
+            if event.HasField("image"):
+                images.append(event.image)
+            elif event.HasField("summary"):
+                summary = event.summary
     # The real gateway's answer, assembled from bytes: {"created", "data": [...], "usage"}.
     parts = [b'{"created":', str(summary.created).encode(), b',"data":[']
     for i, image in enumerate(images):
@@ -186,7 +222,7 @@ async def generations(request: web.Request) -> web.Response:
             url = request.app[BASE_URL] + image.url if image.url.startswith("/") else image.url
             parts += (b'{"url":', orjson.dumps(url))
         else:
-            parts += (b'{"b64_json":"', base64.b64encode(image.data), b'"')
+            parts += (b'{"b64_json":"', pybase64.b64encode(image.data), b'"')
         parts += (b',"revised_prompt":', orjson.dumps(image.revised_prompt), b"}")
     usage = {
         "prompt_tokens": summary.usage.input_tokens,
@@ -248,6 +284,9 @@ def main() -> None:
     service.add_argument(
         "--url", default=DEFAULT_URL, help="path (or URL) sent as every image's url"
     )
+    service.add_argument(
+        "--delay", type=float, default=0.0, help="seconds to wait before answering each call"
+    )
     gateway = roles.add_parser("gateway", help="the minimal HTTP gateway")
     gateway.add_argument("--host", default="127.0.0.1")
     gateway.add_argument("--http-port", type=int, required=True)
@@ -262,7 +301,11 @@ def main() -> None:
     factory = loop_factory()
     if args.role == "service":
         with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(serve_service(args.host, args.grpc_port, args.image.read_bytes(), args.url))
+            runner.run(
+                serve_service(
+                    args.host, args.grpc_port, args.image.read_bytes(), args.url, args.delay
+                )
+            )
         return
     base_url = (args.public_base_url or f"http://{args.host}:{args.http_port}").rstrip("/")
     web.run_app(
@@ -272,6 +315,8 @@ def main() -> None:
         port=args.http_port,
         print=None,
         access_log=None,
+        # The real gateway's listen backlog (http_gateway/__main__.py).
+        backlog=4096,
     )
 
 

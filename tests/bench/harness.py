@@ -890,7 +890,10 @@ class Ceiling(_ProcessPair):
 
     what = "ceiling's "
 
-    def __init__(self, root: Path, env: dict[str, str], image: bytes, url_path: str) -> None:
+    def __init__(
+        self, root: Path, env: dict[str, str], image: bytes, url_path: str, delay: float = 0.0
+    ) -> None:
+        self.delay = delay
         self.image_path = root / "ceiling-image"
         self.image_path.write_bytes(image)
         self.url_path = url_path
@@ -926,7 +929,10 @@ class Ceiling(_ProcessPair):
         url = ("--url", self.url_path) if self.url_path else ()
         self._spawn(
             "service",
-            ["--grpc-port", str(self.grpc_port), "--image", str(self.image_path), *url],
+            [
+                *("--grpc-port", str(self.grpc_port), "--image", str(self.image_path), *url),
+                *("--delay", str(self.delay)),
+            ],
         )
         self._wait("service", lambda: port_open(self.grpc_port))
         self._spawn(
@@ -1247,8 +1253,11 @@ def measure_ceiling(
     seconds: float,
     warmup: float,
     threads: int,
+    *,
+    warm_case: Case | None = None,
 ) -> CeilingResult:
-    """Starts the ceiling, checks its answer, warms it up and drives it like the stack."""
+    """Starts the ceiling, checks its answer, warms it up (with ``warm_case``'s settings
+    when given) and drives it like the stack."""
     figures = {"service": ProcessFigures(), "gateway": ProcessFigures()}
     try:
         ceiling.start()
@@ -1256,7 +1265,7 @@ def measure_ceiling(
         for name, pid in ceiling.pids.items():
             figures[name].idle_kib = proc_status_kib(pid, "VmRSS")
         log(f"case {case.number}: ceiling, warm-up {warmup:.0f} s then {seconds:.0f} s")
-        run_wrk(wrk, ceiling.url, case, authorization, warmup, threads)
+        run_wrk(wrk, ceiling.url, warm_case or case, authorization, warmup, threads)
         cpu_before = {name: proc_cpu_times(pid) for name, pid in ceiling.pids.items()}
         cs_before = {name: proc_context_switches(pid) for name, pid in ceiling.pids.items()}
         with LoadMeter(list(ceiling.pids.values())) as meter:
@@ -1549,6 +1558,14 @@ class InFlightResult:
     nofile: str
     # What the service's own /metrics say about the whole case (warm-up included).
     service_seen: ServiceMetrics
+    # The design's ceiling driven the same way, its service waiting the upstream's delay.
+    ceiling: CeilingResult | None = None
+
+    def ceiling_share_of_ideal(self) -> float | None:
+        if self.ceiling is None:
+            return None
+        ideal = self.case.connections * int(self.ceiling.wrk.seconds // self.delay)
+        return self.ceiling.wrk.requests / ideal if ideal else 0.0
 
     @property
     def delay(self) -> float:
@@ -1584,7 +1601,14 @@ class InFlightResult:
 
 
 def run_inflight_case(
-    case: Case, wrk: str, root: Path, seconds: float, warmup: float, threads: int
+    case: Case,
+    wrk: str,
+    root: Path,
+    seconds: float,
+    warmup: float,
+    threads: int,
+    *,
+    with_ceiling: bool = True,
 ) -> InFlightResult:
     """Holds ``case.connections`` connections on a fresh stack whose provider answers after
     ``case.upstream_delay`` seconds, for at least two rounds of that delay; measures
@@ -1635,9 +1659,24 @@ def run_inflight_case(
             every[name].peak_kib = proc_status_kib(pid, "VmHWM")
         stack.assert_alive()
         upstream.assert_alive()
+        image, url_path = stack.first_image(case, body)
     finally:
         stack.stop()
         upstream.stop()
+    ceiling_result = None
+    if with_ceiling:
+        ceiling = Ceiling(root, stack.env, image, url_path, delay)
+        log(f"case {case.number}: ceiling, its service waiting {delay:g} s per call")
+        ceiling_result = measure_ceiling(
+            case,
+            wrk,
+            ceiling,
+            stack.authorization,
+            seconds,
+            warm_seconds,
+            threads,
+            warm_case=warm_case,
+        )
     billing = Billing(
         unit_price_micros=case.unit_price_micros,
         images_per_request=case.n,
@@ -1660,6 +1699,7 @@ def run_inflight_case(
         load=meter.load,
         nofile=nofile,
         service_seen=service_seen,
+        ceiling=ceiling_result,
     )
 
 
@@ -1736,6 +1776,15 @@ def inflight_lines(results: Sequence[InFlightResult]) -> list[str]:
             f"held {b.after.held_micros}; statuses "
             + " ".join(f"{s}:{n}" for s, n in r.served_statuses.items())
         )
+        if r.ceiling is not None:
+            c, share = r.ceiling, r.ceiling_share_of_ideal() or 0.0
+            lines.append(
+                f"  case {r.case.number}, the design's ceiling driven the same way (its service "
+                f"waits {r.delay:g} s per call, no provider call): {c.wrk.rps:.1f} rps = "
+                f"{share:.1%} of its ideal; p50 {c.wrk.latency_ms('p50'):.0f} ms, p99 "
+                f"{c.wrk.latency_ms('p99'):.0f} ms; non-200 {c.wrk.non200}; cores svc/gw "
+                f"{c.cores('service'):.2f}/{c.cores('gateway'):.2f}"
+            )
         seen = r.service_seen
         lines.append(
             f"  case {r.case.number}, the service's /metrics (warm-up included): "
@@ -1773,6 +1822,13 @@ def inflight_json(r: InFlightResult) -> dict[str, Any]:
         "load": vars(r.load),
         "nofile": r.nofile,
         "service_metrics": dataclasses.asdict(r.service_seen),
+        "ceiling": None
+        if r.ceiling is None
+        else {
+            "stack": r.ceiling.wrk.raw,
+            "share_of_ideal": r.ceiling_share_of_ideal(),
+            "processes": {n: vars(p) for n, p in r.ceiling.processes.items()},
+        },
     }
 
 
@@ -2645,7 +2701,13 @@ def run(
             if case.holds_in_flight:
                 inflight.append(
                     run_inflight_case(
-                        case, wrk, root / f"case{case.number}", seconds, warmup, threads
+                        case,
+                        wrk,
+                        root / f"case{case.number}",
+                        seconds,
+                        warmup,
+                        threads,
+                        with_ceiling=ceiling,
                     )
                 )
                 continue
