@@ -1783,7 +1783,11 @@ def inflight_lines(results: Sequence[InFlightResult]) -> list[str]:
                 f"waits {r.delay:g} s per call, no provider call): {c.wrk.rps:.1f} rps = "
                 f"{share:.1%} of its ideal; p50 {c.wrk.latency_ms('p50'):.0f} ms, p99 "
                 f"{c.wrk.latency_ms('p99'):.0f} ms; non-200 {c.wrk.non200}; cores svc/gw "
-                f"{c.cores('service'):.2f}/{c.cores('gateway'):.2f}"
+                f"{c.cores('service'):.2f}/{c.cores('gateway'):.2f}; growth/req svc/gw "
+                + "/".join(
+                    size_text(c.processes[name].growth_kib * 1024 / r.case.connections)
+                    for name in ("service", "gateway")
+                )
             )
         seen = r.service_seen
         lines.append(
