@@ -18,11 +18,11 @@ from collections import Counter
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from imagegen_service.gen import admin_pb2, admin_pb2_grpc, images_pb2, images_pb2_grpc
 from tests.fakes.loopback import free_port
-from tests.test_shutdown import ADMIN_TOKEN, eventually, process
+from tests.test_shutdown import ADMIN_TOKEN, process
+from tests.test_startup_faults import serving
 
 BURST = 2_000
 PRICE_MICROS = 1
@@ -68,17 +68,7 @@ async def test_two_thousand_calls_queued_at_once_are_all_served_and_charged(
         process("imagegen_service", environ, log_path) as service,
         grpc.aio.insecure_channel(address) as channel,
     ):
-        health = health_pb2_grpc.HealthStub(channel)
-
-        async def serving() -> bool:
-            assert service.returncode is None, log_path.read_text()
-            try:
-                answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-            except grpc.aio.AioRpcError:
-                return False
-            return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
-
-        await eventually(serving, "the service to serve")
+        await serving(channel, service, log_path)
         admin = admin_pb2_grpc.AdminStub(channel)
         opening = 1_000_000
         account = await admin.CreateAccount(
