@@ -248,6 +248,25 @@ async def test_unreadable_answers_are_upstream_errors(
         await provider.generate(make_request())
 
 
+async def test_a_cookie_an_upstream_sets_is_not_sent_on_later_calls(
+    fake: FakeOpenAIUpstream,
+) -> None:
+    png = image_bytes(64, 48)
+    answer = {"created": 1, "data": [{"b64_json": base64.b64encode(png).decode()}]}
+    fake.script(raw(200, orjson.dumps(answer), headers={"Set-Cookie": "session=tenant-a; Path=/"}))
+    # By name: a cookie jar would keep nothing for a bare IP address anyway.
+    base_url = fake.base_url.replace("127.0.0.1", "localhost") + "/"
+    provider = OpenAICompatibleProvider("openai", base_url=base_url, api_key=API_KEY)
+    try:
+        await provider.generate(make_request())
+        await provider.generate(make_request())
+    finally:
+        await provider.aclose()
+
+    assert len(fake.requests) == 2
+    assert "Cookie" not in fake.requests[1].headers
+
+
 async def test_base64_wrapped_in_lines_is_read_whole(
     fake: FakeOpenAIUpstream, provider: OpenAICompatibleProvider
 ) -> None:

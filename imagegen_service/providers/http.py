@@ -58,6 +58,9 @@ class HttpUpstream:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self._max_connections),
                 timeout=aiohttp.ClientTimeout(total=self.timeout_seconds),
+                # One session serves every account: a cookie an upstream set for one call
+                # must not ride along on the next caller's (and no jar is kept per call).
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._session
 
