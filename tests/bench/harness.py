@@ -86,10 +86,19 @@ PACKAGES = (
     "uvloop",
 )
 
-# Targets from the issue "Benchmarks and speed"; reported, not enforced.
-TARGET_FLOOR_RPS_SHARE = 0.20
-TARGET_P50_ADDED_MS = 1.0
-TARGET_MEMORY_X_RESPONSE = 3.0
+# Targets from the issue "Speed on the path production runs"; reported, not enforced.
+# Local path (cases 1, 2): against the design's ceiling.
+TARGET_CEILING_SHARE = 0.80
+TARGET_P50_BEYOND_CEILING_MS = 0.3
+# HTTP provider (cases 5, 6): over the upstream alone at 1 connection, of the floor at 32.
+TARGET_UPSTREAM_P50_ADDED_MS = 1.5
+TARGET_UPSTREAM_FLOOR_SHARE = 0.12
+# 4x1024x1024 b64_json (case 3).
+TARGET_MEMORY_X_RESPONSE = 2.0
+# Requests in flight (case 7).
+TARGET_IDEAL_SHARE = 0.95
+TARGET_INFLIGHT_P99_MS = 2_300
+TARGET_INFLIGHT_KIB = 64
 # Cores used by other processes during a run above which its figures are flagged as noisy.
 NOISY_OTHER_CORES = 0.25
 
@@ -1805,6 +1814,9 @@ def inflight_lines(results: Sequence[InFlightResult]) -> list[str]:
                 f"NOTE case {r.case.number}: other processes used {r.load.other_cores:.2f} "
                 "cores during its run; its figures are noisy"
             )
+    lines.append("  Targets (reported, not enforced; billing exactness is enforced)")
+    for v in inflight_verdicts(results):
+        lines.append(f"  {'PASS' if v.passed else 'FAIL'}  case {v.case}: {v.target}: {v.detail}")
     return lines
 
 
@@ -1910,68 +1922,62 @@ class Verdict:
 
 
 def verdicts(results: Sequence[CaseResult]) -> list[Verdict]:
+    """The speed issue's targets for cases 1-6, and billing; reported, not enforced (but
+    billing, which run() enforces)."""
     out = []
     for r in results:
         c = r.case
-        if c.uses_upstream:
-            # The upstream cases are measured, not judged: only the answers and billing.
+        if c.connections >= 32:
             out.append(
                 Verdict(
                     c.number,
-                    "all answers 200",
+                    f"all answers 200 at {c.connections} connections",
                     r.stack.non200 == 0 and r.stack.socket_errors == 0,
                     f"{r.stack.non200} non-200, {r.stack.socket_errors} socket errors",
                 )
             )
-        elif c.connections >= 32:
+        if c.uses_upstream and r.upstream is not None:
+            upstream = r.upstream.wrk
+            if c.connections == 1:
+                added = r.stack.latency_ms("p50") - upstream.latency_ms("p50")
+                out.append(
+                    Verdict(
+                        c.number,
+                        f"<= +{TARGET_UPSTREAM_P50_ADDED_MS:g} ms p50 added over the upstream "
+                        "alone at 1 connection",
+                        added <= TARGET_UPSTREAM_P50_ADDED_MS,
+                        f"{added:+.2f} ms ({r.stack.latency_ms('p50'):.2f} vs "
+                        f"{upstream.latency_ms('p50'):.2f} ms)",
+                    )
+                )
+            else:
+                out.append(
+                    Verdict(
+                        c.number,
+                        f">= {TARGET_UPSTREAM_FLOOR_SHARE:.0%} of the floor's rps",
+                        r.rps_ratio >= TARGET_UPSTREAM_FLOOR_SHARE,
+                        f"{r.rps_ratio:.1%} ({r.stack.rps:.0f} / {r.floor.rps:.0f} rps)",
+                    )
+                )
+        elif r.ceiling is not None and c.connections == 1:
+            beyond = r.stack.latency_ms("p50") - r.ceiling.wrk.latency_ms("p50")
             out.append(
                 Verdict(
                     c.number,
-                    "all answers 200 at 32 connections",
-                    r.stack.non200 == 0 and r.stack.socket_errors == 0,
-                    f"{r.stack.non200} non-200, {r.stack.socket_errors} socket errors",
+                    f"<= +{TARGET_P50_BEYOND_CEILING_MS:g} ms p50 beyond the design's ceiling "
+                    "at 1 connection",
+                    beyond <= TARGET_P50_BEYOND_CEILING_MS,
+                    f"{beyond:+.2f} ms ({r.stack.latency_ms('p50'):.2f} vs "
+                    f"{r.ceiling.wrk.latency_ms('p50'):.2f} ms)",
                 )
             )
+        elif r.ceiling is not None and c.response_format == "b64_json" and c.n == 1:
             out.append(
                 Verdict(
                     c.number,
-                    f">= {TARGET_FLOOR_RPS_SHARE:.0%} of floor rps at 32 connections",
-                    r.rps_ratio >= TARGET_FLOOR_RPS_SHARE,
-                    f"{r.rps_ratio:.1%} ({r.stack.rps:.0f} / {r.floor.rps:.0f} rps)"
-                    + (
-                        f"; the design's ceiling reaches {r.ceiling_rps_ratio:.1%} "
-                        f"({r.ceiling.wrk.rps:.0f} rps)"
-                        if r.ceiling
-                        else ""
-                    )
-                    + (
-                        f"; in process (no gRPC hop) {r.inprocess_rps_ratio:.1%} "
-                        f"({r.inprocess.wrk.rps:.0f} rps)"
-                        if r.inprocess
-                        else ""
-                    ),
-                )
-            )
-        if c.connections == 1 and not c.uses_upstream:
-            out.append(
-                Verdict(
-                    c.number,
-                    f"<= {TARGET_P50_ADDED_MS:g} ms p50 added at 1 connection",
-                    r.p50_added_ms <= TARGET_P50_ADDED_MS,
-                    f"+{r.p50_added_ms:.2f} ms ({r.stack.latency_ms('p50'):.2f} vs "
-                    f"{r.floor.latency_ms('p50'):.2f} ms)"
-                    + (
-                        f"; the design's ceiling adds {r.ceiling_p50_added_ms:+.2f} ms "
-                        f"({r.ceiling.wrk.latency_ms('p50'):.2f} ms)"
-                        if r.ceiling
-                        else ""
-                    )
-                    + (
-                        f"; in process (no gRPC hop) adds {r.inprocess_p50_added_ms:+.2f} ms "
-                        f"({r.inprocess.wrk.latency_ms('p50'):.2f} ms)"
-                        if r.inprocess
-                        else ""
-                    ),
+                    f">= {TARGET_CEILING_SHARE:.0%} of the design's ceiling's rps",
+                    r.ceiling_share >= TARGET_CEILING_SHARE,
+                    f"{r.ceiling_share:.1%} ({r.stack.rps:.0f} / {r.ceiling.wrk.rps:.0f} rps)",
                 )
             )
         if c.n == 4:
@@ -2000,6 +2006,42 @@ def verdicts(results: Sequence[CaseResult]) -> list[Verdict]:
                 + ", held 0",
             )
         )
+    return out
+
+
+def inflight_verdicts(results: Sequence[InFlightResult]) -> list[Verdict]:
+    """The speed issue's targets for the requests-in-flight case."""
+    out = []
+    for r in results:
+        n = r.case.number
+        errors = r.stack.non200 + sum(r.stack.raw["errors"].values())
+        out += [
+            Verdict(
+                n,
+                f">= {TARGET_IDEAL_SHARE:.0%} of the ideal throughput",
+                r.share_of_ideal >= TARGET_IDEAL_SHARE,
+                f"{r.share_of_ideal:.1%} ({r.stack.rps:.1f} / {r.ideal_rps:.1f} rps)",
+            ),
+            Verdict(
+                n,
+                f"p99 <= {TARGET_INFLIGHT_P99_MS:,} ms",
+                r.stack.latency_ms("p99") <= TARGET_INFLIGHT_P99_MS,
+                f"{r.stack.latency_ms('p99'):,.0f} ms",
+            ),
+            Verdict(n, "no errors", errors == 0, f"{errors} non-200 or socket errors"),
+        ]
+        for name in ("service", "gateway"):
+            growth = r.growth_per_request(name)
+            out.append(
+                Verdict(
+                    n,
+                    f"{name}: <= {TARGET_INFLIGHT_KIB} KiB per request in flight",
+                    growth <= TARGET_INFLIGHT_KIB * 1024,
+                    size_text(growth),
+                )
+            )
+        problems = r.billing.problems()
+        out.append(Verdict(n, "billing exact", not problems, "; ".join(problems) or "held 0"))
     return out
 
 
@@ -2735,6 +2777,7 @@ def run(
         if json_path is not None:
             figures = results_json(results, header)
             figures["in_flight"] = [inflight_json(r) for r in inflight]
+            figures["in_flight_verdicts"] = [vars(v) for v in inflight_verdicts(inflight)]
             json_path.write_text(json.dumps(figures, indent=2) + "\n")
         if profile_dir is not None:
             case = selected_cases(os.environ.get("BENCH_PROFILE_CASE") or "2")[0]
