@@ -26,6 +26,7 @@ from http_gateway.app import STOPPING, create_app, drain_seconds
 from http_gateway.config import GatewayConfig, load_gateway_config
 from imagegen_service.eventloop import freeze_startup_heap, loop_factory
 from imagegen_service.logging_setup import exit_with_error, start_logging
+from imagegen_service.startup import listen_error
 
 PROGRAM = "imagegen-gateway"
 _PORT_SETTING = "IMAGEGEN_HTTP_PORT (or [gateway] http_port)"
@@ -88,26 +89,14 @@ def main() -> None:
     except OSError as exc:
         # What binding the port raises; once serving, nothing lets an OSError out.
         if exc.errno in _LISTEN_ERRORS or isinstance(exc, socket.gaierror):
-            exit_with_error(PROGRAM, _listen_error(config, exc))
+            exit_with_error(
+                PROGRAM,
+                listen_error(config.http_host, config.http_port, "HTTP", _PORT_SETTING, exc),
+            )
         raise
 
 
 _LISTEN_ERRORS = (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL)
-
-
-def _listen_error(config: GatewayConfig, exc: OSError) -> str:
-    where = f"cannot listen on {config.http_host}:{config.http_port} (HTTP)"
-    if exc.errno == errno.EADDRINUSE:
-        return (
-            f"{where}: another process is already listening on port {config.http_port}; "
-            f"stop it, or choose another port with {_PORT_SETTING}"
-        )
-    if exc.errno == errno.EACCES:
-        return f"{where}: permission denied; choose a port above 1023 with {_PORT_SETTING}"
-    if exc.errno == errno.EADDRNOTAVAIL:
-        return f"{where}: {config.http_host} is not an address of this machine; correct the host"
-    # socket.gaierror: the host does not resolve.
-    return f"{where}: {(exc.strerror or str(exc)).lower()}; correct [gateway] http_host"
 
 
 if __name__ == "__main__":

@@ -16,19 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from imagegen_service.startup import TABLES
+
 DEFAULT_CONFIG_PATH = (
     Path(__file__).resolve().parent.parent / "imagegen_service" / "default_config.toml"
-)
-# Every table of the shared file (imagegen_service/config.py TABLES, which checks the others).
-TABLES = (
-    "service",
-    "images",
-    "rate_limits",
-    "routing",
-    "gateway",
-    "providers",
-    "catalog",
-    "models",
 )
 GATEWAY_KEYS = (
     "http_host",

@@ -32,6 +32,7 @@ from imagegen_service.catalog import Catalog, CatalogError, load_catalog
 from imagegen_service.money import parse_usd
 from imagegen_service.ratelimit import Limits
 from imagegen_service.routing import RoutingPolicy
+from imagegen_service.startup import TABLES
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.toml")
 PROVIDER_TYPES = (
@@ -105,18 +106,6 @@ MODEL_KEYS = frozenset(
     }
 )
 DEPLOYMENT_KEYS = frozenset({"provider", "upstream_model", "price_usd"})
-# Every table of the file. [gateway] is the gateway's (http_gateway/config.py checks its
-# keys); the service checks the rest.
-TABLES = (
-    "service",
-    "images",
-    "rate_limits",
-    "routing",
-    "gateway",
-    "providers",
-    "catalog",
-    "models",
-)
 SERVICE_KEYS = frozenset(
     {
         "grpc_host",

@@ -30,11 +30,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from imagegen_service import keys
-from imagegen_service.config import ServiceConfig, StartupError, database_error, load_config
+from imagegen_service.config import ServiceConfig, StartupError, load_config
 from imagegen_service.logging_setup import exit_with_error, start_logging
 from imagegen_service.money import format_usd
-from imagegen_service.server import check_port_free, drain_seconds
-from imagegen_service.stores.ledger_sql import LedgerStore, SchemaOutOfDate, open_store
+from imagegen_service.server import check_port_free, drain_seconds, open_ledger
+from imagegen_service.stores.ledger_sql import SchemaOutOfDate
 
 PROGRAM = "imagegen-run"
 DEV_ACCOUNT_MARKER = "dev-account"
@@ -47,22 +47,12 @@ STOP_MARGIN_SECONDS = 15.0
 READY_STOP_SECONDS = 5.0
 
 
-async def _open_store(database_url: str) -> LedgerStore:
-    try:
-        return await open_store(database_url)
-    except Exception as exc:
-        problem = database_error(database_url, exc)
-        if problem is None:
-            raise
-        raise problem from None
-
-
 async def _ensure_dev_account(config: ServiceConfig) -> tuple[str, str | None]:
     """Returns the dev account id, and a new key for it until one has been shown
     (``_key_shown`` records that, once the banner is printed)."""
     marker = config.data_dir / DEV_ACCOUNT_MARKER
     pending = config.data_dir / DEV_KEY_PENDING
-    store = await _open_store(config.database_url)
+    store = await open_ledger(config.database_url)
     try:
         if marker.exists():
             account_id = marker.read_text().strip()

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import signal
 import socket
 import time
@@ -38,7 +37,12 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from grpc_reflection.v1alpha._async import ReflectionServicer
 
-from imagegen_service.config import ServiceConfig, StartupError, database_error, redact_url
+from imagegen_service.config import (
+    ServiceConfig,
+    StartupError,
+    database_error,
+    redact_url,
+)
 from imagegen_service.eventloop import freeze_startup_heap
 from imagegen_service.gen import admin_pb2, admin_pb2_grpc, images_pb2, images_pb2_grpc
 from imagegen_service.idempotency import IdempotencyKeys
@@ -49,6 +53,7 @@ from imagegen_service.providers.registry import build_providers
 from imagegen_service.ratelimit import CounterStore, RateLimiter
 from imagegen_service.routing import ProviderLimits, Router
 from imagegen_service.servicer import AdminServicer, ImageGenerationServicer
+from imagegen_service.startup import listen_error
 from imagegen_service.stores.base import ImageStore
 from imagegen_service.stores.images_local import LocalImageStore
 from imagegen_service.stores.images_s3 import S3ImageStore
@@ -243,22 +248,6 @@ def check_port_free(host: str, port: int, what: str, setting: str) -> None:
                 raise StartupError(listen_error(host, port, what, setting, exc)) from None
 
 
-def listen_error(host: str, port: int, what: str, setting: str, exc: OSError) -> str:
-    """One line: which port could not be had, why, and what to change."""
-    where = f"cannot listen on {host}:{port} ({what})"
-    if exc.errno == errno.EADDRINUSE:
-        return (
-            f"{where}: another process is already listening on port {port}; stop it, "
-            f"or choose another port with {setting}"
-        )
-    if exc.errno == errno.EACCES:
-        return f"{where}: permission denied; choose a port above 1023 with {setting}"
-    if exc.errno == errno.EADDRNOTAVAIL:
-        return f"{where}: {host} is not an address of this machine; correct the host"
-    reason = (exc.strerror or str(exc)).lower()
-    return f"{where}: {reason}; check {setting}"
-
-
 def _bind_grpc(server: grpc.aio.Server, host: str, port: int) -> int:
     setting = "IMAGEGEN_GRPC_PORT (or [service] grpc_port)"
     if port:
@@ -273,7 +262,7 @@ def _bind_grpc(server: grpc.aio.Server, host: str, port: int) -> int:
         ) from None
 
 
-async def _open_ledger(database_url: str) -> LedgerStore:
+async def open_ledger(database_url: str) -> LedgerStore:
     try:
         return await open_store(database_url)
     except Exception as exc:
@@ -305,7 +294,7 @@ async def start_service(config: ServiceConfig, *, port: int | None = None) -> Ru
                 )
                 raise StartupError(message) from None
             undo.push_async_callback(metrics_endpoint.stop)
-        ledger = await _open_ledger(config.database_url)
+        ledger = await open_ledger(config.database_url)
         undo.push_async_callback(ledger.close)
         metrics.database_checked(True)
         images = build_image_store(config)

@@ -409,38 +409,40 @@ def _usage(usage: TokenUsage) -> images_pb2.Usage:
 def _to_message(
     event: DeliveredImage | DeliveredPartial | Summary,
 ) -> images_pb2.GenerateImagesResponse:
+    # Filled in place: passing a built sub-message to the constructor copies it whole,
+    # image bytes included (~2 ms per MB here), once more than setting the field does.
+    message = images_pb2.GenerateImagesResponse()
     if isinstance(event, DeliveredImage):
-        image = images_pb2.GeneratedImage(
-            index=event.index,
-            data=event.data,
-            url=event.url,
-            revised_prompt=event.revised_prompt,
-            mime_type=event.mime_type,
-            width=event.width,
-            height=event.height,
-            quality=event.quality,
-            background=event.background,
-            output_format=event.output_format,
-        )
+        image = message.image
+        image.SetInParent()
+        image.index = event.index
+        image.data = event.data
+        image.url = event.url
+        image.revised_prompt = event.revised_prompt
+        image.mime_type = event.mime_type
+        image.width = event.width
+        image.height = event.height
+        image.quality = event.quality
+        image.background = event.background
+        image.output_format = event.output_format
         if event.output_format:
             image.usage.CopyFrom(_usage(event.usage))
-        return images_pb2.GenerateImagesResponse(image=image)
+        return message
     if isinstance(event, DeliveredPartial):
-        return images_pb2.GenerateImagesResponse(
-            partial=images_pb2.PartialImage(
-                index=event.index,
-                partial_image_index=event.partial_image_index,
-                data=event.data,
-                mime_type=event.mime_type,
-                width=event.width,
-                height=event.height,
-                quality=event.quality,
-                background=event.background,
-                output_format=event.output_format,
-            )
-        )
-    return images_pb2.GenerateImagesResponse(
-        summary=images_pb2.GenerationSummary(
+        partial = message.partial
+        partial.SetInParent()
+        partial.index = event.index
+        partial.partial_image_index = event.partial_image_index
+        partial.data = event.data
+        partial.mime_type = event.mime_type
+        partial.width = event.width
+        partial.height = event.height
+        partial.quality = event.quality
+        partial.background = event.background
+        partial.output_format = event.output_format
+        return message
+    message.summary.CopyFrom(
+        images_pb2.GenerationSummary(
             created=event.created,
             model=event.model,
             provider=event.provider,
@@ -453,6 +455,7 @@ def _to_message(
             output_format=event.output_format,
         )
     )
+    return message
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):

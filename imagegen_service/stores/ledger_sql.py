@@ -212,6 +212,23 @@ def _page_token(kind: str, *position: Any) -> str:
     return base64.urlsafe_b64encode(orjson.dumps([kind, *position])).decode().rstrip("=")
 
 
+def _in_creation_order(
+    query: sa.Select[Any], table: sa.Table, after: list[Any] | None
+) -> sa.Select[Any]:
+    """``query`` in creation order (time, then id), from just past ``after``, a page
+    token's (created_at, id)."""
+    query = query.order_by(table.c.created_at, table.c.id)
+    if after is None:
+        return query
+    created_at, row_id = after
+    return query.where(
+        sa.or_(
+            table.c.created_at > created_at,
+            sa.and_(table.c.created_at == created_at, table.c.id > row_id),
+        )
+    )
+
+
 def _page_position(kind: str, token: str, types: tuple[type, ...]) -> list[Any] | None:
     """Where a page token says the previous page ended; None for the first page."""
     if not token:
@@ -850,14 +867,7 @@ class LedgerStore:
         after = _page_position("accounts", page_token, (int, str))
 
         def read(conn: sa.Connection) -> Page[Account]:
-            query = accounts.select().order_by(accounts.c.created_at, accounts.c.id)
-            if after is not None:
-                query = query.where(
-                    sa.or_(
-                        accounts.c.created_at > after[0],
-                        sa.and_(accounts.c.created_at == after[0], accounts.c.id > after[1]),
-                    )
-                )
+            query = _in_creation_order(accounts.select(), accounts, after)
             rows = conn.execute(query.limit(size + 1)).all()
             items = [
                 Account(r.id, r.name, r.available_micros, r.held_micros, r.created_at)
@@ -924,18 +934,9 @@ class LedgerStore:
 
         def read(conn: sa.Connection) -> Page[ApiKey]:
             _get_account(conn, account_id)
-            query = (
-                api_keys.select()
-                .where(api_keys.c.account_id == account_id)
-                .order_by(api_keys.c.created_at, api_keys.c.id)
+            query = _in_creation_order(
+                api_keys.select().where(api_keys.c.account_id == account_id), api_keys, after
             )
-            if after is not None:
-                query = query.where(
-                    sa.or_(
-                        api_keys.c.created_at > after[0],
-                        sa.and_(api_keys.c.created_at == after[0], api_keys.c.id > after[1]),
-                    )
-                )
             rows = conn.execute(query.limit(size + 1)).all()
             items = [_key(r) for r in rows[:size]]
             more = len(rows) > size

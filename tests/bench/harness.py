@@ -1025,6 +1025,28 @@ class Billing:
     # wrk closing its connections at the deadline; the service charges, then answers).
     by_generated: bool = True
 
+    @classmethod
+    def of_run(
+        cls,
+        case: Case,
+        stack: Stack,
+        before: Snapshot,
+        after: Snapshot,
+        result: WrkResult,
+        upstream_images: int | None,
+    ) -> Billing:
+        """The billing of one measured run of ``case`` on ``stack``."""
+        return cls(
+            unit_price_micros=case.unit_price_micros,
+            images_per_request=case.n,
+            before=before,
+            after=after,
+            opening_micros=stack.opening_micros,
+            wrk_ok=result.ok,
+            wrk_cut=result.cut,
+            upstream_images=upstream_images,
+        )
+
     @property
     def client_gone(self) -> int:
         """Answers the gateway logged as 499: the client left before its answer was sent."""
@@ -1471,16 +1493,7 @@ def _run_case(
         stack.assert_alive()
     finally:
         stack.stop()
-    billing = Billing(
-        unit_price_micros=case.unit_price_micros,
-        images_per_request=case.n,
-        before=before,
-        after=after,
-        opening_micros=stack.opening_micros,
-        wrk_ok=result.ok,
-        wrk_cut=result.cut,
-        upstream_images=upstream_images,
-    )
+    billing = Billing.of_run(case, stack, before, after, result, upstream_images)
     served = after.served - before.served
 
     upstream_alone = None
@@ -1686,16 +1699,7 @@ def run_inflight_case(
             threads,
             warm_case=warm_case,
         )
-    billing = Billing(
-        unit_price_micros=case.unit_price_micros,
-        images_per_request=case.n,
-        before=before,
-        after=after,
-        opening_micros=stack.opening_micros,
-        wrk_ok=result.ok,
-        wrk_cut=result.cut,
-        upstream_images=upstream_images,
-    )
+    billing = Billing.of_run(case, stack, before, after, result, upstream_images)
     served = after.served - before.served
     return InFlightResult(
         case=case,
