@@ -34,8 +34,9 @@ and the floor is the design's own price and how much is ours:
     ``GET /healthz`` answers once the gateway listens.
 
 Both run on the event loop the real processes use (uvloop unless ``IMAGEGEN_UVLOOP=0``,
-``imagegen_service/eventloop.py``) and read the real configuration (``IMAGEGEN_CONFIG``)
-only for the gRPC options and the request timeout.
+``imagegen_service/eventloop.py``), freeze their start-up heap and set the garbage
+collector's thresholds as the real processes do, and read the real configuration
+(``IMAGEGEN_CONFIG``) only for the gRPC options and the request timeout.
 
     python -m tests.bench.ceiling service --grpc-port 50099 --image image.png
     python -m tests.bench.ceiling gateway --http-port 8099 --grpc-port 50099
@@ -60,7 +61,7 @@ import pybase64
 from aiohttp import web
 
 from http_gateway.views import answer_fits_one_message
-from imagegen_service.eventloop import loop_factory
+from imagegen_service.eventloop import freeze_startup_heap, loop_factory
 from imagegen_service.gen import images_pb2, images_pb2_grpc
 
 if TYPE_CHECKING:
@@ -164,6 +165,7 @@ async def serve_service(host: str, port: int, image: bytes, url: str, delay: flo
     if server.add_insecure_port(f"{host}:{port}") == 0:
         sys.exit(f"ceiling service: cannot listen on {host}:{port}")
     await server.start()
+    freeze_startup_heap()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -256,6 +258,7 @@ def create_gateway(service_address: str, base_url: str) -> web.Application:
     async def grpc_channel(app: web.Application) -> AsyncIterator[None]:
         channel = grpc.aio.insecure_channel(service_address, options=channel_options(config))
         app[STUB] = images_pb2_grpc.ImageGenerationStub(channel)
+        freeze_startup_heap()
         yield
         await channel.close(grace=1.0)
 
