@@ -387,9 +387,9 @@ class _SqliteRunner:
         # Touched only on the event loop's thread.
         self._pending: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]] = []
         self._scheduled = False
+        # The writer thread has a batch or a checkpoint: new writes wait in _pending.
         self._in_thread = False
         self._commits = 0
-        self._checkpointing = False
         # close() waits on it for the writes still queued or running.
         self._drained: asyncio.Future[None] | None = None
         self._write_engine = self._engine(path, begin="BEGIN IMMEDIATE", busy_ms=30000)
@@ -468,11 +468,15 @@ class _SqliteRunner:
         self._deliver(batch, outcomes)
         self._check_drained()
         self._commits += 1
-        if self._commits >= self.CHECKPOINT_EVERY and not self._checkpointing:
+        if self._commits >= self.CHECKPOINT_EVERY:
             self._commits = 0
-            self._checkpointing = True
+            # The loop's writes wait while the checkpoint runs. With nothing appended
+            # meanwhile it copies the whole WAL back, and the next commit starts the WAL
+            # over; one that raced the loop's commits never caught up, and the WAL grew
+            # for as long as the load lasted (~13 KB per generation).
+            self._in_thread = True
             checkpoint = loop.run_in_executor(self._writer, self._checkpoint)
-            checkpoint.add_done_callback(self._checkpointed)
+            checkpoint.add_done_callback(lambda outcome: self._checkpointed(loop, outcome))
 
     def _thread_done(
         self,
@@ -566,10 +570,14 @@ class _SqliteRunner:
         finally:
             raw.close()
 
-    def _checkpointed(self, outcome: asyncio.Future[None]) -> None:
-        self._checkpointing = False
+    def _checkpointed(self, loop: asyncio.AbstractEventLoop, outcome: asyncio.Future[None]) -> None:
+        self._in_thread = False
         if outcome.exception() is not None:
             log.warning("ledger.checkpoint_failed", error=str(outcome.exception()))
+        if self._pending and not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush, loop)
+        self._check_drained()
 
     async def write_alone(self, fn: Callable[..., T], *args: Any) -> T:
         """A write in a transaction of its own (schema migrations)."""
