@@ -406,6 +406,22 @@ def _usage(usage: TokenUsage) -> images_pb2.Usage:
     )
 
 
+def _fill_picture(
+    target: images_pb2.GeneratedImage | images_pb2.PartialImage,
+    event: DeliveredImage | DeliveredPartial,
+) -> None:
+    """The fields a finished image and a partial render share, set in place."""
+    target.SetInParent()
+    target.index = event.index
+    target.data = event.data
+    target.mime_type = event.mime_type
+    target.width = event.width
+    target.height = event.height
+    target.quality = event.quality
+    target.background = event.background
+    target.output_format = event.output_format
+
+
 def _to_message(
     event: DeliveredImage | DeliveredPartial | Summary,
 ) -> images_pb2.GenerateImagesResponse:
@@ -414,32 +430,16 @@ def _to_message(
     message = images_pb2.GenerateImagesResponse()
     if isinstance(event, DeliveredImage):
         image = message.image
-        image.SetInParent()
-        image.index = event.index
-        image.data = event.data
+        _fill_picture(image, event)
         image.url = event.url
         image.revised_prompt = event.revised_prompt
-        image.mime_type = event.mime_type
-        image.width = event.width
-        image.height = event.height
-        image.quality = event.quality
-        image.background = event.background
-        image.output_format = event.output_format
         if event.output_format:
             image.usage.CopyFrom(_usage(event.usage))
         return message
     if isinstance(event, DeliveredPartial):
         partial = message.partial
-        partial.SetInParent()
-        partial.index = event.index
+        _fill_picture(partial, event)
         partial.partial_image_index = event.partial_image_index
-        partial.data = event.data
-        partial.mime_type = event.mime_type
-        partial.width = event.width
-        partial.height = event.height
-        partial.quality = event.quality
-        partial.background = event.background
-        partial.output_format = event.output_format
         return message
     message.summary.CopyFrom(
         images_pb2.GenerationSummary(

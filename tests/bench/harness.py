@@ -1029,19 +1029,20 @@ class Billing:
     def of_run(
         cls,
         case: Case,
-        stack: Stack,
+        opening_micros: int,
         before: Snapshot,
         after: Snapshot,
         result: WrkResult,
-        upstream_images: int | None,
+        upstream_images: int | None = None,
     ) -> Billing:
-        """The billing of one measured run of ``case`` on ``stack``."""
+        """The billing of one measured run of ``case`` on an account opened with
+        ``opening_micros``."""
         return cls(
             unit_price_micros=case.unit_price_micros,
             images_per_request=case.n,
             before=before,
             after=after,
-            opening_micros=stack.opening_micros,
+            opening_micros=opening_micros,
             wrk_ok=result.ok,
             wrk_cut=result.cut,
             upstream_images=upstream_images,
@@ -1362,15 +1363,7 @@ def measure_inprocess(
         server.assert_alive()
     finally:
         server.stop()
-    billing = Billing(
-        unit_price_micros=case.unit_price_micros,
-        images_per_request=case.n,
-        before=before,
-        after=after,
-        opening_micros=server.opening_micros,
-        wrk_ok=result.ok,
-        wrk_cut=result.cut,
-    )
+    billing = Billing.of_run(case, server.opening_micros, before, after, result)
     served = after.served - before.served
     return InProcessResult(
         result, len(answer), figures, billing, dict(sorted(served.items())), meter.load
@@ -1493,7 +1486,7 @@ def _run_case(
         stack.assert_alive()
     finally:
         stack.stop()
-    billing = Billing.of_run(case, stack, before, after, result, upstream_images)
+    billing = Billing.of_run(case, stack.opening_micros, before, after, result, upstream_images)
     served = after.served - before.served
 
     upstream_alone = None
@@ -1699,7 +1692,7 @@ def run_inflight_case(
             threads,
             warm_case=warm_case,
         )
-    billing = Billing.of_run(case, stack, before, after, result, upstream_images)
+    billing = Billing.of_run(case, stack.opening_micros, before, after, result, upstream_images)
     served = after.served - before.served
     return InFlightResult(
         case=case,
