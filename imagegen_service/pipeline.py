@@ -174,16 +174,23 @@ class ImagePipeline:
         charged anything (invalid parameters, rate limits, Idempotency-Key conflicts, a
         failed provider): the failure while the key is active, else InvalidApiKey. A revoked
         key is answered exactly as an unknown one from the moment the revocation is written,
-        by any process, on every replica; a failed lookup is answered as for an unknown key.
+        by any process, on every replica.
 
         One indexed read, on failures only: a request that succeeds was checked by its hold,
-        whose statement places it only for an active key."""
-        if isinstance(refusal, errors.InvalidApiKey):
+        whose statement places it only for an active key. So was one refused for its
+        balance, by the same statement: no read. A lookup that fails for another reason (the
+        database out of connections under load) leaves the refusal as it was: it is true, and
+        the caller would otherwise get an internal error for a request that failed cleanly."""
+        if isinstance(refusal, errors.InvalidApiKey | errors.InsufficientBalance):
             return refusal
         try:
             await self.authenticate(authorization)
-        except Exception as exc:
+        except errors.ImagegenError as exc:
             return exc
+        except Exception as exc:
+            log.warning(
+                "auth.recheck_failed", error=type(exc).__name__, refusal=type(refusal).__name__
+            )
         return refusal
 
     async def prepare(self, key: ApiKey, params: GenerationParams, *, request_id: str) -> Prepared:

@@ -72,7 +72,8 @@ def _status_of(
         return to_status(
             errors.ServiceUnavailable("The image service cannot reach its database. Try again.")
         )
-    log.exception("rpc.failed", method=method, request_id=request_id_of(context))
+    # ``exc`` may not be the exception being handled (refusal_for can answer another one).
+    log.error("rpc.failed", method=method, request_id=request_id_of(context), exc_info=exc)
     return internal_status()
 
 

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import pytest
 
 from imagegen_service import errors
-from imagegen_service.stores.ledger_sql import LedgerStore, SchemaOutOfDate, open_store
+from imagegen_service.stores.ledger_sql import (
+    LedgerStore,
+    SchemaOutOfDate,
+    is_database_unreachable,
+    open_store,
+)
 from tests.services import scratch_postgres_database
 
 
@@ -141,6 +149,36 @@ async def test_postgres_service_refuses_an_unmigrated_schema() -> None:
     async with scratch_postgres_database() as url:
         with pytest.raises(SchemaOutOfDate, match="imagegen-admin db upgrade"):
             await open_store(url)
+
+
+async def test_postgres_out_of_connection_slots_is_the_database_unavailable() -> None:
+    """A server with no connection slot left for us ("too many clients") is the database
+    unavailable (a retryable 503), not a bug in a statement (a 500): through the ledger's
+    SQLAlchemy engine and through its own asyncpg pool."""
+    async with scratch_postgres_database() as url:
+        migrator = LedgerStore(url)
+        await migrator.upgrade()
+        account = await migrator.create_account("full", 10_000)
+        await migrator.close()
+        role = f"imagegen_full_{secrets.token_hex(4)}"
+        admin = await asyncpg.connect(url)
+        await admin.execute(f'CREATE ROLE "{role}" LOGIN CONNECTION LIMIT 0')
+        parts = urlsplit(url)
+        store = LedgerStore(
+            urlunsplit(parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port}"))
+        )
+        try:
+            with pytest.raises(Exception) as engine_refused:
+                await store.get_account(account.id)
+            with pytest.raises(Exception) as pool_refused:
+                await store.place_hold(account.id, 1_000, request_id="r", ttl_seconds=60)
+        finally:
+            await store.close()
+            await admin.execute(f'DROP ROLE "{role}"')
+            await admin.close()
+        for refused in (engine_refused.value, pool_refused.value):
+            assert "too many connections" in str(refused)
+            assert is_database_unreachable(refused), repr(refused)
 
 
 async def test_sqlite_write_locked_by_another_process_waits_off_the_event_loop(

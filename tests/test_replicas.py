@@ -113,12 +113,13 @@ class Replicas:
         return ports
 
     def _spawn(self, port: int) -> None:
-        self.processes[port] = subprocess.Popen(
-            [sys.executable, "-m", "imagegen_service"],
-            env=self.env(port),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        with (self.root / f"replica-{port}.log").open("ab") as log:
+            self.processes[port] = subprocess.Popen(
+                [sys.executable, "-m", "imagegen_service"],
+                env=self.env(port),
+                stdout=log,
+                stderr=log,
+            )
 
     async def _wait_serving(self, port: int) -> None:
         deadline = time.monotonic() + 60

@@ -129,7 +129,8 @@ CONNECT_TIMEOUT_SECONDS = 10.0
 
 def is_database_unreachable(exc: BaseException) -> bool:
     """Whether ``exc`` is the database gone away or unreachable (a connection refused, reset
-    or timed out; SQLite's file unusable) rather than a bug in a statement."""
+    or timed out; a server out of connection slots; SQLite's file unusable) rather than a
+    bug in a statement."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
@@ -142,6 +143,7 @@ def is_database_unreachable(exc: BaseException) -> bool:
             | asyncpg.PostgresConnectionError
             | asyncpg.ConnectionDoesNotExistError
             | asyncpg.CannotConnectNowError
+            | asyncpg.TooManyConnectionsError
             | sa.exc.DisconnectionError,
         ):
             return True
