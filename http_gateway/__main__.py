@@ -62,7 +62,7 @@ async def serve(config: GatewayConfig) -> None:
     app[STOPPING].set()
     started = time.monotonic()
     log.info("gateway.stopping", grace_seconds=grace)
-    draining = asyncio.create_task(runner.cleanup())
+    draining = asyncio.create_task(_drain(runner))
     again = asyncio.create_task(signalled.wait())
     await asyncio.wait((draining, again), return_when=asyncio.FIRST_COMPLETED)
     again.cancel()
@@ -75,6 +75,27 @@ async def serve(config: GatewayConfig) -> None:
         return
     await draining
     log.info("gateway.stopped", drained_seconds=round(time.monotonic() - started, 1))
+
+
+# How long the listeners stay closed before the drain starts (see _drain).
+ACCEPT_SETTLE_SECONDS = 0.05
+
+
+async def _drain(runner: web.AppRunner) -> None:
+    """Closes the listeners, then lets aiohttp drain.
+
+    aiohttp's own drain closes the listeners and marks every connection closing in the same
+    loop iteration. A connection accepted in that instant (a client polling /healthz as the
+    signal arrives) was seen to get no answer at all, its request dropped, while the drain
+    waited out its whole grace for it: the handler that reads a connection's requests runs
+    as a task of its own, and one not yet started when its connection is marked closing
+    ignores the request that then arrives and waits for another. Letting the loop run a
+    moment between the two starts every such handler first; the drain then serves its
+    request or closes it."""
+    for site in runner.sites:
+        await site.stop()
+    await asyncio.sleep(ACCEPT_SETTLE_SECONDS)
+    await runner.cleanup()
 
 
 def main() -> None:
