@@ -248,21 +248,6 @@ async def _drain_service(
     return str(account.id)
 
 
-async def _answers(url: str) -> bool:
-    """Whether a new connection to the gateway gets /healthz answered 200; False when it is
-    refused or closed. A connection left hanging fails the test (a bounded wait)."""
-    try:
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as fresh,
-            fresh.get(url + "/healthz") as resp,
-        ):
-            return resp.status == 200
-    except aiohttp.ClientConnectionError:
-        return False
-    except TimeoutError:
-        pytest.fail("a connection made while the gateway stopped was left hanging")
-
-
 async def test_gateway_finishes_in_flight_requests_on_sigterm_and_exits_0(
     stack: Stack, fake: FakeOpenAIUpstream, tmp_path: Path
 ) -> None:
@@ -279,7 +264,17 @@ async def test_gateway_finishes_in_flight_requests_on_sigterm_and_exits_0(
 
         async def healthy() -> bool:
             assert gateway.returncode is None, log_path.read_text()
-            return await _answers(url)
+            # Bounded: a connection left hanging as the gateway stops fails the test.
+            try:
+                async with (
+                    aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as fresh,
+                    fresh.get(url + "/healthz") as resp,
+                ):
+                    return resp.status == 200
+            except aiohttp.ClientConnectionError:
+                return False
+            except TimeoutError:
+                pytest.fail("a connection made while the gateway stopped was left hanging")
 
         await eventually(healthy, "the gateway to listen")
         in_flight = asyncio.create_task(_generate(http, url, key, "fake-dalle"))

@@ -596,19 +596,18 @@ class _SqliteRunner:
         # (busy, pages in the WAL, pages copied back)
         return int(row[1]) if row is not None else 0
 
-    def _checkpoint_done(self, outcome: asyncio.Future[int]) -> None:
+    def _checkpoint_done(self, outcome: asyncio.Future[int], *, restarts: bool = False) -> None:
+        """``restarts``: the writes waited, so it copied the WAL back whole and the next
+        commit starts the WAL over."""
         self._checkpointing = False
         if outcome.exception() is not None:
             log.warning("ledger.checkpoint_failed", error=str(outcome.exception()))
         else:
-            self._wal_pages = outcome.result()
+            self._wal_pages = 0 if restarts else outcome.result()
 
     def _checkpointed(self, loop: asyncio.AbstractEventLoop, outcome: asyncio.Future[int]) -> None:
         self._in_thread = False
-        self._checkpoint_done(outcome)
-        if outcome.exception() is None:
-            # Copied back whole: the next commit starts the WAL over.
-            self._wal_pages = 0
+        self._checkpoint_done(outcome, restarts=True)
         if self._pending and not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._flush, loop)
