@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, Coroutine, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import structlog
 
@@ -465,6 +465,7 @@ def _provider_request(request: ValidatedRequest, request_id: str) -> ProviderReq
     )
 
 
-async def _shielded(coro: Coroutine[Any, Any, T]) -> T:
-    """Runs a ledger write to completion even if the request is being cancelled."""
-    return await asyncio.shield(coro)
+async def _shielded(settlement: asyncio.Future[T]) -> T:
+    """Waits for a ledger write that is under way; a cancelled request stops waiting but
+    the write still completes."""
+    return await asyncio.shield(settlement)

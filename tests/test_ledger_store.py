@@ -71,6 +71,25 @@ async def test_partial_capture_releases_the_rest_once(store: LedgerStore) -> Non
     assert await store.ledger_sums(account.id) == (8_500, 0)
 
 
+async def test_a_settlement_nobody_waits_for_still_completes(store: LedgerStore) -> None:
+    """A request cancelled while its hold settles stops waiting; the settlement is under
+    way from the call on and completes, so the money moves and the hold closes anyway."""
+    account = await store.create_account("unwaited", 10_000)
+    hold = await store.place_hold(account.id, 4_000, request_id="r", ttl_seconds=60)
+    waiter = asyncio.ensure_future(asyncio.shield(store.settle_hold(hold, 3_000, request_id="r")))
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    for _ in range(500):
+        after = await store.get_account(account.id)
+        if after.held_micros == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert (after.available_micros, after.held_micros) == (7_000, 0)
+    assert await store.ledger_sums(account.id) == (7_000, 0)
+    assert not await store.settle_hold(hold, 0, request_id="r"), "the hold was left open"
+
+
 async def test_settling_writes_the_same_entries_on_both_backends(store: LedgerStore) -> None:
     """Hold, capture and release entries with their exact amounts, in that order, whatever
     backend wrote them (PostgreSQL's per-request writes are SQL of their own)."""

@@ -452,13 +452,18 @@ class _SqliteRunner:
             return fn(conn, *args)
 
     async def write(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self.submit(fn, *args)
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Queues the write and returns its outcome to come. The write is made whether or
+        not anyone waits for it: a caller cancelled meanwhile does not undo it."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._pending.append((fn, args, future))
         if not self._scheduled and not self._in_thread:
             self._scheduled = True
             loop.call_soon(self._flush, loop)
-        return await future
+        return future
 
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         self._scheduled = False
@@ -474,7 +479,7 @@ class _SqliteRunner:
             done = loop.run_in_executor(self._writer, self._write_batch, work)
             done.add_done_callback(lambda outcome: self._thread_done(loop, batch, outcome))
             return
-        except Exception as exc:  # the commit failed: every write of the batch fails
+        except Exception as exc:  # the commit, or a write alone, failed: the batch fails
             outcomes = [(False, exc)] * len(batch)
         self._deliver(batch, outcomes)
         self._check_drained()
@@ -538,7 +543,12 @@ class _SqliteRunner:
         conn: _FastConnection, batch: list[tuple[Callable[..., Any], tuple[Any, ...]]]
     ) -> list[tuple[bool, Any]]:
         """Runs each write in its own savepoint: one that raises rolls back alone, except
-        for a locked database, which is raised for the whole batch."""
+        for a locked database, which is raised for the whole batch. A write alone in its
+        transaction needs no savepoint: what it raises is raised, and the caller rolls the
+        transaction back."""
+        if len(batch) == 1:
+            fn, args = batch[0]
+            return [(True, fn(conn, *args))]
         outcomes: list[tuple[bool, Any]] = []
         for fn, args in batch:
             conn.savepoint()
@@ -1134,17 +1144,24 @@ class LedgerStore:
         await self._db.write(tx)
         return hold
 
-    async def settle_hold(self, hold: Hold, capture_micros: int, *, request_id: str) -> bool:
+    def settle_hold(
+        self, hold: Hold, capture_micros: int, *, request_id: str
+    ) -> asyncio.Future[bool]:
         """Captures ``capture_micros`` of the hold and releases the rest, once.
 
-        Returns False when the hold was already settled (for example released on expiry),
-        in which case nothing moves.
+        The settlement is under way when this returns, and completes even if nobody waits
+        for it (a cancelled request still settles its hold): await the result, through
+        ``asyncio.shield`` where the waiter may be cancelled. It is False when the hold was
+        already settled (for example released on expiry), in which case nothing moves.
         """
         if not 0 <= capture_micros <= hold.amount_micros:
             raise ValueError("capture must lie between 0 and the held amount")
         if isinstance(self._db, _PostgresRunner):
-            return await self._db.settle(hold, capture_micros, request_id)
-        return await self._db.write(_settle, hold, capture_micros, request_id)
+            return asyncio.ensure_future(self._db.settle(hold, capture_micros, request_id))
+        # Queued at once, without a task of its own: a task per settlement cost more than
+        # the rest of the write's Python.
+        assert isinstance(self._db, _SqliteRunner)
+        return self._db.submit(_settle, hold, capture_micros, request_id)
 
     async def release_expired_holds(self, now: int | None = None) -> int:
         """Releases every open hold past its expiry (a process died mid-request)."""
