@@ -237,6 +237,33 @@ async def test_sqlite_write_locked_by_another_process_waits_off_the_event_loop(
         await store.close()
 
 
+async def test_sqlite_ledger_made_here_has_small_pages_and_an_older_one_keeps_its_own(
+    tmp_path: Path,
+) -> None:
+    """A commit writes every page it changed whole to the WAL, so the service creates its
+    SQLite ledger with 1 KiB pages instead of SQLite's 4 KiB. A database made before, with
+    4 KiB pages, keeps them and serves as before."""
+    older = tmp_path / "older.db"
+    made = sqlite3.connect(older)
+    made.execute("PRAGMA page_size=4096")
+    made.execute("PRAGMA journal_mode=WAL")
+    made.close()
+    for path, page_size in ((tmp_path / "new.db", 1024), (older, 4096)):
+        store = await open_store(f"sqlite:///{path}")
+        try:
+            account = await store.create_account("pages", 5_000)
+            spent = [await _spend(store, account.id, 1_000, i) for i in range(6)]
+            assert spent == [True] * 5 + [False]
+            after = await store.get_account(account.id)
+            assert (after.available_micros, after.held_micros) == (0, 0)
+            assert await store.ledger_sums(account.id) == (0, 0)
+        finally:
+            await store.close()
+        reader = sqlite3.connect(path)
+        assert reader.execute("PRAGMA page_size").fetchone() == (page_size,), path.name
+        reader.close()
+
+
 @pytest.mark.parametrize(
     ("in_flight", "bound_mib"),
     # One at a time, checkpoints run beside the writes until the WAL passes 32 MiB; with
@@ -247,13 +274,13 @@ async def test_sqlite_wal_stays_bounded_under_continuous_writes(
     tmp_path: Path, in_flight: int, bound_mib: int
 ) -> None:
     """Under load that never pauses, checkpoints that run beside the writes never catch
-    up with them, and SQLite appended to the WAL for as long as the load lasted (~54 KB
-    per generation one at a time, over 200 MB after 4,000; ~11 KB at 8 in flight). The
-    writes that wait for a checkpoint let it copy the rest back, SQLite starts the WAL
-    over, and none of them is lost."""
+    up with them, and SQLite appended to the WAL for as long as the load lasted (~15 KB
+    per generation one at a time with 1 KiB pages, 91 MB after 6,000; ~11 KB at 8 in
+    flight with 4 KiB pages). The writes that wait for a checkpoint let it copy the rest
+    back, SQLite starts the WAL over, and none of them is lost."""
     path = tmp_path / "ledger.db"
     store = await open_store(f"sqlite:///{path}")
-    generations = 4_000
+    generations = 6_000
     try:
         account = await store.create_account("steady", generations * 1_000)
         for start in range(0, generations, in_flight):
