@@ -284,28 +284,30 @@ class ImagePipeline:
         try:
             if request.stream:
                 reported: TokenUsage | None = None
-                async with contextlib.aclosing(
-                    self.router.stream(deployments, provider_request, request.operation)
-                ) as events:
-                    async for served, event in events:
-                        serving = served
-                        if isinstance(event, TokenUsage):
-                            reported = event
-                        elif isinstance(event, PartialImage):
-                            if event.index < request.n:
-                                yield _partial(event, request)
-                        elif len(taken) < request.n:
-                            image = _streamed(len(taken), event, request)
-                            yield image
-                            taken.append(image)
+                with self.ledger.at_upstream():
+                    async with contextlib.aclosing(
+                        self.router.stream(deployments, provider_request, request.operation)
+                    ) as events:
+                        async for served, event in events:
+                            serving = served
+                            if isinstance(event, TokenUsage):
+                                reported = event
+                            elif isinstance(event, PartialImage):
+                                if event.index < request.n:
+                                    yield _partial(event, request)
+                            elif len(taken) < request.n:
+                                image = _streamed(len(taken), event, request)
+                                yield image
+                                taken.append(image)
                 if serving is None or not taken:
                     raise errors.UpstreamError("The provider returned no images.")
                 deployment, provider, count = serving, serving.provider, len(taken)
                 usage = reported if reported and reported.total_tokens else _sum(taken)
             else:
-                routed = await self.router.generate(
-                    deployments, provider_request, request.operation
-                )
+                with self.ledger.at_upstream():
+                    routed = await self.router.generate(
+                        deployments, provider_request, request.operation
+                    )
                 result = routed.result
                 images = result.images[: request.n]
                 if not images:

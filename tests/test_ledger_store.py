@@ -16,6 +16,7 @@ from imagegen_service import errors
 from imagegen_service.stores.ledger_sql import (
     LedgerStore,
     SchemaOutOfDate,
+    _SqliteRunner,
     is_database_unreachable,
     open_store,
 )
@@ -233,6 +234,60 @@ async def test_sqlite_write_locked_by_another_process_waits_off_the_event_loop(
         after = await store.get_account(account.id)
         assert (after.available_micros, after.held_micros) == (600, 0)
         assert await store.ledger_sums(account.id) == (600, 0)
+    finally:
+        await store.close()
+
+
+def _commits_in_wal(path: Path) -> int:
+    """Commits recorded in a SQLite WAL file: frames of the current salt whose header gives
+    the database's size after the commit (0 in the other frames of a transaction)."""
+    data = (path.parent / (path.name + "-wal")).read_bytes()
+    if len(data) < 32:
+        return 0
+    page_size = int.from_bytes(data[8:12], "big")
+    salt = data[16:24]
+    commits, offset = 0, 32
+    while offset + 24 + page_size <= len(data):
+        header = data[offset : offset + 24]
+        if header[8:16] != salt:
+            break
+        commits += int.from_bytes(header[4:8], "big") != 0
+        offset += 24 + page_size
+    return commits
+
+
+async def test_sqlite_writes_wait_for_generations_at_their_upstreams(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a generation waits for its upstream, another's write waits for it instead of
+    committing alone, and goes in one commit with the settlement it comes back to write.
+    With nobody at an upstream, a write waits for nothing. (The wait is stretched from
+    1 ms to a minute here, so that only the rule decides what is committed together.)"""
+    monkeypatch.setattr(_SqliteRunner, "BATCH_WAIT_SECONDS", 60.0)
+    path = tmp_path / "ledger.db"
+    store = await open_store(f"sqlite:///{path}")
+    try:
+        account = await store.create_account("together", 10_000)
+        first = await store.place_hold(account.id, 3_000, request_id="a", ttl_seconds=60)
+        second = await store.place_hold(account.id, 2_000, request_id="b", ttl_seconds=60)
+        alone = await asyncio.wait_for(
+            store.place_hold(account.id, 1_000, request_id="c", ttl_seconds=60), 10
+        )
+        before = _commits_in_wal(path)
+        with store.at_upstream():
+            waiting = store.settle_hold(first, 3_000, request_id="a")
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert not waiting.done(), "committed alone while a generation was upstream"
+        # Back from its upstream, the generation settles: both in the next commit.
+        settled = store.settle_hold(second, 2_000, request_id="b")
+        results = await asyncio.wait_for(asyncio.gather(waiting, settled), 10)
+        assert list(results) == [True, True]
+        assert _commits_in_wal(path) == before + 1
+        assert await asyncio.wait_for(store.settle_hold(alone, 0, request_id="c"), 10)
+        after = await store.get_account(account.id)
+        assert (after.available_micros, after.held_micros) == (5_000, 0)
+        assert await store.ledger_sums(account.id) == (5_000, 0)
     finally:
         await store.close()
 

@@ -21,11 +21,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import secrets
 import socket
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -370,9 +371,13 @@ class _SqliteRunner:
     tens of microseconds, less than handing it to a thread and back. So writes run on the
     event loop's own thread: those that arrive during one turn of the loop go in one
     transaction at the end of it, each in its own savepoint, so that one refused hold never
-    undoes another. That connection never waits for a lock (busy_timeout 0): when another
-    process (a replica, ``imagegen-admin``) holds SQLite's write lock, the batch goes to a
-    writer thread whose connection waits for it, and the loop carries on. Checkpoints, which
+    undoes another. While generations are waiting for their upstreams (``at_upstream``),
+    a write waits for them too, BATCH_WAIT_SECONDS at most: each comes back at a turn of
+    its own, and their settlements went one per commit.
+
+    The loop's connection never waits for a lock (busy_timeout 0): when another process (a
+    replica, ``imagegen-admin``) holds SQLite's write lock, the batch goes to a writer
+    thread whose connection waits for it, and the loop carries on. Checkpoints, which
     write the database file and fsync it, run on that thread too, never on the loop.
     """
 
@@ -383,6 +388,9 @@ class _SqliteRunner:
     # The WAL's size past which the next checkpoint makes the writes wait for it, so that
     # the WAL starts over, when the writes come one at a time.
     WAL_RESTART_BYTES = 32 * 1024 * 1024
+    # The longest a write waits for those of generations still at their upstreams
+    # (uvloop's timers count whole milliseconds).
+    BATCH_WAIT_SECONDS = 0.001
     # Of a database this runner creates. A commit writes each page it changed whole to the
     # WAL (about six per write here), and checkpoints copy them back: with 1 KiB pages
     # instead of SQLite's 4 KiB, a hold and its settlement cost 15-25% less CPU (commits
@@ -397,7 +405,11 @@ class _SqliteRunner:
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="ledger-read")
         # Touched only on the event loop's thread.
         self._pending: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]] = []
+        # A flush is due: at the loop's next turn, or when _waiting fires.
         self._scheduled = False
+        self._waiting: asyncio.TimerHandle | None = None
+        # Generations waiting for their upstreams, each with a settlement to write after.
+        self._at_upstream = 0
         # The writer thread has a batch or a checkpoint: new writes wait in _pending.
         self._in_thread = False
         self._commits = 0
@@ -467,13 +479,38 @@ class _SqliteRunner:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._pending.append((fn, args, future))
-        if not self._scheduled and not self._in_thread:
+        if self._at_upstream == 0:
+            self._flush_soon(loop)
+        elif not self._scheduled and not self._in_thread:
+            self._scheduled = True
+            self._waiting = loop.call_later(self.BATCH_WAIT_SECONDS, self._flush, loop)
+        return future
+
+    @contextlib.contextmanager
+    def at_upstream(self) -> Iterator[None]:
+        self._at_upstream += 1
+        try:
+            yield
+        finally:
+            self._at_upstream -= 1
+            if self._at_upstream == 0 and self._pending:
+                self._flush_soon(asyncio.get_running_loop())
+
+    def _flush_soon(self, loop: asyncio.AbstractEventLoop) -> None:
+        """At the loop's next turn; when the writer thread has a batch, once it is done."""
+        if self._in_thread:
+            return
+        if self._waiting is not None:
+            self._waiting.cancel()
+            self._waiting = None
+            self._scheduled = False
+        if not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._flush, loop)
-        return future
 
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         self._scheduled = False
+        self._waiting = None
         batch, self._pending = self._pending, []
         if not batch:
             self._check_drained()
@@ -798,6 +835,15 @@ class LedgerStore:
 
     async def close(self) -> None:
         await self._db.close()
+
+    def at_upstream(self) -> contextlib.AbstractContextManager[None]:
+        """Around a generation's wait for its upstream, after its hold and before its
+        settlement: on SQLite, the writes queued meanwhile wait a moment (at most
+        _SqliteRunner.BATCH_WAIT_SECONDS) for the settlements of the generations coming
+        back, so that they share a commit. PostgreSQL commits each write on its own."""
+        if isinstance(self._db, _SqliteRunner):
+            return self._db.at_upstream()
+        return contextlib.nullcontext()
 
     # -- schema -------------------------------------------------------------------------
 
