@@ -413,8 +413,8 @@ class _SqliteRunner:
         # The writer thread has a batch or a checkpoint: new writes wait in _pending.
         self._in_thread = False
         self._commits = 0
-        # A checkpoint is running; how many pages the WAL held at the last one; commits
-        # of more than one write since then.
+        # A checkpoint is running; the size of the WAL at the last one; commits of more
+        # than one write since then.
         self._checkpointing = False
         self._wal_bytes = 0
         self._shared_commits = 0
