@@ -418,6 +418,8 @@ class _SqliteRunner:
         self._checkpointing = False
         self._wal_bytes = 0
         self._shared_commits = 0
+        # The file's page size, read by the first checkpoint (on the writer thread).
+        self._page_size = 0
         # close() waits on it for the writes still queued or running.
         self._drained: asyncio.Future[None] | None = None
         self._write_engine = self._engine(path, begin="BEGIN IMMEDIATE", busy_ms=30000)
@@ -559,9 +561,8 @@ class _SqliteRunner:
         self._in_thread = False
         error = outcome.exception()
         self._deliver(batch, [(False, error)] * len(batch) if error else outcome.result())
-        if self._pending and not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._flush, loop)
+        if self._pending:
+            self._flush_soon(loop)
         self._check_drained()
 
     def _check_drained(self) -> None:
@@ -646,11 +647,12 @@ class _SqliteRunner:
         try:
             driver = raw.driver_connection
             row = driver.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()  # type: ignore[union-attr]
-            page_size = driver.execute("PRAGMA page_size").fetchone()  # type: ignore[union-attr]
+            if not self._page_size:  # fixed when the file was made: read once
+                self._page_size = int(driver.execute("PRAGMA page_size").fetchone()[0])  # type: ignore[union-attr]
         finally:
             raw.close()
         # (busy, pages in the WAL, pages copied back)
-        return int(row[1]) * int(page_size[0]) if row is not None else 0
+        return int(row[1]) * self._page_size if row is not None else 0
 
     def _checkpoint_done(self, outcome: asyncio.Future[int], *, restarts: bool = False) -> None:
         """``restarts``: the writes waited, so it copied the WAL back whole and the next
@@ -664,9 +666,8 @@ class _SqliteRunner:
     def _checkpointed(self, loop: asyncio.AbstractEventLoop, outcome: asyncio.Future[int]) -> None:
         self._in_thread = False
         self._checkpoint_done(outcome, restarts=True)
-        if self._pending and not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._flush, loop)
+        if self._pending:
+            self._flush_soon(loop)
         self._check_drained()
 
     async def write_alone(self, fn: Callable[..., T], *args: Any) -> T:
