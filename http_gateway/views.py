@@ -470,6 +470,12 @@ _B64_PIECE = 3 * 64 * 1024
 _WHOLE_ANSWER_BYTES = 256 * 1024
 
 
+def _data_length(image: images_pb2.GeneratedImage) -> int:
+    """The length of an image's bytes without keeping a copy of them: a bytes field read
+    from a message is a new copy, dropped here as soon as it is measured."""
+    return len(image.data)
+
+
 async def _write_images_response(
     request: web.Request,
     created: int,
@@ -484,7 +490,10 @@ async def _write_images_response(
     goes out in one write, headers included."""
     head = b'{"created":' + str(created).encode() + b',"data":['
     tail = b"]," + orjson.dumps(rest)[1:] if rest else b"]}"
-    parts: list[tuple[bytes, memoryview | None, bytes]] = []
+    # Each part keeps its image's message, not its bytes: reading ``image.data`` copies
+    # them out of the message, so that is done once per image, just before it is written.
+    parts: list[tuple[bytes, images_pb2.GeneratedImage | None, bytes]] = []
+    length = len(head) + len(tail)
     for i, image in enumerate(images):
         revised = b',"revised_prompt":' + orjson.dumps(image.revised_prompt) + b"}"
         sep = b"," if i else b""
@@ -492,34 +501,38 @@ async def _write_images_response(
             url = base_url + image.url if image.url.startswith("/") else image.url
             parts.append((sep + b'{"url":' + orjson.dumps(url) + revised, None, b""))
         else:
-            parts.append((sep + b'{"b64_json":"', memoryview(image.data), b'"' + revised))
-    length = len(head) + len(tail)
-    for before, data, after in parts:
-        length += len(before) + len(after) + (0 if data is None else 4 * -(-len(data) // 3))
+            parts.append((sep + b'{"b64_json":"', image, b'"' + revised))
+            length += 4 * -(-_data_length(image) // 3)
+    for before, _, after in parts:
+        length += len(before) + len(after)
     headers = {**headers, "Content-Type": "application/json", "x-request-id": request[REQUEST_ID]}
     if length <= _WHOLE_ANSWER_BYTES:
         # Small: one buffer, which aiohttp sends with the headers in a single write.
         body = bytearray(head)
-        for before, data, after in parts:
+        for before, message, after in parts:
             body += before
-            if data is not None:
-                body += pybase64.b64encode(data)
+            if message is not None:
+                body += pybase64.b64encode(message.data)
             body += after
         body += tail
         return web.Response(body=body, headers=headers)
     response = web.StreamResponse(headers=headers)
     response.content_length = length
-    # The parts now hold the only references to the image bytes: each goes once written.
+    # The parts now hold the only references to the images' messages: each goes once
+    # written, so a request holds its messages plus one image's bytes at most.
     images.clear()
     try:
         await response.prepare(request)
         await response.write(head)
-        for i, (before, data, after) in enumerate(parts):
+        for i, (before, message, after) in enumerate(parts):
             await response.write(before)
-            if data is not None:
+            if message is not None:
+                data = memoryview(message.data)
+                parts[i] = (b"", None, b"")
+                del message
                 for start in range(0, len(data), _B64_PIECE):
                     await response.write(pybase64.b64encode(data[start : start + _B64_PIECE]))
-                parts[i] = (b"", None, b"")
+                del data
             await response.write(after)
         await response.write(tail)
         await response.write_eof()

@@ -23,7 +23,9 @@ for at least 10 s, and reports throughput against the ideal, latency, errors and
 above idle per request in flight; it raises the open-file limit when it must. In these
 cases billing is checked against the generations charged (see ``Billing``).
 
-A fresh stack per case keeps each process's peak RSS (VmHWM) specific to that case.
+A fresh stack per case keeps each process's peak RSS (VmHWM) specific to that case, and
+the peak is reset to the idle size before the warm-up (``mark_idle``), so that a start-up
+peak does not count as growth under load.
 After each case the account must show exactly price x images delivered spent and nothing
 held. Targets are reported, not enforced: the exit status is non-zero only when the harness
 itself fails or billing is not exact.
@@ -220,6 +222,19 @@ def proc_status_kib(pid: int, field_name: str) -> int:
             if line.startswith(field_name + ":"):
                 return int(line.split()[1])
     raise BenchError(f"/proc/{pid}/status has no {field_name}")
+
+
+def mark_idle(pid: int) -> int:
+    """The process's resident size now (VmRSS, KiB), taken as its idle size; its peak
+    (VmHWM) is reset to it, so that the peak read after a run is the run's, not an earlier
+    one's: a service's start-up (migrations, precomputed images) can leave a high-water mark
+    above what it holds once idle, which would otherwise count as growth under load."""
+    # proc(5), /proc/pid/clear_refs: writing 5 resets the peak resident size (Linux >= 4.0).
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError as exc:
+        raise BenchError(f"cannot reset the peak RSS of process {pid}: {exc}") from None
+    return proc_status_kib(pid, "VmRSS")
 
 
 def proc_cpu_times(pid: int) -> tuple[float, float]:
@@ -997,7 +1012,9 @@ class InProcess(Stack):
 @dataclass
 class ProcessFigures:
     idle_kib: int = 0
-    peak_kib: int = 0  # VmHWM at the end of the case: the true peak of its whole life
+    peak_kib: int = 0  # VmHWM at the end of the case: its peak since mark_idle
+    # VmHWM after a run at one connection, before the case's own warm-up (0: not taken).
+    one_in_flight_kib: int = 0
     sampled_peak_kib: int = 0  # highest VmRSS seen during the measured run
     cpu_seconds: float = 0.0  # during the measured run
     user_seconds: float = 0.0
@@ -1262,7 +1279,21 @@ class CaseResult:
 
     @property
     def growth_per_in_flight_bytes(self) -> float:
-        total_kib = sum(p.growth_kib for p in self.processes.values())
+        """What one more request in flight costs: the peak at the case's connections less
+        the peak at one connection, over the connections added. Growth that does not depend
+        on how many requests are in flight (SQLite's page caches filling as the ledger
+        grows, the allocator's first arenas, lazily built state) is in both peaks; divided
+        by the connections it would read as per-request memory (``growth_over_connections``)."""
+        p = self.processes.values()
+        if self.case.connections < 2 or not all(f.one_in_flight_kib for f in p):
+            return self.growth_over_connections
+        added_kib = sum(max(0, f.peak_kib - f.one_in_flight_kib) for f in p)
+        return added_kib * 1024 / (self.case.connections - 1)
+
+    @property
+    def growth_over_connections(self) -> float:
+        """All growth above idle over the connections, one-off growth included."""
+        total_kib = sum(f.growth_kib for f in self.processes.values())
         return total_kib * 1024 / self.case.connections
 
     def cpu_ms_per_request(self, name: str) -> float:
@@ -1295,7 +1326,7 @@ def measure_ceiling(
         ceiling.start()
         answer = generate(ceiling.url, case, authorization)
         for name, pid in ceiling.pids.items():
-            figures[name].idle_kib = proc_status_kib(pid, "VmRSS")
+            figures[name].idle_kib = mark_idle(pid)
         log(f"case {case.number}: ceiling, warm-up {warmup:.0f} s then {seconds:.0f} s")
         run_wrk(wrk, ceiling.url, warm_case or case, authorization, warmup, threads)
         cpu_before = {name: proc_cpu_times(pid) for name, pid in ceiling.pids.items()}
@@ -1345,7 +1376,7 @@ def measure_inprocess(
                 f"stack's {len(body)} (URL origins aside): it does not do the same work"
             )
         server.quiesce()
-        figures.idle_kib = proc_status_kib(server.pid, "VmRSS")
+        figures.idle_kib = mark_idle(server.pid)
         log(f"case {case.number}: in process, warm-up {warmup:.0f} s then {seconds:.0f} s")
         run_wrk(wrk, server.url, case, server.authorization, warmup, threads)
         before = server.quiesce()
@@ -1457,7 +1488,15 @@ def _run_case(
             image, url_path = stack.first_image(case, body)
         stack.quiesce()
         for name, pid in stack.pids.items():
-            figures[name].idle_kib = proc_status_kib(pid, "VmRSS")
+            figures[name].idle_kib = mark_idle(pid)
+        if case.connections > 1:
+            # The peak with one request in flight: the base of the growth per request.
+            log(f"case {case.number}: {warmup:.0f} s at 1 connection")
+            one = dataclasses.replace(case, connections=1)
+            run_wrk(wrk, stack.url, one, stack.authorization, warmup, threads)
+            stack.quiesce()
+            for name, pid in stack.pids.items():
+                figures[name].one_in_flight_kib = proc_status_kib(pid, "VmHWM")
         log(f"case {case.number}: warm-up {warmup:.0f} s")
         run_wrk(wrk, stack.url, case, stack.authorization, warmup, threads)
         before = stack.quiesce()
@@ -1498,7 +1537,7 @@ def _run_case(
     try:
         floor.start()
         assert floor.proc is not None
-        floor_figures.idle_kib = proc_status_kib(floor.proc.pid, "VmRSS")
+        floor_figures.idle_kib = mark_idle(floor.proc.pid)
         log(f"case {case.number}: floor, warm-up {warmup:.0f} s then {seconds:.0f} s")
         run_wrk(wrk, floor.url, case, "", warmup, threads)
         cpu_before_floor = proc_cpu_seconds(floor.proc.pid)
@@ -1646,8 +1685,8 @@ def run_inflight_case(
         body = stack.capture(case)
         stack.quiesce()
         for name, pid in stack.pids.items():
-            figures[name].idle_kib = proc_status_kib(pid, "VmRSS")
-        upstream_figures.idle_kib = proc_status_kib(upstream.pid, "VmRSS")
+            figures[name].idle_kib = mark_idle(pid)
+        upstream_figures.idle_kib = mark_idle(upstream.pid)
         log(
             f"case {case.number}: warm-up {warm_seconds:.0f} s at "
             f"{warm_case.connections} connections ({nofile})"
@@ -1987,7 +2026,8 @@ def verdicts(results: Sequence[CaseResult]) -> list[Verdict]:
                     r.growth_per_in_flight_bytes <= limit,
                     f"{size_text(r.growth_per_in_flight_bytes)} per request = "
                     f"{r.growth_per_in_flight_bytes / r.response_bytes:.1f}x the "
-                    f"{size_text(r.response_bytes)} response",
+                    f"{size_text(r.response_bytes)} response (all growth over the "
+                    f"connections: {r.growth_over_connections / r.response_bytes:.1f}x)",
                 )
             )
         problems = r.billing.problems()
@@ -2115,28 +2155,36 @@ def report(results: Sequence[CaseResult]) -> list[str]:
     lines += inprocess_lines(results)
     lines += [
         "",
-        "Memory under load (idle = VmRSS before warm-up; peak = VmHWM; growth per in-flight "
-        "request = (service growth + gateway growth) / connections)",
+        "Memory under load (idle = VmRSS before warm-up, when the peak is reset to it; "
+        "1 conn = peak (VmHWM) after a run at one connection; peak = VmHWM after the run; "
+        "growth per in-flight request = (peak - 1 conn, both processes) / (connections - 1); "
+        "over conns = (peak - idle, both) / connections, one-off growth included)",
     ]
     lines += table(
         [
             "case",
-            "svc idle->peak MiB",
-            "gw idle->peak MiB",
+            "svc idle->1 conn->peak MiB",
+            "gw idle->1 conn->peak MiB",
             "growth/in-flight",
             "response",
             "growth / response",
+            "over conns / response",
         ],
         [
             [
                 f"{r.case.number}",
-                f"{mib(r.processes['service'].idle_kib):.1f} -> "
-                f"{mib(r.processes['service'].peak_kib):.1f}",
-                f"{mib(r.processes['gateway'].idle_kib):.1f} -> "
-                f"{mib(r.processes['gateway'].peak_kib):.1f}",
+                *(
+                    " -> ".join(
+                        f"{mib(kib):.1f}"
+                        for kib in (f.idle_kib, f.one_in_flight_kib, f.peak_kib)
+                        if kib
+                    )
+                    for f in (r.processes["service"], r.processes["gateway"])
+                ),
                 size_text(r.growth_per_in_flight_bytes),
                 size_text(r.response_bytes),
                 f"{r.growth_per_in_flight_bytes / r.response_bytes:.1f}x",
+                f"{r.growth_over_connections / r.response_bytes:.1f}x",
             ]
             for r in results
         ],
@@ -2451,6 +2499,7 @@ def results_json(results: Sequence[CaseResult], header: Sequence[str]) -> dict[s
                 "rps_ratio": r.rps_ratio,
                 "p50_added_ms": r.p50_added_ms,
                 "growth_per_in_flight_bytes": r.growth_per_in_flight_bytes,
+                "growth_over_connections_bytes": r.growth_over_connections,
                 "processes": {n: vars(p) for n, p in r.processes.items()},
                 "floor_process": vars(r.floor_process),
                 "billing": billing_json(r.billing),
