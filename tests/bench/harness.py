@@ -227,8 +227,8 @@ def proc_status_kib(pid: int, field_name: str) -> int:
 def mark_idle(pid: int) -> int:
     """The process's resident size now (VmRSS, KiB), taken as its idle size; its peak
     (VmHWM) is reset to it, so that the peak read after a run is the run's, not an earlier
-    one's: a service's start-up can leave a high-water mark
-    above what it holds once idle, which would otherwise count as growth under load."""
+    one's: a service's start-up can leave a high-water mark above what it holds once
+    idle, which would otherwise count as growth under load."""
     # proc(5), /proc/pid/clear_refs: writing 5 resets the peak resident size (Linux >= 4.0).
     try:
         Path(f"/proc/{pid}/clear_refs").write_text("5")
