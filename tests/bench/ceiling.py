@@ -20,7 +20,12 @@ and the floor is the design's own price and how much is ours:
     message. ``n`` and the format
     come from the request; nothing is drawn, stored or signed per request.
     ``--delay`` makes each call wait that long before it answers: a slow upstream's wait,
-    without the HTTP call (the bench's requests-in-flight case).
+    without the HTTP call. ``--upstream`` makes each call do instead the one thing a
+    provider call cannot do without: ``POST {upstream}/images/generations`` (OpenAI's
+    Images API, the loopback ``tests/bench/upstream.py``) with the model, prompt, ``n``
+    and size, through one aiohttp session, the answer's JSON parsed and its ``b64_json``
+    decoded into the images' bytes (and ``revised_prompt``, as the real service passes it
+    on); no checks, retries, queue or error mapping.
 
 ``gateway``
     aiohttp with the access log off and ``POST /v1/images/generations`` doing only what
@@ -55,6 +60,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import grpc
 import orjson
 import pybase64
@@ -82,10 +88,22 @@ class NoOpImageGeneration(images_pb2_grpc.ImageGenerationServicer):
     """Answers every GenerateImages call with fixed images; the generated base class
     answers UNIMPLEMENTED for the other RPCs."""
 
-    def __init__(self, image: bytes, url: str, delay: float = 0.0) -> None:
+    def __init__(
+        self,
+        image: bytes,
+        url: str,
+        delay: float = 0.0,
+        upstream: str = "",
+        upstream_model: str = "",
+        max_connections: int = 64,
+    ) -> None:
         from PIL import Image
 
         self.delay = delay
+        self.upstream = upstream.rstrip("/")
+        self.upstream_model = upstream_model
+        self.max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
         with Image.open(io.BytesIO(image)) as picture:
             self.mime_type = Image.MIME.get(picture.format or "", "application/octet-stream")
             self.width, self.height = picture.size
@@ -99,7 +117,7 @@ class NoOpImageGeneration(images_pb2_grpc.ImageGenerationServicer):
     ) -> AsyncIterator[images_pb2.GenerateImagesResponse]:
         if self.delay:
             await asyncio.sleep(self.delay)
-        for message in self._answer(request):
+        for message in self._answer(request, await self._fetch(request)):
             yield message
 
     async def GenerateImagesUnary(
@@ -110,28 +128,56 @@ class NoOpImageGeneration(images_pb2_grpc.ImageGenerationServicer):
         if self.delay:
             await asyncio.sleep(self.delay)
         answer = images_pb2.GenerateImagesUnaryResponse()
-        for message in self._answer(request):
+        for message in self._answer(request, await self._fetch(request)):
             if message.HasField("image"):
                 answer.images.append(message.image)
             else:
                 answer.summary.CopyFrom(message.summary)
         return answer
 
-    def _answer(
+    async def _fetch(
         self, request: images_pb2.GenerateImagesRequest
+    ) -> list[tuple[bytes, str]] | None:
+        """The images' bytes and revised prompts from the upstream, or None without
+        ``--upstream``."""
+        if not self.upstream:
+            return None
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.max_connections)
+            )
+        payload = {
+            "model": self.upstream_model or request.model,
+            "prompt": request.prompt,
+            "n": request.n if request.HasField("n") else 1,
+            "size": request.size,
+            "response_format": "b64_json",
+        }
+        async with self._session.post(
+            f"{self.upstream}/images/generations", data=orjson.dumps(payload)
+        ) as resp:
+            answer = orjson.loads(await resp.read())
+        return [
+            (pybase64.b64decode(item["b64_json"]), item.get("revised_prompt", ""))
+            for item in answer["data"]
+        ]
+
+    def _answer(
+        self, request: images_pb2.GenerateImagesRequest, fetched: list[tuple[bytes, str]] | None
     ) -> Iterator[images_pb2.GenerateImagesResponse]:
         n = request.n if request.HasField("n") else 1
         as_data = request.response_format == "b64_json"
         for index in range(n):
             image = images_pb2.GeneratedImage(
                 index=index,
-                revised_prompt=request.prompt,
+                # As the real service: the upstream's revised prompt when it made the image.
+                revised_prompt=request.prompt if fetched is None else fetched[index][1],
                 mime_type=self.mime_type,
                 width=self.width,
                 height=self.height,
             )
             if as_data:
-                image.data = self.image
+                image.data = self.image if fetched is None else fetched[index][0]
             else:
                 image.url = self.url
             yield images_pb2.GenerateImagesResponse(image=image)
@@ -148,7 +194,16 @@ class NoOpImageGeneration(images_pb2_grpc.ImageGenerationServicer):
         )
 
 
-async def serve_service(host: str, port: int, image: bytes, url: str, delay: float) -> None:
+async def serve_service(
+    host: str,
+    port: int,
+    image: bytes,
+    url: str,
+    delay: float,
+    upstream: str = "",
+    upstream_model: str = "",
+    max_connections: int = 64,
+) -> None:
     """Serves until SIGTERM or SIGINT."""
     from imagegen_service.config import ConfigError, load_config
     from imagegen_service.server import grpc_options
@@ -160,7 +215,9 @@ async def serve_service(host: str, port: int, image: bytes, url: str, delay: flo
     server = grpc.aio.server(options=options)
     # The stubs mark every RPC abstract; at run time the generated base class answers
     # UNIMPLEMENTED for those the ceiling does not serve.
-    servicer = NoOpImageGeneration(image, url, delay)  # type: ignore[abstract]
+    servicer = NoOpImageGeneration(  # type: ignore[abstract]
+        image, url, delay, upstream, upstream_model, max_connections
+    )
     images_pb2_grpc.add_ImageGenerationServicer_to_server(servicer, server)
     if server.add_insecure_port(f"{host}:{port}") == 0:
         sys.exit(f"ceiling service: cannot listen on {host}:{port}")
@@ -172,6 +229,8 @@ async def serve_service(host: str, port: int, image: bytes, url: str, delay: flo
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await server.stop(1.0)
+    if servicer._session is not None:
+        await servicer._session.close()
 
 
 # -- the minimal gateway ----------------------------------------------------------------
@@ -290,6 +349,16 @@ def main() -> None:
     service.add_argument(
         "--delay", type=float, default=0.0, help="seconds to wait before answering each call"
     )
+    service.add_argument(
+        "--upstream",
+        default="",
+        help="base URL of an OpenAI-style Images API (e.g. http://127.0.0.1:8098/v1) that "
+        "each call asks for its images",
+    )
+    service.add_argument("--upstream-model", default="", help="the model asked of --upstream")
+    service.add_argument(
+        "--max-connections", type=int, default=64, help="connections to --upstream at most"
+    )
     gateway = roles.add_parser("gateway", help="the minimal HTTP gateway")
     gateway.add_argument("--host", default="127.0.0.1")
     gateway.add_argument("--http-port", type=int, required=True)
@@ -306,7 +375,14 @@ def main() -> None:
         with asyncio.Runner(loop_factory=factory) as runner:
             runner.run(
                 serve_service(
-                    args.host, args.grpc_port, args.image.read_bytes(), args.url, args.delay
+                    args.host,
+                    args.grpc_port,
+                    args.image.read_bytes(),
+                    args.url,
+                    args.delay,
+                    args.upstream,
+                    args.upstream_model,
+                    args.max_connections,
                 )
             )
         return

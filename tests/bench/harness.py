@@ -915,9 +915,24 @@ class Ceiling(_ProcessPair):
     what = "ceiling's "
 
     def __init__(
-        self, root: Path, env: dict[str, str], image: bytes, url_path: str, delay: float = 0.0
+        self,
+        root: Path,
+        env: dict[str, str],
+        image: bytes,
+        url_path: str,
+        delay: float = 0.0,
+        upstream: Upstream | None = None,
+        case: Case | None = None,
     ) -> None:
         self.delay = delay
+        # With an upstream, the ceiling's service asks it for each call's images (the one
+        # HTTP call a provider needs), with the stack's model and connection bound.
+        self.upstream_args: tuple[str, ...] = ()
+        if upstream is not None and case is not None:
+            self.upstream_args = (
+                *("--upstream", f"{upstream.url}/v1", "--upstream-model", UPSTREAM_MODEL),
+                *("--max-connections", str(max(UPSTREAM_MIN_CONCURRENCY, case.connections))),
+            )
         self.image_path = root / "ceiling-image"
         self.image_path.write_bytes(image)
         self.url_path = url_path
@@ -956,6 +971,7 @@ class Ceiling(_ProcessPair):
             [
                 *("--grpc-port", str(self.grpc_port), "--image", str(self.image_path), *url),
                 *("--delay", str(self.delay)),
+                *self.upstream_args,
             ],
         )
         self._wait("service", lambda: port_open(self.grpc_port))
@@ -1431,8 +1447,9 @@ def run_case(
     with_ceiling: bool = True,
     with_inprocess: bool = False,
 ) -> CaseResult:
-    """One case on a fresh stack; an upstream case starts its loopback upstream first and
-    skips the ceiling and the in-process server (neither calls a provider over HTTP)."""
+    """One case on a fresh stack; an upstream case starts its loopback upstream first, and
+    its ceiling calls the same upstream; it skips the in-process server (which calls no
+    provider over HTTP)."""
     if not case.uses_upstream:
         return _run_case(
             case,
@@ -1455,7 +1472,7 @@ def run_case(
             seconds,
             warmup,
             threads,
-            with_ceiling=False,
+            with_ceiling=with_ceiling,
             with_inprocess=False,
             upstream=upstream,
         )
@@ -1551,7 +1568,7 @@ def _run_case(
     ceiling_result = None
     if with_ceiling:
         # The stack's environment: its TOML (gRPC options, timeout) and its event loop.
-        ceiling = Ceiling(root, stack.env, image, url_path)
+        ceiling = Ceiling(root, stack.env, image, url_path, upstream=upstream, case=case)
         ceiling_result = measure_ceiling(
             case, wrk, ceiling, stack.authorization, seconds, warmup, threads
         )
@@ -1743,23 +1760,25 @@ def run_inflight_case(
         stack.assert_alive()
         upstream.assert_alive()
         image, url_path = stack.first_image(case, body)
+        stack.stop()
+        ceiling_result = None
+        if with_ceiling:
+            # The same upstream, waiting its delay, asked by the ceiling's service.
+            ceiling = Ceiling(root, stack.env, image, url_path, upstream=upstream, case=case)
+            log(f"case {case.number}: ceiling, its service calling the upstream")
+            ceiling_result = measure_ceiling(
+                case,
+                wrk,
+                ceiling,
+                stack.authorization,
+                seconds,
+                warm_seconds,
+                threads,
+                warm_case=warm_case,
+            )
     finally:
         stack.stop()
         upstream.stop()
-    ceiling_result = None
-    if with_ceiling:
-        ceiling = Ceiling(root, stack.env, image, url_path, delay)
-        log(f"case {case.number}: ceiling, its service waiting {delay:g} s per call")
-        ceiling_result = measure_ceiling(
-            case,
-            wrk,
-            ceiling,
-            stack.authorization,
-            seconds,
-            warm_seconds,
-            threads,
-            warm_case=warm_case,
-        )
     billing = Billing.of_run(case, stack.opening_micros, before, after, result, upstream_images)
     served = after.served - before.served
     return InFlightResult(
@@ -1862,7 +1881,7 @@ def inflight_lines(results: Sequence[InFlightResult]) -> list[str]:
             steady = r.ceiling_steady_share() or 0.0
             lines.append(
                 f"  case {r.case.number}, the design's ceiling driven the same way (its service "
-                f"waits {r.delay:g} s per call, no provider call): {c.wrk.rps:.1f} rps = "
+                f"asks the same upstream, which waits {r.delay:g} s): {c.wrk.rps:.1f} rps = "
                 f"{share:.1%} of its ideal counted, {steady:.1%} steady; "
                 f"p50 {c.wrk.latency_ms('p50'):.0f} ms, p99 "
                 f"{c.wrk.latency_ms('p99'):.0f} ms; non-200 {c.wrk.non200}; cores svc/gw "
@@ -2017,6 +2036,13 @@ def verdicts(results: Sequence[CaseResult]) -> list[Verdict]:
             upstream = r.upstream.wrk
             if c.connections == 1:
                 added = r.stack.latency_ms("p50") - upstream.latency_ms("p50")
+                # The design's skeleton making the same upstream call, for comparison.
+                skeleton = (
+                    f"; the ceiling with the same call: "
+                    f"{r.ceiling.wrk.latency_ms('p50') - upstream.latency_ms('p50'):+.2f} ms"
+                    if r.ceiling is not None
+                    else ""
+                )
                 out.append(
                     Verdict(
                         c.number,
@@ -2024,16 +2050,21 @@ def verdicts(results: Sequence[CaseResult]) -> list[Verdict]:
                         "alone at 1 connection",
                         added <= TARGET_UPSTREAM_P50_ADDED_MS,
                         f"{added:+.2f} ms ({r.stack.latency_ms('p50'):.2f} vs "
-                        f"{upstream.latency_ms('p50'):.2f} ms)",
+                        f"{upstream.latency_ms('p50'):.2f} ms{skeleton})",
                     )
                 )
             else:
+                skeleton = (
+                    f"; the ceiling with the same call: {r.ceiling_rps_ratio:.1%}"
+                    if r.ceiling is not None
+                    else ""
+                )
                 out.append(
                     Verdict(
                         c.number,
                         f">= {TARGET_UPSTREAM_FLOOR_SHARE:.0%} of the floor's rps",
                         r.rps_ratio >= TARGET_UPSTREAM_FLOOR_SHARE,
-                        f"{r.rps_ratio:.1%} ({r.stack.rps:.0f} / {r.floor.rps:.0f} rps)",
+                        f"{r.rps_ratio:.1%} ({r.stack.rps:.0f} / {r.floor.rps:.0f} rps{skeleton})",
                     )
                 )
         elif r.ceiling is not None and c.connections == 1:
@@ -2403,7 +2434,8 @@ def ceiling_lines(results: Sequence[CaseResult]) -> list[str]:
     lines = [
         "",
         "Against the design's ceiling (aiohttp + one grpc.aio call to a service that does "
-        "nothing: tests/bench/ceiling.py, same wrk settings)",
+        "nothing but, in the upstream cases, ask the same upstream for the images: "
+        "tests/bench/ceiling.py, same wrk settings)",
     ]
     lines += table(
         [
