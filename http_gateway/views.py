@@ -470,10 +470,8 @@ _B64_PIECE = 3 * 64 * 1024
 _WHOLE_ANSWER_BYTES = 256 * 1024
 
 
-def _data_length(image: images_pb2.GeneratedImage) -> int:
-    """The length of an image's bytes without keeping a copy of them: a bytes field read
-    from a message is a new copy, dropped here as soon as it is measured."""
-    return len(image.data)
+def _b64_length(size: int) -> int:
+    return 4 * -(-size // 3)
 
 
 async def _write_images_response(
@@ -491,9 +489,9 @@ async def _write_images_response(
     head = b'{"created":' + str(created).encode() + b',"data":['
     tail = b"]," + orjson.dumps(rest)[1:] if rest else b"]}"
     # Each part keeps its image's message, not its bytes: reading ``image.data`` copies
-    # them out of the message, so that is done once per image, just before it is written.
+    # them out of the message, so they are read just before they are written (and, for a
+    # large answer's length, once before that, each copy dropped as soon as measured).
     parts: list[tuple[bytes, images_pb2.GeneratedImage | None, bytes]] = []
-    length = len(head) + len(tail)
     for i, image in enumerate(images):
         revised = b',"revised_prompt":' + orjson.dumps(image.revised_prompt) + b"}"
         sep = b"," if i else b""
@@ -502,11 +500,11 @@ async def _write_images_response(
             parts.append((sep + b'{"url":' + orjson.dumps(url) + revised, None, b""))
         else:
             parts.append((sep + b'{"b64_json":"', image, b'"' + revised))
-            length += 4 * -(-_data_length(image) // 3)
-    for before, _, after in parts:
-        length += len(before) + len(after)
+    frame = len(head) + len(tail) + sum(len(before) + len(after) for before, _, after in parts)
     headers = {**headers, "Content-Type": "application/json", "x-request-id": request[REQUEST_ID]}
-    if length <= _WHOLE_ANSWER_BYTES:
+    # A message's serialized size bounds its image's: enough to choose without a copy.
+    bound = frame + sum(_b64_length(m.ByteSize()) for _, m, _ in parts if m is not None)
+    if bound <= _WHOLE_ANSWER_BYTES:
         # Small: one buffer, which aiohttp sends with the headers in a single write.
         body = bytearray(head)
         for before, message, after in parts:
@@ -517,7 +515,10 @@ async def _write_images_response(
         body += tail
         return web.Response(body=body, headers=headers)
     response = web.StreamResponse(headers=headers)
-    response.content_length = length
+    # The exact length: each image's bytes are read once more here, and dropped at once.
+    response.content_length = frame + sum(
+        _b64_length(len(m.data)) for _, m, _ in parts if m is not None
+    )
     # The parts now hold the only references to the images' messages: each goes once
     # written, so a request holds its messages plus one image's bytes at most.
     images.clear()
