@@ -19,9 +19,8 @@ and the floor is the design's own price and how much is ours:
     ``GenerationSummary`` (``cost_micros`` 0: nothing is charged), streamed or in one
     message. ``n`` and the format
     come from the request; nothing is drawn, stored or signed per request.
-    ``--delay`` makes each call wait that long before it answers: a slow upstream's wait,
-    without the HTTP call. ``--upstream`` makes each call do instead the one thing a
-    provider call cannot do without: ``POST {upstream}/images/generations`` (OpenAI's
+    ``--upstream`` makes each call also do the one thing a provider call cannot do
+    without: ``POST {upstream}/images/generations`` (OpenAI's
     Images API, the loopback ``tests/bench/upstream.py``) with the model, prompt, ``n``
     and size, through one aiohttp session, the answer's JSON parsed and its ``b64_json``
     decoded into the images' bytes (and ``revised_prompt``, as the real service passes it
@@ -92,14 +91,12 @@ class NoOpImageGeneration(images_pb2_grpc.ImageGenerationServicer):
         self,
         image: bytes,
         url: str,
-        delay: float = 0.0,
         upstream: str = "",
         upstream_model: str = "",
         max_connections: int = 64,
     ) -> None:
         from PIL import Image
 
-        self.delay = delay
         self.upstream = upstream.rstrip("/")
         self.upstream_model = upstream_model
         self.max_connections = max_connections
@@ -115,8 +112,6 @@ class NoOpImageGeneration(images_pb2_grpc.ImageGenerationServicer):
         request: images_pb2.GenerateImagesRequest,
         context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     ) -> AsyncIterator[images_pb2.GenerateImagesResponse]:
-        if self.delay:
-            await asyncio.sleep(self.delay)
         for message in self._answer(request, await self._fetch(request)):
             yield message
 
@@ -125,8 +120,6 @@ class NoOpImageGeneration(images_pb2_grpc.ImageGenerationServicer):
         request: images_pb2.GenerateImagesRequest,
         context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     ) -> images_pb2.GenerateImagesUnaryResponse:
-        if self.delay:
-            await asyncio.sleep(self.delay)
         answer = images_pb2.GenerateImagesUnaryResponse()
         for message in self._answer(request, await self._fetch(request)):
             if message.HasField("image"):
@@ -134,6 +127,10 @@ class NoOpImageGeneration(images_pb2_grpc.ImageGenerationServicer):
             else:
                 answer.summary.CopyFrom(message.summary)
         return answer
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
 
     async def _fetch(
         self, request: images_pb2.GenerateImagesRequest
@@ -199,7 +196,6 @@ async def serve_service(
     port: int,
     image: bytes,
     url: str,
-    delay: float,
     upstream: str = "",
     upstream_model: str = "",
     max_connections: int = 64,
@@ -216,7 +212,7 @@ async def serve_service(
     # The stubs mark every RPC abstract; at run time the generated base class answers
     # UNIMPLEMENTED for those the ceiling does not serve.
     servicer = NoOpImageGeneration(  # type: ignore[abstract]
-        image, url, delay, upstream, upstream_model, max_connections
+        image, url, upstream, upstream_model, max_connections
     )
     images_pb2_grpc.add_ImageGenerationServicer_to_server(servicer, server)
     if server.add_insecure_port(f"{host}:{port}") == 0:
@@ -229,8 +225,7 @@ async def serve_service(
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await server.stop(1.0)
-    if servicer._session is not None:
-        await servicer._session.close()
+    await servicer.aclose()
 
 
 # -- the minimal gateway ----------------------------------------------------------------
@@ -347,9 +342,6 @@ def main() -> None:
         "--url", default=DEFAULT_URL, help="path (or URL) sent as every image's url"
     )
     service.add_argument(
-        "--delay", type=float, default=0.0, help="seconds to wait before answering each call"
-    )
-    service.add_argument(
         "--upstream",
         default="",
         help="base URL of an OpenAI-style Images API (e.g. http://127.0.0.1:8098/v1) that "
@@ -379,7 +371,6 @@ def main() -> None:
                     args.grpc_port,
                     args.image.read_bytes(),
                     args.url,
-                    args.delay,
                     args.upstream,
                     args.upstream_model,
                     args.max_connections,

@@ -482,11 +482,17 @@ def run_wrk(
 # -- the stack --------------------------------------------------------------------------
 
 
+def upstream_bound(case: Case) -> int:
+    """The upstream cases' max_concurrency and max_connections (the stack's provider and
+    the ceiling's client alike): at least the case's connections."""
+    return max(UPSTREAM_MIN_CONCURRENCY, case.connections)
+
+
 def upstream_config(url: str, case: Case) -> str:
     """The TOML of the upstream cases: an `openai` provider whose base_url is the loopback
     upstream, and the model it serves at the case's price. max_concurrency and
     max_connections are at least the case's connections (2,000 in the slow case)."""
-    bound = max(UPSTREAM_MIN_CONCURRENCY, case.connections)
+    bound = upstream_bound(case)
     return f"""
 [providers.upstream]
 type = "openai"
@@ -920,18 +926,16 @@ class Ceiling(_ProcessPair):
         env: dict[str, str],
         image: bytes,
         url_path: str,
-        delay: float = 0.0,
+        case: Case,
         upstream: Upstream | None = None,
-        case: Case | None = None,
     ) -> None:
-        self.delay = delay
         # With an upstream, the ceiling's service asks it for each call's images (the one
         # HTTP call a provider needs), with the stack's model and connection bound.
         self.upstream_args: tuple[str, ...] = ()
-        if upstream is not None and case is not None:
+        if upstream is not None:
             self.upstream_args = (
                 *("--upstream", f"{upstream.url}/v1", "--upstream-model", UPSTREAM_MODEL),
-                *("--max-connections", str(max(UPSTREAM_MIN_CONCURRENCY, case.connections))),
+                *("--max-connections", str(upstream_bound(case))),
             )
         self.image_path = root / "ceiling-image"
         self.image_path.write_bytes(image)
@@ -970,7 +974,6 @@ class Ceiling(_ProcessPair):
             "service",
             [
                 *("--grpc-port", str(self.grpc_port), "--image", str(self.image_path), *url),
-                *("--delay", str(self.delay)),
                 *self.upstream_args,
             ],
         )
@@ -1568,7 +1571,7 @@ def _run_case(
     ceiling_result = None
     if with_ceiling:
         # The stack's environment: its TOML (gRPC options, timeout) and its event loop.
-        ceiling = Ceiling(root, stack.env, image, url_path, upstream=upstream, case=case)
+        ceiling = Ceiling(root, stack.env, image, url_path, case, upstream)
         ceiling_result = measure_ceiling(
             case, wrk, ceiling, stack.authorization, seconds, warmup, threads
         )
@@ -1635,7 +1638,7 @@ class InFlightResult:
     nofile: str
     # What the service's own /metrics say about the whole case (warm-up included).
     service_seen: ServiceMetrics
-    # The design's ceiling driven the same way, its service waiting the upstream's delay.
+    # The design's ceiling driven the same way, its service asking the same upstream.
     ceiling: CeilingResult | None = None
 
     def ceiling_share_of_ideal(self) -> float | None:
@@ -1764,7 +1767,7 @@ def run_inflight_case(
         ceiling_result = None
         if with_ceiling:
             # The same upstream, waiting its delay, asked by the ceiling's service.
-            ceiling = Ceiling(root, stack.env, image, url_path, upstream=upstream, case=case)
+            ceiling = Ceiling(root, stack.env, image, url_path, case, upstream)
             log(f"case {case.number}: ceiling, its service calling the upstream")
             ceiling_result = measure_ceiling(
                 case,
