@@ -191,15 +191,7 @@ class NoOpImageGeneration(images_pb2_grpc.ImageGenerationServicer):
         )
 
 
-async def serve_service(
-    host: str,
-    port: int,
-    image: bytes,
-    url: str,
-    upstream: str = "",
-    upstream_model: str = "",
-    max_connections: int = 64,
-) -> None:
+async def serve_service(host: str, port: int, servicer: NoOpImageGeneration) -> None:
     """Serves until SIGTERM or SIGINT."""
     from imagegen_service.config import ConfigError, load_config
     from imagegen_service.server import grpc_options
@@ -209,11 +201,6 @@ async def serve_service(
     except ConfigError as exc:
         sys.exit(f"ceiling service: {exc}")
     server = grpc.aio.server(options=options)
-    # The stubs mark every RPC abstract; at run time the generated base class answers
-    # UNIMPLEMENTED for those the ceiling does not serve.
-    servicer = NoOpImageGeneration(  # type: ignore[abstract]
-        image, url, upstream, upstream_model, max_connections
-    )
     images_pb2_grpc.add_ImageGenerationServicer_to_server(servicer, server)
     if server.add_insecure_port(f"{host}:{port}") == 0:
         sys.exit(f"ceiling service: cannot listen on {host}:{port}")
@@ -364,18 +351,17 @@ def main() -> None:
     args = parser.parse_args()
     factory = loop_factory()
     if args.role == "service":
+        # The stubs mark every RPC abstract; at run time the generated base class answers
+        # UNIMPLEMENTED for those the ceiling does not serve.
+        servicer = NoOpImageGeneration(  # type: ignore[abstract]
+            args.image.read_bytes(),
+            args.url,
+            args.upstream,
+            args.upstream_model,
+            args.max_connections,
+        )
         with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(
-                serve_service(
-                    args.host,
-                    args.grpc_port,
-                    args.image.read_bytes(),
-                    args.url,
-                    args.upstream,
-                    args.upstream_model,
-                    args.max_connections,
-                )
-            )
+            runner.run(serve_service(args.host, args.grpc_port, servicer))
         return
     base_url = (args.public_base_url or f"http://{args.host}:{args.http_port}").rstrip("/")
     web.run_app(
