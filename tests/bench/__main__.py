@@ -13,6 +13,9 @@ Settings come from options or, so that ``make bench VAR=...`` works, from enviro
                     each case's SQLite file; the harness runs `imagegen-admin db upgrade`
     BENCH_CEILING=0 skip the design's ceiling (tests/bench/ceiling.py: aiohttp + one
                     grpc.aio call to a service that does nothing), measured by default
+    BENCH_CEILING_LEDGER=1  the ceiling's service also holds and settles each generation
+                    in the real ledger (SQLite), as exact billing must: what the design
+                    reaches when every generation is charged
     BENCH_INPROCESS=1  also measure the same work without the gRPC hop (--inprocess;
                     tests/bench/inprocess.py: the real gateway's code calling the real
                     service's pipeline in one process, an experiment for a design
@@ -64,6 +67,13 @@ def main() -> None:
         help="skip the design's ceiling (BENCH_CEILING=0)",
     )
     parser.add_argument(
+        "--ceiling-ledger",
+        action="store_true",
+        default=os.environ.get("BENCH_CEILING_LEDGER", "0") == "1",
+        help="the ceiling's service also holds and settles each generation in the real "
+        "ledger (BENCH_CEILING_LEDGER=1)",
+    )
+    parser.add_argument(
         "--inprocess",
         action="store_true",
         default=os.environ.get("BENCH_INPROCESS", "0") == "1",
@@ -82,6 +92,7 @@ def main() -> None:
             profile_dir=args.profile,
             keep=args.keep,
             ceiling=args.ceiling,
+            ceiling_ledger=args.ceiling_ledger,
             inprocess=args.inprocess,
         )
     except BenchError as exc:

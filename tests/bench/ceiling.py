@@ -25,6 +25,11 @@ and the floor is the design's own price and how much is ours:
     and size, through one aiohttp session, the answer's JSON parsed and its ``b64_json``
     decoded into the images' bytes (and ``revised_prompt``, as the real service passes it
     on); no checks, retries, queue or error mapping.
+    ``--ledger`` makes each call also do what exact money cannot do without: the real
+    ``LedgerStore`` (SQLite, in the file given) places a hold for the images before the
+    images are made (checking the key is active in the same statement, as the real
+    service does) and settles it before the answer goes out, with the provider call
+    counted as time at the upstream. No authentication, quota or price lookup.
 
 ``gateway``
     aiohttp with the access log off and ``POST /v1/images/generations`` doing only what
@@ -71,8 +76,14 @@ from imagegen_service.gen import images_pb2, images_pb2_grpc
 
 if TYPE_CHECKING:
     from imagegen_service.gen.images_pb2_grpc import ImageGenerationAsyncStub
+    from imagegen_service.stores.ledger_sql import LedgerStore
 
 ROUTE = "/v1/images/generations"
+# With --ledger: what each image is charged, the account's funds (enough for any run) and
+# how long a hold may stay open.
+LEDGER_PRICE_MICROS = 1_000
+LEDGER_FUNDS_MICROS = 10**15
+LEDGER_HOLD_TTL_SECONDS = 900
 # A path shaped like the local image store's signed URLs (same length), for --url's default.
 DEFAULT_URL = (
     "/v1/files/images/img_00000000000000000000000000000000.png.1700000000."
@@ -106,13 +117,24 @@ class NoOpImageGeneration(images_pb2_grpc.ImageGenerationServicer):
             self.width, self.height = picture.size
         self.image = image
         self.url = url
+        self.ledger: LedgerStore | None = None
+        self.account_id = self.key_id = ""
+
+    async def open_ledger(self, path: Path) -> None:
+        """A new SQLite ledger at ``path`` with one account, funded for any run, and its key."""
+        from imagegen_service.stores.ledger_sql import open_store
+
+        self.ledger = await open_store(f"sqlite:///{path}")
+        account = await self.ledger.create_account("ceiling", LEDGER_FUNDS_MICROS)
+        key = await self.ledger.create_key(account.id, secrets.token_hex(32))
+        self.account_id, self.key_id = account.id, key.id
 
     async def GenerateImages(
         self,
         request: images_pb2.GenerateImagesRequest,
         context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     ) -> AsyncIterator[images_pb2.GenerateImagesResponse]:
-        for message in self._answer(request, await self._fetch(request)):
+        for message in self._answer(request, await self._generate(request)):
             yield message
 
     async def GenerateImagesUnary(
@@ -121,7 +143,7 @@ class NoOpImageGeneration(images_pb2_grpc.ImageGenerationServicer):
         context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     ) -> images_pb2.GenerateImagesUnaryResponse:
         answer = images_pb2.GenerateImagesUnaryResponse()
-        for message in self._answer(request, await self._fetch(request)):
+        for message in self._answer(request, await self._generate(request)):
             if message.HasField("image"):
                 answer.images.append(message.image)
             else:
@@ -131,6 +153,28 @@ class NoOpImageGeneration(images_pb2_grpc.ImageGenerationServicer):
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
+        if self.ledger is not None:
+            await self.ledger.close()
+
+    async def _generate(
+        self, request: images_pb2.GenerateImagesRequest
+    ) -> list[tuple[bytes, str]] | None:
+        """The images (see ``_fetch``), between a hold and its settlement with ``--ledger``."""
+        if self.ledger is None:
+            return await self._fetch(request)
+        amount = LEDGER_PRICE_MICROS * (request.n if request.HasField("n") else 1)
+        request_id = f"req_{secrets.token_hex(12)}"
+        hold = await self.ledger.place_hold(
+            self.account_id,
+            amount,
+            request_id=request_id,
+            ttl_seconds=LEDGER_HOLD_TTL_SECONDS,
+            key_id=self.key_id,
+        )
+        with self.ledger.at_upstream():
+            fetched = await self._fetch(request)
+        await asyncio.shield(self.ledger.settle_hold(hold, amount, request_id=request_id))
+        return fetched
 
     async def _fetch(
         self, request: images_pb2.GenerateImagesRequest
@@ -191,8 +235,10 @@ class NoOpImageGeneration(images_pb2_grpc.ImageGenerationServicer):
         )
 
 
-async def serve_service(host: str, port: int, servicer: NoOpImageGeneration) -> None:
-    """Serves until SIGTERM or SIGINT."""
+async def serve_service(
+    host: str, port: int, servicer: NoOpImageGeneration, ledger: Path | None = None
+) -> None:
+    """Serves until SIGTERM or SIGINT; with ``ledger``, opens it first."""
     from imagegen_service.config import ConfigError, load_config
     from imagegen_service.server import grpc_options
 
@@ -200,6 +246,8 @@ async def serve_service(host: str, port: int, servicer: NoOpImageGeneration) -> 
         options = grpc_options(load_config())
     except ConfigError as exc:
         sys.exit(f"ceiling service: {exc}")
+    if ledger is not None:
+        await servicer.open_ledger(ledger)
     server = grpc.aio.server(options=options)
     images_pb2_grpc.add_ImageGenerationServicer_to_server(servicer, server)
     if server.add_insecure_port(f"{host}:{port}") == 0:
@@ -338,6 +386,12 @@ def main() -> None:
     service.add_argument(
         "--max-connections", type=int, default=64, help="connections to --upstream at most"
     )
+    service.add_argument(
+        "--ledger",
+        type=Path,
+        default=None,
+        help="a new SQLite file: hold and settle each generation in it, as the real service",
+    )
     gateway = roles.add_parser("gateway", help="the minimal HTTP gateway")
     gateway.add_argument("--host", default="127.0.0.1")
     gateway.add_argument("--http-port", type=int, required=True)
@@ -361,7 +415,7 @@ def main() -> None:
             args.max_connections,
         )
         with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(serve_service(args.host, args.grpc_port, servicer))
+            runner.run(serve_service(args.host, args.grpc_port, servicer, args.ledger))
         return
     base_url = (args.public_base_url or f"http://{args.host}:{args.http_port}").rstrip("/")
     web.run_app(

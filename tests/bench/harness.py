@@ -928,6 +928,8 @@ class Ceiling(_ProcessPair):
         url_path: str,
         case: Case,
         upstream: Upstream | None = None,
+        *,
+        ledger: bool = False,
     ) -> None:
         # With an upstream, the ceiling's service asks it for each call's images (the one
         # HTTP call a provider needs), with the stack's model and connection bound.
@@ -939,6 +941,9 @@ class Ceiling(_ProcessPair):
             )
         self.image_path = root / "ceiling-image"
         self.image_path.write_bytes(image)
+        # With the ledger, its service holds and settles each generation in a new SQLite
+        # file, as the real service does (the money that exact billing cannot do without).
+        self.ledger = ledger
         self.url_path = url_path
         self.env = env
         self.grpc_port = free_port()
@@ -970,11 +975,13 @@ class Ceiling(_ProcessPair):
         """The service first, then the gateway once the service listens (so that the
         gateway's first connection does not fail into gRPC's reconnect backoff)."""
         url = ("--url", self.url_path) if self.url_path else ()
+        ledger = ("--ledger", str(self.image_path.with_name(f"ceiling-ledger-{self.grpc_port}.db")))
         self._spawn(
             "service",
             [
                 *("--grpc-port", str(self.grpc_port), "--image", str(self.image_path), *url),
                 *self.upstream_args,
+                *(ledger if self.ledger else ()),
             ],
         )
         self._wait("service", lambda: port_open(self.grpc_port))
@@ -1448,6 +1455,7 @@ def run_case(
     threads: int,
     *,
     with_ceiling: bool = True,
+    ceiling_ledger: bool = False,
     with_inprocess: bool = False,
 ) -> CaseResult:
     """One case on a fresh stack; an upstream case starts its loopback upstream first, and
@@ -1462,6 +1470,7 @@ def run_case(
             warmup,
             threads,
             with_ceiling=with_ceiling,
+            ceiling_ledger=ceiling_ledger,
             with_inprocess=with_inprocess,
             upstream=None,
         )
@@ -1476,6 +1485,7 @@ def run_case(
             warmup,
             threads,
             with_ceiling=with_ceiling,
+            ceiling_ledger=ceiling_ledger,
             with_inprocess=False,
             upstream=upstream,
         )
@@ -1492,6 +1502,7 @@ def _run_case(
     threads: int,
     *,
     with_ceiling: bool,
+    ceiling_ledger: bool,
     with_inprocess: bool,
     upstream: Upstream | None,
 ) -> CaseResult:
@@ -1571,7 +1582,7 @@ def _run_case(
     ceiling_result = None
     if with_ceiling:
         # The stack's environment: its TOML (gRPC options, timeout) and its event loop.
-        ceiling = Ceiling(root, stack.env, image, url_path, case, upstream)
+        ceiling = Ceiling(root, stack.env, image, url_path, case, upstream, ledger=ceiling_ledger)
         ceiling_result = measure_ceiling(
             case, wrk, ceiling, stack.authorization, seconds, warmup, threads
         )
@@ -1712,6 +1723,7 @@ def run_inflight_case(
     threads: int,
     *,
     with_ceiling: bool = True,
+    ceiling_ledger: bool = False,
 ) -> InFlightResult:
     """Holds ``case.connections`` connections on a fresh stack whose provider answers after
     ``case.upstream_delay`` seconds, for at least two rounds of that delay; measures
@@ -1767,7 +1779,9 @@ def run_inflight_case(
         ceiling_result = None
         if with_ceiling:
             # The same upstream, waiting its delay, asked by the ceiling's service.
-            ceiling = Ceiling(root, stack.env, image, url_path, case, upstream)
+            ceiling = Ceiling(
+                root, stack.env, image, url_path, case, upstream, ledger=ceiling_ledger
+            )
             log(f"case {case.number}: ceiling, its service calling the upstream")
             ceiling_result = measure_ceiling(
                 case,
@@ -2854,10 +2868,16 @@ def run(
     profile_dir: Path | None,
     keep: bool,
     ceiling: bool = True,
+    ceiling_ledger: bool = False,
     inprocess: bool = False,
 ) -> int:
     wrk = ensure_wrk()
     header = machine_lines(wrk, threads, seconds, warmup)
+    if ceiling and ceiling_ledger:
+        header.append(
+            "ceiling:  its service also holds and settles each generation in the real ledger "
+            "(SQLite, a new file per run; --ceiling-ledger)"
+        )
     for line in header:
         print(line, flush=True)
     print(flush=True)
@@ -2877,6 +2897,7 @@ def run(
                         warmup,
                         threads,
                         with_ceiling=ceiling,
+                        ceiling_ledger=ceiling_ledger,
                     )
                 )
                 continue
@@ -2889,6 +2910,7 @@ def run(
                     warmup,
                     threads,
                     with_ceiling=ceiling,
+                    ceiling_ledger=ceiling_ledger,
                     with_inprocess=inprocess,
                 )
             )
