@@ -54,7 +54,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,12 @@ OPENING_BALANCE_USD = "1000000"
 WARMUP_SECONDS = 2.0
 WRK_TIMEOUT = "30s"
 READY_TIMEOUT = 60.0
+# The run at one connection that gives the base of the memory per request in flight goes
+# on, in rounds of the warm-up's length, until the processes' peaks grow by less than this
+# in a round, or for this long at most: what fills once under any load (SQLite's page
+# caches as the ledger grows, up to 2 MiB per connection) is then in the base.
+ONE_CONNECTION_FLAT_KIB = 128
+ONE_CONNECTION_MAX_SECONDS = 30.0
 QUIESCE_TIMEOUT = 120.0
 RSS_SAMPLE_SECONDS = 0.02
 PACKAGES = (
@@ -1051,6 +1057,17 @@ class ProcessFigures:
         return max(0, self.peak_kib - self.idle_kib)
 
 
+def growth_per_in_flight(figures: Iterable[ProcessFigures], connections: int) -> float | None:
+    """Bytes one more request in flight costs, both processes together: the peaks at
+    ``connections`` less those at one connection, over the connections added; None when no
+    peak at one connection was taken."""
+    processes = list(figures)
+    if connections < 2 or not all(f.one_in_flight_kib for f in processes):
+        return None
+    added_kib = sum(max(0, f.peak_kib - f.one_in_flight_kib) for f in processes)
+    return added_kib * 1024 / (connections - 1)
+
+
 @dataclass
 class Billing:
     unit_price_micros: int
@@ -1193,6 +1210,10 @@ class CeilingResult:
     def cores(self, name: str) -> float:
         return self.processes[name].cpu_seconds / self.wrk.seconds if self.wrk.seconds else 0.0
 
+    def growth_per_in_flight(self, connections: int) -> float | None:
+        """Measured as the stack's, when a run at one connection came first."""
+        return growth_per_in_flight(self.processes.values(), connections)
+
 
 @dataclass
 class InProcessResult:
@@ -1310,11 +1331,8 @@ class CaseResult:
         on how many requests are in flight (SQLite's page caches filling as the ledger
         grows, the allocator's first arenas, lazily built state) is in both peaks; divided
         by the connections it would read as per-request memory (``growth_over_connections``)."""
-        p = self.processes.values()
-        if self.case.connections < 2 or not all(f.one_in_flight_kib for f in p):
-            return self.growth_over_connections
-        added_kib = sum(max(0, f.peak_kib - f.one_in_flight_kib) for f in p)
-        return added_kib * 1024 / (self.case.connections - 1)
+        growth = growth_per_in_flight(self.processes.values(), self.case.connections)
+        return self.growth_over_connections if growth is None else growth
 
     @property
     def growth_over_connections(self) -> float:
@@ -1332,6 +1350,34 @@ class CaseResult:
 
     def switches_per_request(self, name: str) -> float:
         return self.processes[name].context_switches / max(1, self.stack.requests)
+
+
+def one_connection_peaks(
+    case: Case,
+    wrk: str,
+    url: str,
+    authorization: str,
+    pids: dict[str, int],
+    seconds: float,
+    threads: int,
+) -> dict[str, int]:
+    """Runs ``case`` at one connection in rounds of ``seconds`` until the processes' peaks
+    (``VmHWM``, KiB) stop growing (ONE_CONNECTION_FLAT_KIB), ONE_CONNECTION_MAX_SECONDS at
+    most; returns each process's peak then."""
+    one = dataclasses.replace(case, connections=1)
+    peaks = {name: proc_status_kib(pid, "VmHWM") for name, pid in pids.items()}
+    spent = 0.0
+    while True:
+        run_wrk(wrk, url, one, authorization, seconds, threads)
+        spent += seconds
+        before, peaks = peaks, {name: proc_status_kib(pid, "VmHWM") for name, pid in pids.items()}
+        grew = sum(peaks.values()) - sum(before.values())
+        if grew < ONE_CONNECTION_FLAT_KIB or spent >= ONE_CONNECTION_MAX_SECONDS:
+            log(
+                f"case {case.number}: {spent:.0f} s at 1 connection, the peaks moved "
+                f"{grew:+,} KiB in the last {seconds:.0f} s"
+            )
+            return peaks
 
 
 def measure_ceiling(
@@ -1353,6 +1399,13 @@ def measure_ceiling(
         answer = generate(ceiling.url, case, authorization)
         for name, pid in ceiling.pids.items():
             figures[name].idle_kib = mark_idle(pid)
+        if case.connections > 1 and not case.holds_in_flight:
+            # As for the stack: the base of the memory per request in flight.
+            peaks = one_connection_peaks(
+                case, wrk, ceiling.url, authorization, ceiling.pids, warmup, threads
+            )
+            for name, kib in peaks.items():
+                figures[name].one_in_flight_kib = kib
         log(f"case {case.number}: ceiling, warm-up {warmup:.0f} s then {seconds:.0f} s")
         run_wrk(wrk, ceiling.url, warm_case or case, authorization, warmup, threads)
         cpu_before = {name: proc_cpu_times(pid) for name, pid in ceiling.pids.items()}
@@ -1522,12 +1575,12 @@ def _run_case(
             figures[name].idle_kib = mark_idle(pid)
         if case.connections > 1:
             # The peak with one request in flight: the base of the growth per request.
-            log(f"case {case.number}: {warmup:.0f} s at 1 connection")
-            one = dataclasses.replace(case, connections=1)
-            run_wrk(wrk, stack.url, one, stack.authorization, warmup, threads)
+            peaks = one_connection_peaks(
+                case, wrk, stack.url, stack.authorization, stack.pids, warmup, threads
+            )
             stack.quiesce()
-            for name, pid in stack.pids.items():
-                figures[name].one_in_flight_kib = proc_status_kib(pid, "VmHWM")
+            for name, kib in peaks.items():
+                figures[name].one_in_flight_kib = kib
         log(f"case {case.number}: warm-up {warmup:.0f} s")
         run_wrk(wrk, stack.url, case, stack.authorization, warmup, threads)
         before = stack.quiesce()
@@ -2116,7 +2169,8 @@ def verdicts(results: Sequence[CaseResult]) -> list[Verdict]:
                     f"{size_text(r.growth_per_in_flight_bytes)} per request = "
                     f"{r.growth_per_in_flight_bytes / r.response_bytes:.1f}x the "
                     f"{size_text(r.response_bytes)} response (all growth over the "
-                    f"connections: {r.growth_over_connections / r.response_bytes:.1f}x)",
+                    f"connections: {r.growth_over_connections / r.response_bytes:.1f}x"
+                    f"{ceiling_memory_text(r)})",
                 )
             )
         problems = r.billing.problems()
@@ -2259,6 +2313,7 @@ def report(results: Sequence[CaseResult]) -> list[str]:
             "response",
             "growth / response",
             "over conns / response",
+            "the ceiling's growth / response",
         ],
         [
             [
@@ -2275,6 +2330,7 @@ def report(results: Sequence[CaseResult]) -> list[str]:
                 size_text(r.response_bytes),
                 f"{r.growth_per_in_flight_bytes / r.response_bytes:.1f}x",
                 f"{r.growth_over_connections / r.response_bytes:.1f}x",
+                ceiling_growth_ratio_text(r),
             ]
             for r in results
         ],
@@ -2443,6 +2499,20 @@ def upstream_lines(results: Sequence[CaseResult]) -> list[str]:
     return lines
 
 
+def ceiling_growth_ratio_text(r: CaseResult) -> str:
+    growth = r.ceiling.growth_per_in_flight(r.case.connections) if r.ceiling else None
+    return "-" if growth is None else f"{growth / r.response_bytes:.1f}x"
+
+
+def ceiling_memory_text(r: CaseResult) -> str:
+    """``; the ceiling: ...`` with the design's ceiling's memory per request in flight, when
+    it was measured."""
+    growth = r.ceiling.growth_per_in_flight(r.case.connections) if r.ceiling else None
+    if growth is None:
+        return ""
+    return f"; the ceiling: {size_text(growth)} = {growth / r.response_bytes:.1f}x"
+
+
 def ceiling_lines(results: Sequence[CaseResult]) -> list[str]:
     """The table against the design's ceiling, and notes on ceilings that misbehaved."""
     measured = [(r, r.ceiling) for r in results if r.ceiling is not None]
@@ -2605,6 +2675,9 @@ def results_json(results: Sequence[CaseResult], header: Sequence[str]) -> dict[s
                     "rps_ratio": r.ceiling_rps_ratio,
                     "p50_added_ms": r.ceiling_p50_added_ms,
                     "stack_rps_share": r.ceiling_share,
+                    "growth_per_in_flight_bytes": r.ceiling.growth_per_in_flight(
+                        r.case.connections
+                    ),
                     "processes": {n: vars(p) for n, p in r.ceiling.processes.items()},
                     "load": vars(r.ceiling.load),
                 },
