@@ -1210,10 +1210,6 @@ class CeilingResult:
     def cores(self, name: str) -> float:
         return self.processes[name].cpu_seconds / self.wrk.seconds if self.wrk.seconds else 0.0
 
-    def growth_per_in_flight(self, connections: int) -> float | None:
-        """Measured as the stack's, when a run at one connection came first."""
-        return growth_per_in_flight(self.processes.values(), connections)
-
 
 @dataclass
 class InProcessResult:
@@ -1333,6 +1329,13 @@ class CaseResult:
         by the connections it would read as per-request memory (``growth_over_connections``)."""
         growth = growth_per_in_flight(self.processes.values(), self.case.connections)
         return self.growth_over_connections if growth is None else growth
+
+    @property
+    def ceiling_growth_per_in_flight(self) -> float | None:
+        """The ceiling's, measured the same way; None without a ceiling or its base run."""
+        if self.ceiling is None:
+            return None
+        return growth_per_in_flight(self.ceiling.processes.values(), self.case.connections)
 
     @property
     def growth_over_connections(self) -> float:
@@ -2500,14 +2503,14 @@ def upstream_lines(results: Sequence[CaseResult]) -> list[str]:
 
 
 def ceiling_growth_ratio_text(r: CaseResult) -> str:
-    growth = r.ceiling.growth_per_in_flight(r.case.connections) if r.ceiling else None
+    growth = r.ceiling_growth_per_in_flight
     return "-" if growth is None else f"{growth / r.response_bytes:.1f}x"
 
 
 def ceiling_memory_text(r: CaseResult) -> str:
     """``; the ceiling: ...`` with the design's ceiling's memory per request in flight, when
     it was measured."""
-    growth = r.ceiling.growth_per_in_flight(r.case.connections) if r.ceiling else None
+    growth = r.ceiling_growth_per_in_flight
     if growth is None:
         return ""
     return f"; the ceiling: {size_text(growth)} = {growth / r.response_bytes:.1f}x"
@@ -2675,9 +2678,7 @@ def results_json(results: Sequence[CaseResult], header: Sequence[str]) -> dict[s
                     "rps_ratio": r.ceiling_rps_ratio,
                     "p50_added_ms": r.ceiling_p50_added_ms,
                     "stack_rps_share": r.ceiling_share,
-                    "growth_per_in_flight_bytes": r.ceiling.growth_per_in_flight(
-                        r.case.connections
-                    ),
+                    "growth_per_in_flight_bytes": r.ceiling_growth_per_in_flight,
                     "processes": {n: vars(p) for n, p in r.ceiling.processes.items()},
                     "load": vars(r.ceiling.load),
                 },
