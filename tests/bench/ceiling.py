@@ -94,6 +94,11 @@ DEFAULT_URL = (
 # -- the no-op service ------------------------------------------------------------------
 
 
+def images_asked(request: images_pb2.GenerateImagesRequest) -> int:
+    """The request's ``n``; unset, one image, as the real service takes it."""
+    return request.n if request.HasField("n") else 1
+
+
 class NoOpImageGeneration(images_pb2_grpc.ImageGenerationServicer):
     """Answers every GenerateImages call with fixed images; the generated base class
     answers UNIMPLEMENTED for the other RPCs."""
@@ -162,7 +167,7 @@ class NoOpImageGeneration(images_pb2_grpc.ImageGenerationServicer):
         """The images (see ``_fetch``), between a hold and its settlement with ``--ledger``."""
         if self.ledger is None:
             return await self._fetch(request)
-        amount = LEDGER_PRICE_MICROS * (request.n if request.HasField("n") else 1)
+        amount = LEDGER_PRICE_MICROS * images_asked(request)
         request_id = f"req_{secrets.token_hex(12)}"
         hold = await self.ledger.place_hold(
             self.account_id,
@@ -190,7 +195,7 @@ class NoOpImageGeneration(images_pb2_grpc.ImageGenerationServicer):
         payload = {
             "model": self.upstream_model or request.model,
             "prompt": request.prompt,
-            "n": request.n if request.HasField("n") else 1,
+            "n": images_asked(request),
             "size": request.size,
             "response_format": "b64_json",
         }
@@ -206,7 +211,7 @@ class NoOpImageGeneration(images_pb2_grpc.ImageGenerationServicer):
     def _answer(
         self, request: images_pb2.GenerateImagesRequest, fetched: list[tuple[bytes, str]] | None
     ) -> Iterator[images_pb2.GenerateImagesResponse]:
-        n = request.n if request.HasField("n") else 1
+        n = images_asked(request)
         as_data = request.response_format == "b64_json"
         for index in range(n):
             image = images_pb2.GeneratedImage(

@@ -981,13 +981,14 @@ class Ceiling(_ProcessPair):
         """The service first, then the gateway once the service listens (so that the
         gateway's first connection does not fail into gRPC's reconnect backoff)."""
         url = ("--url", self.url_path) if self.url_path else ()
-        ledger = ("--ledger", str(self.image_path.with_name(f"ceiling-ledger-{self.grpc_port}.db")))
+        ledger_file = self.image_path.with_name(f"ceiling-ledger-{self.grpc_port}.db")
+        ledger = ("--ledger", str(ledger_file)) if self.ledger else ()
         self._spawn(
             "service",
             [
                 *("--grpc-port", str(self.grpc_port), "--image", str(self.image_path), *url),
                 *self.upstream_args,
-                *(ledger if self.ledger else ()),
+                *ledger,
             ],
         )
         self._wait("service", lambda: port_open(self.grpc_port))
